@@ -1,0 +1,195 @@
+//! Per-client access rules over classified Frappe requests.
+//!
+//! Rules only ever allow. Anything the classifier could not pin down (an unsupported verb, an
+//! unread form body, an unknown path) falls outside every rule but `other`, so a mismatch
+//! between how the gateway and Frappe read a request can only refuse, never grant.
+
+use std::collections::HashSet;
+
+use super::classify::{FrappeRequest, MethodName, Operation, RequestKind};
+
+/// What a restricted client may do.
+#[derive(Debug, Clone, Default)]
+pub struct AccessRules {
+    /// (lower-cased doctype or `*`, allowed operations). Frappe's database matches doctypes
+    /// case-insensitively, so the rules do too.
+    resources: Vec<(String, HashSet<Operation>)>,
+    exact_methods: HashSet<String>,
+    /// `prefix.*` rules, stored as `prefix.`.
+    method_prefixes: Vec<String>,
+    files: bool,
+    other: bool,
+}
+
+/// Why a request was refused; said to the client, so it names only what the client sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("not allowed to {operation} {doctype}")]
+    Resource { doctype: String, operation: &'static str },
+    #[error("not allowed to call {0}")]
+    Method(String),
+    #[error("not allowed to access files")]
+    Files,
+    #[error("not allowed to log in through the gateway")]
+    Login,
+    #[error("not allowed to access this path")]
+    Other,
+    #[error("multipart form bodies are only accepted under /api/")]
+    UnreadForm,
+}
+
+/// An unknown operation name in a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown operation '{0}' (expected read, create, update, delete, doc_method, write or all)")]
+pub struct UnknownOperation(pub String);
+
+/// Parses an operation name from config; `write` is create + update + delete, `all` everything.
+pub fn parse_operations(name: &str) -> Result<Vec<Operation>, UnknownOperation> {
+    use Operation::*;
+    Ok(match name {
+        "read" => vec![Read],
+        "create" => vec![Create],
+        "update" => vec![Update],
+        "delete" => vec![Delete],
+        "doc_method" => vec![DocMethod],
+        "write" => vec![Create, Update, Delete],
+        "all" => vec![Read, Create, Update, Delete, DocMethod],
+        other => return Err(UnknownOperation(other.to_owned())),
+    })
+}
+
+impl AccessRules {
+    /// Allows `operations` on `doctype` (`*` for every doctype).
+    pub fn allow_resource(&mut self, doctype: &str, operations: impl IntoIterator<Item = Operation>) {
+        let key = doctype.to_lowercase();
+        match self.resources.iter_mut().find(|(d, _)| *d == key) {
+            Some((_, ops)) => ops.extend(operations),
+            None => self.resources.push((key, operations.into_iter().collect())),
+        }
+    }
+
+    /// Allows a method by exact name, or every method under `prefix.*`.
+    pub fn allow_method(&mut self, rule: &str) {
+        match rule.strip_suffix('*') {
+            Some(prefix) if prefix.ends_with('.') => self.method_prefixes.push(prefix.to_owned()),
+            _ => {
+                self.exact_methods.insert(MethodName::new(rule).as_str().to_owned());
+            }
+        }
+    }
+
+    /// Allows file uploads and downloads.
+    pub fn allow_files(&mut self, yes: bool) {
+        self.files = yes;
+    }
+
+    /// Allows paths that are neither resources, methods nor files (desk, website pages).
+    pub fn allow_other(&mut self, yes: bool) {
+        self.other = yes;
+    }
+
+    /// Decides a request.
+    pub fn check(&self, request: &FrappeRequest) -> Result<(), Denied> {
+        if request.unread_form {
+            return Err(Denied::UnreadForm);
+        }
+        self.check_kind(&request.kind)?;
+        for method in &request.embedded_methods {
+            if method.as_str() == "login" {
+                return Err(Denied::Login);
+            }
+            self.check_method(method)?;
+        }
+        Ok(())
+    }
+
+    fn check_kind(&self, kind: &RequestKind) -> Result<(), Denied> {
+        match kind {
+            RequestKind::Resource { doctype, operation, .. } => {
+                let key = doctype.to_lowercase();
+                let allowed = self
+                    .resources
+                    .iter()
+                    .filter(|(d, _)| *d == key || d == "*")
+                    .any(|(_, ops)| ops.contains(operation));
+                allowed.then_some(()).ok_or_else(|| Denied::Resource {
+                    doctype: doctype.clone(),
+                    operation: operation.as_str(),
+                })
+            }
+            RequestKind::Method(method) => self.check_method(method),
+            RequestKind::FileUpload | RequestKind::FileDownload => {
+                self.files.then_some(()).ok_or(Denied::Files)
+            }
+            RequestKind::Login => Err(Denied::Login),
+            RequestKind::Other => self.other.then_some(()).ok_or(Denied::Other),
+        }
+    }
+
+    fn check_method(&self, method: &MethodName) -> Result<(), Denied> {
+        let name = method.as_str();
+        let allowed = self.exact_methods.contains(name)
+            || self.method_prefixes.iter().any(|p| name.starts_with(p.as_str()));
+        allowed
+            .then_some(())
+            .ok_or_else(|| Denied::Method(name.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frappe::form_dict::FormKeys;
+    use crate::frappe::path::CanonicalPath;
+    use http::Method;
+
+    fn req(method: Method, path: &str, query: &str) -> FrappeRequest {
+        FrappeRequest::classify(
+            &method,
+            &CanonicalPath::parse(path).unwrap(),
+            &FormKeys::from_urlencoded(query.as_bytes()),
+        )
+    }
+
+    fn todo_reader() -> AccessRules {
+        let mut rules = AccessRules::default();
+        rules.allow_resource("ToDo", parse_operations("read").unwrap());
+        rules.allow_method("frappe.client.get_list");
+        rules.allow_method("myapp.api.*");
+        rules
+    }
+
+    #[test]
+    fn resources_by_doctype_and_operation() {
+        let rules = todo_reader();
+        assert!(rules.check(&req(Method::GET, "/api/resource/ToDo", "")).is_ok());
+        assert!(rules.check(&req(Method::GET, "/api/resource/todo/x", "")).is_ok());
+        assert!(rules.check(&req(Method::GET, "/api/v2/document/%54oDo", "")).is_ok());
+        assert!(rules.check(&req(Method::POST, "/api/resource/ToDo", "")).is_err());
+        assert!(rules.check(&req(Method::GET, "/api/resource/User", "")).is_err());
+        assert!(rules
+            .check(&req(Method::GET, "/api/resource/ToDo/x", "run_method=delete"))
+            .is_err());
+    }
+
+    #[test]
+    fn methods_exact_and_prefix() {
+        let rules = todo_reader();
+        assert!(rules.check(&req(Method::GET, "/api/method/frappe.client.get_list", "")).is_ok());
+        assert!(rules.check(&req(Method::GET, "/api/method/myapp.api.orders.list", "")).is_ok());
+        assert!(rules.check(&req(Method::GET, "/api/method/myapp.apix", "")).is_err());
+        assert!(rules.check(&req(Method::GET, "/api/method/frappe.client.insert", "")).is_err());
+        assert!(rules.check(&req(Method::POST, "/", "cmd=frappe.client.insert")).is_err());
+        assert!(rules
+            .check(&req(Method::GET, "/api/resource/ToDo", "cmd=frappe.client.insert"))
+            .is_err());
+        assert!(rules.check(&req(Method::POST, "/api/method/login", "")).is_err());
+        assert!(rules.check(&req(Method::GET, "/app/todo", "")).is_err());
+        assert!(rules.check(&req(Method::GET, "/files/x.pdf", "")).is_err());
+    }
+
+    #[test]
+    fn unknown_operation_is_an_error() {
+        assert_eq!(parse_operations("rread"), Err(UnknownOperation("rread".into())));
+    }
+}

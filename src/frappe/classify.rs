@@ -1,0 +1,342 @@
+//! What a request does to a Frappe site: which doctype and operation, which whitelisted method,
+//! file access, login, or something else.
+//!
+//! The routes are Frappe v15's (`frappe/api/v1.py`, `frappe/api/v2.py`, `frappe/app.py`):
+//! v1 at `/api/` and `/api/v1/`, v2 at `/api/v2/`. Classification works on the canonical path
+//! (see [`super::path`]) plus the `form_dict` keys from the query and an inspected body, so that
+//! `cmd` on any path and `?run_method=` on a document are seen.
+
+use http::Method;
+
+use super::form_dict::FormKeys;
+use super::path::CanonicalPath;
+
+/// Which Frappe REST API a path belongs to; decides the error envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiVersion {
+    /// `/api/...` and `/api/v1/...`
+    V1,
+    /// `/api/v2/...`
+    V2,
+}
+
+/// What a resource request does to documents of its doctype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// List, get, count, meta.
+    Read,
+    /// Insert a new document.
+    Create,
+    /// Save changes to a document.
+    Update,
+    /// Delete a document.
+    Delete,
+    /// Run a whitelisted document or controller method (`run_method`, POST on a document, v2
+    /// `/method/`); it can do anything the method does, so it is its own permission.
+    DocMethod,
+    /// A verb Frappe does not route for this path; never allowed to a restricted client.
+    Unsupported,
+}
+
+impl Operation {
+    /// The name used in `allow.resources` rules.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Delete => "delete",
+            Self::DocMethod => "doc_method",
+            Self::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// The canonical name of a whitelisted method. Frappe resolves a name without a dot in
+/// `frappe.handler` (`ping`, `upload_file`, `logout`), so both spellings map to one name here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MethodName(String);
+
+impl MethodName {
+    /// Canonicalises a method name as Frappe's `handler.get_attr` resolves it.
+    pub fn new(raw: &str) -> Self {
+        if raw.contains('.') || raw == "login" {
+            Self(raw.to_owned())
+        } else {
+            Self(format!("frappe.handler.{raw}"))
+        }
+    }
+
+    /// The canonical dotted name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The kind of thing a request does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    /// A document API call on a doctype, optionally one document.
+    Resource {
+        /// The doctype as sent (Frappe matches it case-insensitively).
+        doctype: String,
+        /// The document name, if the path names one.
+        name: Option<String>,
+        /// What is done to it.
+        operation: Operation,
+    },
+    /// A whitelisted method call.
+    Method(MethodName),
+    /// Uploading a file (`upload_file`).
+    FileUpload,
+    /// Downloading `/files/...` or `/private/files/...`.
+    FileDownload,
+    /// `/api/method/login` or `cmd=login`: creates a session.
+    Login,
+    /// Anything else: desk pages, website routes, unknown `/api/` paths.
+    Other,
+}
+
+impl RequestKind {
+    /// A fixed label for metrics and logs; never request text.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Resource {
+                operation: Operation::Read,
+                ..
+            } => "resource_read",
+            Self::Resource { .. } => "resource_write",
+            Self::Method(_) => "method",
+            Self::FileUpload | Self::FileDownload => "file",
+            Self::Login => "login",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A request as Frappe will understand it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrappeRequest {
+    /// The REST API version, if the path is under `/api/`.
+    pub api: Option<ApiVersion>,
+    /// What the path (or, off `/api/`, the `cmd`) asks for.
+    pub kind: RequestKind,
+    /// Every other `cmd` in the query or body. Frappe v15 ignores `cmd` under `/api/`, older
+    /// versions run it instead of the path: a request is allowed only if each of these is too.
+    pub embedded_methods: Vec<MethodName>,
+    /// The body is a form the gateway did not read (multipart off `/api/`), so it could carry a
+    /// `cmd`: a restricted client is refused.
+    pub unread_form: bool,
+}
+
+impl FrappeRequest {
+    /// Classifies a request from its method, canonical path and the `form_dict` keys found.
+    pub fn classify(method: &Method, path: &CanonicalPath, keys: &FormKeys) -> Self {
+        let segments: Vec<&str> = path.segments().iter().map(String::as_str).collect();
+        let (api, kind) = match segments.as_slice() {
+            ["api", "v2", rest @ ..] => (Some(ApiVersion::V2), classify_v2(method, rest, keys)),
+            ["api", "v1", rest @ ..] | ["api", rest @ ..] => {
+                (Some(ApiVersion::V1), classify_v1(method, rest, keys))
+            }
+            ["files", _, ..] | ["private", "files", _, ..] => (None, RequestKind::FileDownload),
+            _ => (None, RequestKind::Other),
+        };
+        let mut cmds = keys.cmds.iter().map(|c| method_kind(c));
+        let (kind, embedded) = match (api, kind) {
+            // Off `/api/`, `cmd` *is* the request (`/?cmd=...`, the Python frappe-client).
+            (None, RequestKind::Other) => match cmds.next() {
+                Some(first) => (first, cmds.collect()),
+                None => (RequestKind::Other, Vec::new()),
+            },
+            (_, kind) => (kind, cmds.collect()),
+        };
+        let embedded_methods = embedded
+            .into_iter()
+            .map(|k| match k {
+                RequestKind::Method(m) => m,
+                RequestKind::Login => MethodName::new("login"),
+                _ => MethodName::new("frappe.handler.upload_file"),
+            })
+            .collect();
+        Self {
+            api,
+            kind,
+            embedded_methods,
+            unread_form: false,
+        }
+    }
+}
+
+/// The kind of a call to method `raw`.
+fn method_kind(raw: &str) -> RequestKind {
+    let name = MethodName::new(raw);
+    match name.as_str() {
+        "login" => RequestKind::Login,
+        "frappe.handler.upload_file" | "frappe.handler.uploadfile" => RequestKind::FileUpload,
+        _ => RequestKind::Method(name),
+    }
+}
+
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+fn resource(doctype: &str, name: Option<String>, operation: Operation) -> RequestKind {
+    RequestKind::Resource {
+        doctype: doctype.to_owned(),
+        name,
+        operation,
+    }
+}
+
+fn classify_v1(method: &Method, rest: &[&str], keys: &FormKeys) -> RequestKind {
+    match rest {
+        // `handle_rpc_call` keeps only what precedes the first '/'.
+        ["method", name, ..] => method_kind(name),
+        ["resource", doctype] => {
+            let op = match *method {
+                _ if is_read(method) => Operation::Read,
+                Method::POST => Operation::Create,
+                _ => Operation::Unsupported,
+            };
+            resource(doctype, None, op)
+        }
+        ["resource", doctype, name @ ..] => {
+            let op = match *method {
+                _ if is_read(method) && keys.run_method => Operation::DocMethod,
+                _ if is_read(method) => Operation::Read,
+                Method::PUT => Operation::Update,
+                Method::DELETE => Operation::Delete,
+                Method::POST => Operation::DocMethod,
+                _ => Operation::Unsupported,
+            };
+            resource(doctype, Some(name.join("/")), op)
+        }
+        _ => RequestKind::Other,
+    }
+}
+
+fn classify_v2(method: &Method, rest: &[&str], keys: &FormKeys) -> RequestKind {
+    match rest {
+        ["method", name] => method_kind(name),
+        // A doctype controller's whitelisted method.
+        ["method", doctype, _] => resource(doctype, None, Operation::DocMethod),
+        ["document", doctype] => {
+            let op = match *method {
+                _ if is_read(method) => Operation::Read,
+                Method::POST => Operation::Create,
+                _ => Operation::Unsupported,
+            };
+            resource(doctype, None, op)
+        }
+        // Checked before plain documents: when a name could also end in `/method/x`, the stricter
+        // reading wins.
+        ["document", doctype, name @ .., "method", _] if !name.is_empty() => {
+            resource(doctype, Some(name.join("/")), Operation::DocMethod)
+        }
+        ["document", doctype, name @ ..] => {
+            let op = match *method {
+                _ if is_read(method) && keys.run_method => Operation::DocMethod,
+                _ if is_read(method) => Operation::Read,
+                Method::PUT | Method::PATCH => Operation::Update,
+                Method::DELETE => Operation::Delete,
+                _ => Operation::Unsupported,
+            };
+            resource(doctype, Some(name.join("/")), op)
+        }
+        ["doctype", doctype, "meta" | "count"] if is_read(method) => {
+            resource(doctype, None, Operation::Read)
+        }
+        ["doctype", doctype, ..] => resource(doctype, None, Operation::Unsupported),
+        _ => RequestKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(method: Method, path: &str, query: &str) -> FrappeRequest {
+        let path = CanonicalPath::parse(path).unwrap();
+        FrappeRequest::classify(&method, &path, &FormKeys::from_urlencoded(query.as_bytes()))
+    }
+
+    fn res(doctype: &str, name: Option<&str>, operation: Operation) -> RequestKind {
+        RequestKind::Resource {
+            doctype: doctype.into(),
+            name: name.map(Into::into),
+            operation,
+        }
+    }
+
+    #[test]
+    fn v1_resources() {
+        use Operation::*;
+        let cases = [
+            (Method::GET, "/api/resource/ToDo", "", res("ToDo", None, Read)),
+            (Method::POST, "/api/resource/ToDo", "", res("ToDo", None, Create)),
+            (Method::GET, "/api/v1/resource/Sales%20Order/SO-1", "", res("Sales Order", Some("SO-1"), Read)),
+            (Method::PUT, "/api/resource/ToDo/a/b", "", res("ToDo", Some("a/b"), Update)),
+            (Method::DELETE, "/api/resource/ToDo/x", "", res("ToDo", Some("x"), Delete)),
+            (Method::POST, "/api/resource/ToDo/x", "", res("ToDo", Some("x"), DocMethod)),
+            (Method::GET, "/api/resource/ToDo/x", "run_method=submit", res("ToDo", Some("x"), DocMethod)),
+            (Method::PATCH, "/api/resource/ToDo/x", "", res("ToDo", Some("x"), Unsupported)),
+            (Method::DELETE, "/api/resource/ToDo", "", res("ToDo", None, Unsupported)),
+        ];
+        for (method, path, query, kind) in cases {
+            let got = classify(method.clone(), path, query);
+            assert_eq!(got.kind, kind, "{method} {path}?{query}");
+            assert_eq!(got.api, Some(ApiVersion::V1));
+        }
+    }
+
+    #[test]
+    fn v2_resources() {
+        use Operation::*;
+        let cases = [
+            (Method::GET, "/api/v2/document/ToDo", res("ToDo", None, Read)),
+            (Method::POST, "/api/v2/document/ToDo", res("ToDo", None, Create)),
+            (Method::GET, "/api/v2/document/ToDo/x/", res("ToDo", Some("x"), Read)),
+            (Method::PATCH, "/api/v2/document/ToDo/x", res("ToDo", Some("x"), Update)),
+            (Method::DELETE, "/api/v2/document/ToDo/x", res("ToDo", Some("x"), Delete)),
+            (Method::POST, "/api/v2/document/ToDo/x/method/submit", res("ToDo", Some("x"), DocMethod)),
+            (Method::GET, "/api/v2/doctype/ToDo/count", res("ToDo", None, Read)),
+            (Method::POST, "/api/v2/method/ToDo/do_thing", res("ToDo", None, DocMethod)),
+        ];
+        for (method, path, kind) in cases {
+            let got = classify(method.clone(), path, "");
+            assert_eq!(got.kind, kind, "{method} {path}");
+            assert_eq!(got.api, Some(ApiVersion::V2));
+        }
+    }
+
+    #[test]
+    fn methods_login_and_files() {
+        let m = |s: &str| RequestKind::Method(MethodName::new(s));
+        assert_eq!(classify(Method::GET, "/api/method/frappe.client.get_list", "").kind, m("frappe.client.get_list"));
+        assert_eq!(classify(Method::GET, "/api/method/frappe.client.get_list/extra", "").kind, m("frappe.client.get_list"));
+        assert_eq!(classify(Method::GET, "/api/method/ping", "").kind, m("frappe.handler.ping"));
+        assert_eq!(classify(Method::GET, "/api/v2/method/ping", "").kind, m("frappe.handler.ping"));
+        assert_eq!(classify(Method::POST, "/api/method/login", "").kind, RequestKind::Login);
+        assert_eq!(classify(Method::POST, "/api/method/upload_file", "").kind, RequestKind::FileUpload);
+        assert_eq!(classify(Method::GET, "/files/a.pdf", "").kind, RequestKind::FileDownload);
+        assert_eq!(classify(Method::GET, "/private/files/a.pdf", "").kind, RequestKind::FileDownload);
+        assert_eq!(classify(Method::GET, "/app/todo", "").kind, RequestKind::Other);
+        assert_eq!(classify(Method::GET, "/api/nothing", "").kind, RequestKind::Other);
+    }
+
+    #[test]
+    fn cmd_off_api_is_the_request_and_on_api_is_checked_too() {
+        let got = classify(Method::POST, "/", "cmd=frappe.client.insert");
+        assert_eq!(got.kind, RequestKind::Method(MethodName::new("frappe.client.insert")));
+        assert!(got.embedded_methods.is_empty());
+
+        let got = classify(Method::GET, "/api/resource/ToDo", "cmd=frappe.client.insert");
+        assert_eq!(got.kind, res("ToDo", None, Operation::Read));
+        assert_eq!(got.embedded_methods, vec![MethodName::new("frappe.client.insert")]);
+
+        let got = classify(Method::GET, "/app", "cmd=login&cmd=x.y");
+        assert_eq!(got.kind, RequestKind::Login);
+        assert_eq!(got.embedded_methods, vec![MethodName::new("x.y")]);
+    }
+}

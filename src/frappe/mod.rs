@@ -1,0 +1,15 @@
+//! Everything erpgate knows about Frappe: how it reads paths and `form_dict`, what a request
+//! does, its auth header formats, its error envelopes, and the headers that must not reach it.
+//! Nothing outside this module hard-codes a Frappe route or field name.
+
+pub mod acl;
+pub mod auth_header;
+pub mod classify;
+pub mod envelope;
+pub mod form_dict;
+pub mod headers;
+pub mod path;
+
+pub use acl::{AccessRules, Denied};
+pub use classify::{ApiVersion, FrappeRequest, MethodName, Operation, RequestKind};
+pub use path::CanonicalPath;
