@@ -1,0 +1,719 @@
+//! `gateway.yaml`: the configuration types (their `///` docs are the reference), `${ENV}` and
+//! `*_file` secrets, and validation that reports every problem with its key path and line.
+//!
+//! Loading has two stages. serde reads the structure: unknown keys, wrong types, unparsable
+//! addresses, durations and sizes, and unset environment variables stop it at the first problem,
+//! because nothing later can be checked without a structure. [`Config::validate`] then checks
+//! what spans the document (references between sites, routes and clients, secret files, key
+//! formats) and reports all of it at once.
+
+mod yaml_lines;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::{de, Deserialize, Deserializer};
+
+pub use yaml_lines::YamlLines;
+
+use crate::frappe::acl::parse_operations;
+use crate::frappe::CanonicalPath;
+
+// === types ===
+
+/// The whole gateway configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the public listener (HTTP/1.1 and h2c). Default `0.0.0.0:8080`.
+    #[serde(default = "defaults::listen", deserialize_with = "parse_env")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener serving `/metrics`, `/healthz` and `/readyz`. Keep it off
+    /// the public network. Default `127.0.0.1:9090`.
+    #[serde(default = "defaults::admin_listen", deserialize_with = "parse_env")]
+    pub admin_listen: SocketAddr,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Request limits and server timeouts.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Peers (IP addresses or CIDR ranges) whose `X-Forwarded-For` is trusted: a load balancer
+    /// or ingress in front of erpgate. From any other peer the header is replaced. Default none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<TrustedProxy>,
+    /// How many failed authentications one source IP may make before it gets 429.
+    #[serde(default)]
+    pub auth_failures: AuthFailureLimit,
+    /// The Frappe sites behind the gateway, by name.
+    pub sites: IndexMap<String, SiteConfig>,
+    /// Routes, first match wins. A request no route matches goes to its client's `site`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// The clients allowed in, by name (the name appears in logs and metrics).
+    #[serde(default)]
+    pub clients: IndexMap<String, ClientConfig>,
+}
+
+/// Logging.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (one object per line, for log shippers) or `pretty`. Default `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `erpgate=debug,info`; `RUST_LOG` overrides it.
+    /// Default `info`.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable.
+    Pretty,
+}
+
+/// Request limits and server timeouts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body accepted; larger gets 413. Bodies stream through, they are not held
+    /// in memory. Accepts `100MiB`, `10MB`, `512KiB` or a byte count. Default `100MiB`.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: ByteSize,
+    /// Largest JSON or urlencoded body the gateway reads to find `cmd` and `sid` (Frappe reads
+    /// them from bodies too); larger such bodies get 413. Other bodies stream. Default `8MiB`.
+    #[serde(default = "defaults::max_inspected_body_bytes")]
+    pub max_inspected_body_bytes: ByteSize,
+    /// Time a client has to send its request headers (slowloris guard). Default `10s`.
+    #[serde(default = "defaults::header_read_timeout", deserialize_with = "parse_duration")]
+    pub header_read_timeout: Duration,
+    /// On SIGTERM or SIGINT, how long in-flight requests may take to finish before the process
+    /// exits anyway. Default `30s`.
+    #[serde(default = "defaults::shutdown_grace", deserialize_with = "parse_duration")]
+    pub shutdown_grace: Duration,
+}
+
+/// Failed-authentication limit per source IP (a GCRA quota).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFailureLimit {
+    /// Sustained failures per minute. Default 30.
+    #[serde(default = "defaults::auth_failures_per_minute")]
+    pub per_minute: u32,
+    /// Failures allowed in a burst. Default 10.
+    #[serde(default = "defaults::auth_failures_burst")]
+    pub burst: u32,
+}
+
+/// One Frappe site (one bench site, served by one or more backends).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Base URLs of the site's gunicorn or nginx endpoints, `http://` or `https://`, no path.
+    /// Requests go round-robin; one that refuses connections is skipped for a while.
+    pub backends: Vec<Backend>,
+    /// The Frappe site name (its folder under `sites/`), sent as `X-Frappe-Site-Name`.
+    #[serde(deserialize_with = "parse_env")]
+    pub site_name: EnvString,
+    /// `Host` header sent upstream. Default: `site_name`.
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub host: Option<EnvString>,
+    /// ERPNext users the gateway acts as, by name, each with an API key and secret generated in
+    /// ERPNext (User > API Access).
+    pub service_accounts: IndexMap<String, ServiceAccountConfig>,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// PEM file of extra CA certificates trusted for `https://` backends, besides the system
+    /// roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Pass Frappe's Python tracebacks through to clients. Default `false`: each is replaced
+    /// with its one-line summary.
+    #[serde(default)]
+    pub expose_tracebacks: bool,
+}
+
+/// Credentials of one ERPNext service account.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccountConfig {
+    /// The API key; `${ENV}` allowed.
+    #[serde(deserialize_with = "parse_env")]
+    pub api_key: EnvString,
+    /// The API secret; use `${ENV}`, never a literal in production. Exactly one of `api_secret`
+    /// and `api_secret_file` is required.
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub api_secret: Option<EnvString>,
+    /// A file holding the API secret (a Kubernetes Secret mount); trailing newline ignored.
+    #[serde(default)]
+    pub api_secret_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for ServiceAccountConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceAccountConfig")
+            .field("api_key", &self.api_key)
+            .field("api_secret", &self.api_secret.as_ref().map(|_| "<redacted>"))
+            .field("api_secret_file", &self.api_secret_file)
+            .finish()
+    }
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect. Default `2s`.
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "parse_duration")]
+    pub connect: Duration,
+    /// From sending the request to the response headers; a late answer gets 504. Default `30s`.
+    #[serde(default = "defaults::request_timeout", deserialize_with = "parse_duration")]
+    pub request: Duration,
+}
+
+/// A route: match on `host`, `path_prefix` or both; send to `site`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The request's `Host` (or HTTP/2 authority) without port, case-insensitive.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// A path prefix, matched on whole segments after percent-decoding.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Remove `path_prefix` before forwarding. Default `false`.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// The site to send matching requests to.
+    pub site: String,
+}
+
+/// One client of the gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The key id the client presents (`erpgate keygen` makes one).
+    pub key_id: String,
+    /// Hex SHA-256 of the client's secret, from `erpgate keygen`; the secret itself is never
+    /// stored. `${ENV}` allowed.
+    #[serde(deserialize_with = "parse_env")]
+    pub secret_sha256: EnvString,
+    /// The client's default site, used when no route matches.
+    pub site: String,
+    /// The service account on `site` the client's requests are signed as.
+    pub service_account: String,
+    /// Other sites a route may send this client to, each with the service account to use there.
+    /// A request routed to any other site gets 403.
+    #[serde(default)]
+    pub extra_sites: IndexMap<String, String>,
+    /// Access rules. Without an `allow` block the client may do whatever its service account may.
+    #[serde(default)]
+    pub allow: Option<AllowConfig>,
+}
+
+/// What a restricted client may do; everything not listed is refused with 403.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowConfig {
+    /// Doctype (or `*`) to operations: `read`, `create`, `update`, `delete`, `doc_method`,
+    /// `write` (create + update + delete) or `all`.
+    #[serde(default)]
+    pub resources: IndexMap<String, Vec<String>>,
+    /// Whitelisted methods by exact dotted name, or `prefix.*`. `login` is never allowed.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// File upload and download. Default `false`.
+    #[serde(default)]
+    pub files: bool,
+    /// Paths that are none of the above (desk and website pages). Default `false`.
+    #[serde(default)]
+    pub other: bool,
+}
+
+/// A string after `${ENV}` expansion.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvString(pub String);
+
+impl fmt::Debug for EnvString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::str::FromStr for EnvString {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A backend base URL.
+#[derive(Debug, Clone)]
+pub struct Backend(pub http::Uri);
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = expand_env(&String::deserialize(d)?).map_err(de::Error::custom)?;
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|e| de::Error::custom(format!("'{text}' is not a URL: {e}")))?;
+        let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+        let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+        if !scheme_ok || uri.authority().is_none() || !path_ok {
+            return Err(de::Error::custom(format!(
+                "'{text}' must be http:// or https://, a host and optional port, and no path"
+            )));
+        }
+        Ok(Self(uri))
+    }
+}
+
+/// A trusted proxy address or range.
+#[derive(Debug, Clone)]
+pub struct TrustedProxy(pub ipnet::IpNet);
+
+impl<'de> Deserialize<'de> for TrustedProxy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if let Ok(net) = text.parse::<ipnet::IpNet>() {
+            return Ok(Self(net));
+        }
+        text.parse::<std::net::IpAddr>()
+            .map(|ip| Self(ip.into()))
+            .map_err(|_| de::Error::custom(format!("'{text}' is not an IP address or CIDR range")))
+    }
+}
+
+/// A size in bytes: a count, or a number with `KB`, `MB`, `GB`, `KiB`, `MiB`, `GiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(Self(n)),
+            Raw::Text(t) => parse_size(&t).map(Self).ok_or_else(|| {
+                de::Error::custom(format!("'{t}' is not a size (examples: 1048576, 512KiB, 100MiB)"))
+            }),
+        }
+    }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+// === serde helpers ===
+
+/// Expands `${NAME}` from the environment; `$$` is a literal `$`.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(inner) = tail.strip_prefix("${") {
+            let end = inner
+                .find('}')
+                .ok_or_else(|| format!("unclosed '${{' in '{text}'"))?;
+            let name = &inner[..end];
+            let value = std::env::var(name)
+                .map_err(|_| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn parse_env<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    let text = expand_env(&String::deserialize(d)?).map_err(de::Error::custom)?;
+    text.parse()
+        .map_err(|e| de::Error::custom(format!("'{text}': {e}")))
+}
+
+fn parse_env_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    parse_env(d).map(Some)
+}
+
+fn parse_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| de::Error::custom(format!("'{text}' is not a duration like 500ms, 2s or 1m: {e}")))
+}
+
+mod defaults {
+    use super::*;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 8080))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+    pub fn max_body_bytes() -> ByteSize {
+        ByteSize(100 << 20)
+    }
+    pub fn max_inspected_body_bytes() -> ByteSize {
+        ByteSize(8 << 20)
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn shutdown_grace() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn auth_failures_per_minute() -> u32 {
+        30
+    }
+    pub fn auth_failures_burst() -> u32 {
+        10
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: defaults::log_level(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: defaults::max_body_bytes(),
+            max_inspected_body_bytes: defaults::max_inspected_body_bytes(),
+            header_read_timeout: defaults::header_read_timeout(),
+            shutdown_grace: defaults::shutdown_grace(),
+        }
+    }
+}
+
+impl Default for AuthFailureLimit {
+    fn default() -> Self {
+        Self {
+            per_minute: defaults::auth_failures_per_minute(),
+            burst: defaults::auth_failures_burst(),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: defaults::connect_timeout(),
+            request: defaults::request_timeout(),
+        }
+    }
+}
+
+// === errors ===
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, such as `clients.shop.site`.
+    pub path: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.path.is_empty(), self.line) {
+            (true, Some(line)) => write!(f, "line {line}: {}", self.message),
+            (true, None) => write!(f, "{}", self.message),
+            (false, Some(line)) => write!(f, "{} (line {line}): {}", self.path, self.message),
+            (false, None) => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// A config file that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s) in {source_name}:\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    /// The file (or `<inline>`).
+    pub source_name: String,
+    /// Every problem found.
+    pub problems: Vec<Problem>,
+}
+
+// === loading and validation ===
+
+/// A validated configuration with its secrets resolved.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    /// The configuration.
+    pub config: Config,
+    /// Service-account secrets by (site, account), read from `api_secret` or `api_secret_file`.
+    pub secrets: IndexMap<(String, String), Secret>,
+}
+
+/// A secret that never prints.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                path: String::new(),
+                line: None,
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Self::from_yaml(&text, &name)
+    }
+
+    /// Parses and validates YAML text; `source_name` names it in errors.
+    pub fn from_yaml(text: &str, source_name: &str) -> Result<LoadedConfig, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_name: source_name.to_owned(),
+            problems,
+        };
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            let message = e.to_string();
+            // serde_yaml puts the key path first: "sites.erp: unknown field ...".
+            let (path, message) = match message.split_once(": ") {
+                Some((p, m)) if !p.contains(' ') => (p.to_owned(), m.to_owned()),
+                _ => (String::new(), message),
+            };
+            let message = match message.rfind(" at line ") {
+                Some(at) => message[..at].to_owned(),
+                None => message,
+            };
+            fail(vec![Problem { path, line, message }])
+        })?;
+        let lines = YamlLines::index(text);
+        config.validate(&lines).map_err(fail)
+    }
+
+    /// Checks everything serde cannot, collecting every problem.
+    pub fn validate(self, lines: &YamlLines) -> Result<LoadedConfig, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut problem = |path: String, message: String| {
+            let line = lines.line_of(&path);
+            problems.push(Problem { path, line, message });
+        };
+        let mut secrets = IndexMap::new();
+
+        if self.sites.is_empty() {
+            problem("sites".into(), "at least one site is required".into());
+        }
+        if self.auth_failures.per_minute == 0 || self.auth_failures.burst == 0 {
+            problem("auth_failures".into(), "per_minute and burst must be at least 1".into());
+        }
+        if self.limits.max_body_bytes.0 == 0 {
+            problem("limits.max_body_bytes".into(), "must be more than 0".into());
+        }
+        if self.limits.max_inspected_body_bytes.0 > self.limits.max_body_bytes.0 {
+            problem(
+                "limits.max_inspected_body_bytes".into(),
+                "must not exceed limits.max_body_bytes".into(),
+            );
+        }
+
+        for (site_name, site) in &self.sites {
+            let at = format!("sites.{site_name}");
+            if site.backends.is_empty() {
+                problem(format!("{at}.backends"), "at least one backend is required".into());
+            }
+            if site.site_name.0.is_empty() || http::HeaderValue::try_from(&site.site_name.0).is_err() {
+                problem(format!("{at}.site_name"), "must be a non-empty header-safe name".into());
+            }
+            if let Some(host) = &site.host {
+                if host.0.is_empty() || http::HeaderValue::try_from(&host.0).is_err() {
+                    problem(format!("{at}.host"), "must be a non-empty header-safe host".into());
+                }
+            }
+            if site.timeouts.connect.is_zero() || site.timeouts.request.is_zero() {
+                problem(format!("{at}.timeouts"), "timeouts must be more than 0".into());
+            }
+            if let Some(ca) = &site.ca_file {
+                if let Err(e) = std::fs::read(ca) {
+                    problem(format!("{at}.ca_file"), format!("cannot read {}: {e}", ca.display()));
+                }
+            }
+            if site.service_accounts.is_empty() {
+                problem(format!("{at}.service_accounts"), "at least one service account is required".into());
+            }
+            for (account_name, account) in &site.service_accounts {
+                let at = format!("{at}.service_accounts.{account_name}");
+                let secret = match (&account.api_secret, &account.api_secret_file) {
+                    (Some(s), None) => Some(s.0.clone()),
+                    (None, Some(file)) => match std::fs::read_to_string(file) {
+                        Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
+                        Err(e) => {
+                            problem(format!("{at}.api_secret_file"), format!("cannot read {}: {e}", file.display()));
+                            None
+                        }
+                    },
+                    _ => {
+                        problem(at.clone(), "exactly one of api_secret and api_secret_file is required".into());
+                        None
+                    }
+                };
+                let Some(secret) = secret else { continue };
+                let key_ok = !account.api_key.0.is_empty() && !account.api_key.0.contains([':', ' ']);
+                if !key_ok {
+                    problem(format!("{at}.api_key"), "must be non-empty, without ':' or spaces".into());
+                } else if secret.is_empty() || crate::frappe::auth_header::token_header(&account.api_key.0, &secret).is_err() {
+                    // The secret itself is never echoed.
+                    problem(format!("{at}.api_secret"), "is empty or has characters a header cannot carry".into());
+                } else {
+                    secrets.insert((site_name.clone(), account_name.clone()), Secret(secret));
+                }
+            }
+        }
+
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if !self.sites.contains_key(&route.site) {
+                problem(format!("{at}.site"), format!("no site named '{}'", route.site));
+            }
+            if route.host.is_none() && route.path_prefix.is_none() {
+                problem(at.clone(), "a route needs host, path_prefix or both".into());
+            }
+            match &route.path_prefix {
+                Some(prefix) => match CanonicalPath::parse(prefix) {
+                    Ok(p) if p.segments().is_empty() => {
+                        problem(format!("{at}.path_prefix"), "'/' matches everything; leave path_prefix out instead".into())
+                    }
+                    Ok(_) => {}
+                    Err(e) => problem(format!("{at}.path_prefix"), e.to_string()),
+                },
+                None if route.strip_prefix => {
+                    problem(format!("{at}.strip_prefix"), "needs path_prefix".into())
+                }
+                None => {}
+            }
+        }
+
+        let mut key_ids = std::collections::HashMap::new();
+        for (client_name, client) in &self.clients {
+            let at = format!("clients.{client_name}");
+            let key = &client.key_id;
+            if key.is_empty() || key.contains(|c: char| c == ':' || c.is_whitespace()) {
+                problem(format!("{at}.key_id"), "must be non-empty, without ':' or white space".into());
+            }
+            if let Some(other) = key_ids.insert(key.clone(), client_name.clone()) {
+                problem(format!("{at}.key_id"), format!("the same key_id as client '{other}'"));
+            }
+            let hash = &client.secret_sha256.0;
+            if hash.len() != 64 || hex::decode(hash).is_err() {
+                problem(format!("{at}.secret_sha256"), "must be 64 hex digits (from `erpgate keygen`)".into());
+            }
+            let mut site_account = |path: String, site: &str, account: &str| match self.sites.get(site) {
+                None => problem(path, format!("no site named '{site}'")),
+                Some(s) if !s.service_accounts.contains_key(account) => problem(
+                    path,
+                    format!("site '{site}' has no service account named '{account}'"),
+                ),
+                Some(_) => {}
+            };
+            site_account(format!("{at}.service_account"), &client.site, &client.service_account);
+            for (site, account) in &client.extra_sites {
+                site_account(format!("{at}.extra_sites.{site}"), site, account);
+            }
+            if let Some(allow) = &client.allow {
+                for (doctype, ops) in &allow.resources {
+                    for op in ops {
+                        if let Err(e) = parse_operations(op) {
+                            problem(format!("{at}.allow.resources.{doctype}"), e.to_string());
+                        }
+                    }
+                }
+                for (j, method) in allow.methods.iter().enumerate() {
+                    let wildcard_ok = match method.find('*') {
+                        None => true,
+                        Some(pos) => pos == method.len() - 1 && method.ends_with(".*") && method.len() > 2,
+                    };
+                    if method.is_empty() || !wildcard_ok {
+                        problem(format!("{at}.allow.methods[{j}]"), format!("'{method}' is not a method name or 'prefix.*'"));
+                    }
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(LoadedConfig { config: self, secrets })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+use super::*;
+
+const HASH: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
+
+fn valid() -> String {
+    format!(
+        r#"
+listen: 127.0.0.1:8080
+sites:
+  erp:
+    backends: [http://127.0.0.1:8000]
+    site_name: erp.localhost
+    service_accounts:
+      sync: {{ api_key: k1, api_secret: s1 }}
+    timeouts: {{ connect: 500ms, request: 5s }}
+  staging:
+    backends: [http://127.0.0.1:8001, https://erp.example.com:8443]
+    site_name: staging.localhost
+    host: staging.example.com
+    service_accounts:
+      sync: {{ api_key: k2, api_secret: s2 }}
+routes:
+  - {{ host: staging.gw.example.com, site: staging }}
+  - {{ path_prefix: /staging, strip_prefix: true, site: staging }}
+clients:
+  shop:
+    key_id: ek_shop
+    secret_sha256: "{HASH}"
+    site: erp
+    service_account: sync
+    extra_sites: {{ staging: sync }}
+    allow:
+      resources: {{ ToDo: [read, write], "Sales Order": [all] }}
+      methods: [frappe.client.get_list, "myapp.api.*"]
+"#
+    )
+}
+
+fn problems(yaml: &str) -> Vec<Problem> {
+    match Config::from_yaml(yaml, "test.yaml") {
+        Ok(_) => panic!("expected the config to be rejected"),
+        Err(e) => e.problems,
+    }
+}
+
+#[test]
+fn a_full_config_loads() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.listen.port(), 8080);
+    assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(c.sites["erp"].timeouts.connect, Duration::from_millis(500));
+    assert_eq!(c.sites["staging"].timeouts.request, Duration::from_secs(30));
+    assert_eq!(c.limits.max_body_bytes, ByteSize(100 << 20));
+    assert_eq!(loaded.secrets[&("erp".to_owned(), "sync".to_owned())].0, "s1");
+    assert_eq!(c.routes.len(), 2);
+}
+
+#[test]
+fn unknown_keys_are_errors_with_path_and_line() {
+    let yaml = valid().replace("    site_name: erp.localhost\n", "    site_name: erp.localhost\n    sitename: typo\n");
+    let p = problems(&yaml);
+    assert_eq!(p.len(), 1);
+    assert!(p[0].message.contains("unknown field `sitename`"), "{}", p[0]);
+    assert_eq!(p[0].path, "sites.erp");
+    assert_eq!(p[0].line, Some(7));
+}
+
+#[test]
+fn broken_yaml_is_an_error_with_a_line() {
+    let p = problems("sites:\n  erp: [unclosed\n");
+    assert!(p[0].line.is_some(), "{:?}", p[0]);
+}
+
+#[test]
+fn env_vars_expand_and_missing_ones_are_named() {
+    std::env::set_var("ERPGATE_TEST_SECRET", "from-env");
+    let yaml = valid().replace("api_secret: s1", "api_secret: \"${ERPGATE_TEST_SECRET}\"");
+    let loaded = Config::from_yaml(&yaml, "t").unwrap();
+    assert_eq!(loaded.secrets[&("erp".into(), "sync".into())].0, "from-env");
+
+    let yaml = valid().replace("api_secret: s1", "api_secret: \"${ERPGATE_TEST_UNSET_VAR}\"");
+    let p = problems(&yaml);
+    assert!(p[0].message.contains("ERPGATE_TEST_UNSET_VAR is not set"), "{}", p[0]);
+}
+
+#[test]
+fn secret_files_are_read() {
+    let dir = std::env::temp_dir().join(format!("erpgate-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secret");
+    std::fs::write(&file, "file-secret\n").unwrap();
+    let yaml = valid().replace("api_secret: s1", &format!("api_secret_file: {}", file.display()));
+    let loaded = Config::from_yaml(&yaml, "t").unwrap();
+    assert_eq!(loaded.secrets[&("erp".into(), "sync".into())].0, "file-secret");
+
+    let yaml = valid().replace("api_secret: s1", "api_secret_file: /nonexistent/erpgate");
+    let p = problems(&yaml);
+    assert_eq!(p[0].path, "sites.erp.service_accounts.sync.api_secret_file");
+}
+
+#[test]
+fn every_dangling_reference_is_reported_with_its_line() {
+    let yaml = valid()
+        .replace("site: erp\n    service_account: sync", "site: nowhere\n    service_account: sync")
+        .replace("- { host: staging.gw.example.com, site: staging }", "- { host: staging.gw.example.com, site: gone }")
+        .replace("extra_sites: { staging: sync }", "extra_sites: { staging: nobody }");
+    let p = problems(&yaml);
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec!["routes[0].site", "clients.shop.service_account", "clients.shop.extra_sites.staging"],
+        "{p:?}"
+    );
+    assert!(p[0].message.contains("no site named 'gone'"));
+    assert_eq!(p[0].line, Some(17));
+    assert!(p[1].message.contains("no site named 'nowhere'"));
+    assert!(p[2].message.contains("no service account named 'nobody'"));
+}
+
+#[test]
+fn bad_values_are_rejected() {
+    let cases = [
+        ("http://127.0.0.1:8000]", "http://127.0.0.1:8000/api]", "no path"),
+        ("timeouts: { connect: 500ms", "timeouts: { connect: soon", "not a duration"),
+        (HASH, "abc", "64 hex digits"),
+        ("key_id: ek_shop", "key_id: \"ek:shop\"", "without ':'"),
+        ("[read, write]", "[read, wrte]", "unknown operation 'wrte'"),
+        ("\"myapp.api.*\"", "\"myapp.*.x\"", "is not a method name"),
+        ("path_prefix: /staging,", "path_prefix: /,", "matches everything"),
+        ("listen: 127.0.0.1:8080", "listen: nowhere", "invalid socket address"),
+    ];
+    for (from, to, want) in cases {
+        let yaml = valid().replace(from, to);
+        assert_ne!(yaml, valid(), "{from} not found");
+        let p = problems(&yaml);
+        assert!(p.iter().any(|p| p.message.contains(want)), "{to}: {p:?}");
+    }
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("512KiB"), Some(512 * 1024));
+    assert_eq!(parse_size("10MB"), Some(10_000_000));
+    assert_eq!(parse_size("42"), Some(42));
+    assert_eq!(parse_size("1 GiB"), Some(1 << 30));
+    assert_eq!(parse_size("lots"), None);
+}
+
+#[test]
+fn env_expansion() {
+    std::env::set_var("ERPGATE_TEST_X", "x");
+    assert_eq!(expand_env("a${ERPGATE_TEST_X}b$$c$d").unwrap(), "axb$c$d");
+    assert!(expand_env("${ERPGATE_TEST_X").is_err());
+}
+
+#[test]
+fn the_shipped_gateway_yaml_is_valid() {
+    std::env::set_var("ERP_SYNC_API_KEY", "k");
+    std::env::set_var("ERP_SYNC_API_SECRET", "s");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.yaml");
+    if let Err(e) = Config::load(&path) {
+        panic!("{e}");
+    }
+}
