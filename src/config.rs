@@ -95,11 +95,17 @@ pub struct Limits {
     #[serde(default = "defaults::max_inspected_body_bytes")]
     pub max_inspected_body_bytes: ByteSize,
     /// Time a client has to send its request headers (slowloris guard). Default `10s`.
-    #[serde(default = "defaults::header_read_timeout", deserialize_with = "parse_duration")]
+    #[serde(
+        default = "defaults::header_read_timeout",
+        deserialize_with = "parse_duration"
+    )]
     pub header_read_timeout: Duration,
     /// On SIGTERM or SIGINT, how long in-flight requests may take to finish before the process
     /// exits anyway. Default `30s`.
-    #[serde(default = "defaults::shutdown_grace", deserialize_with = "parse_duration")]
+    #[serde(
+        default = "defaults::shutdown_grace",
+        deserialize_with = "parse_duration"
+    )]
     pub shutdown_grace: Duration,
 }
 
@@ -164,7 +170,10 @@ impl fmt::Debug for ServiceAccountConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServiceAccountConfig")
             .field("api_key", &self.api_key)
-            .field("api_secret", &self.api_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "api_secret",
+                &self.api_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("api_secret_file", &self.api_secret_file)
             .finish()
     }
@@ -175,10 +184,16 @@ impl fmt::Debug for ServiceAccountConfig {
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// TCP (and TLS) connect. Default `2s`.
-    #[serde(default = "defaults::connect_timeout", deserialize_with = "parse_duration")]
+    #[serde(
+        default = "defaults::connect_timeout",
+        deserialize_with = "parse_duration"
+    )]
     pub connect: Duration,
     /// From sending the request to the response headers; a late answer gets 504. Default `30s`.
-    #[serde(default = "defaults::request_timeout", deserialize_with = "parse_duration")]
+    #[serde(
+        default = "defaults::request_timeout",
+        deserialize_with = "parse_duration"
+    )]
     pub request: Duration,
 }
 
@@ -310,7 +325,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         match Raw::deserialize(d)? {
             Raw::Count(n) => Ok(Self(n)),
             Raw::Text(t) => parse_size(&t).map(Self).ok_or_else(|| {
-                de::Error::custom(format!("'{t}' is not a size (examples: 1048576, 512KiB, 100MiB)"))
+                de::Error::custom(format!(
+                    "'{t}' is not a size (examples: 1048576, 512KiB, 100MiB)"
+                ))
             }),
         }
     }
@@ -318,7 +335,9 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number.parse().ok()?;
     let factor: u64 = match unit.trim() {
@@ -386,8 +405,11 @@ where
 
 fn parse_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| de::Error::custom(format!("'{text}' is not a duration like 500ms, 2s or 1m: {e}")))
+    humantime::parse_duration(&text).map_err(|e| {
+        de::Error::custom(format!(
+            "'{text}' is not a duration like 500ms, 2s or 1m: {e}"
+        ))
+    })
 }
 
 mod defaults {
@@ -554,7 +576,11 @@ impl Config {
                 Some(at) => message[..at].to_owned(),
                 None => message,
             };
-            fail(vec![Problem { path, line, message }])
+            fail(vec![Problem {
+                path,
+                line,
+                message,
+            }])
         })?;
         let lines = YamlLines::index(text);
         config.validate(&lines).map_err(fail)
@@ -565,7 +591,11 @@ impl Config {
         let mut problems = Vec::new();
         let mut problem = |path: String, message: String| {
             let line = lines.line_of(&path);
-            problems.push(Problem { path, line, message });
+            problems.push(Problem {
+                path,
+                line,
+                message,
+            });
         };
         let mut secrets = IndexMap::new();
 
@@ -573,7 +603,10 @@ impl Config {
             problem("sites".into(), "at least one site is required".into());
         }
         if self.auth_failures.per_minute == 0 || self.auth_failures.burst == 0 {
-            problem("auth_failures".into(), "per_minute and burst must be at least 1".into());
+            problem(
+                "auth_failures".into(),
+                "per_minute and burst must be at least 1".into(),
+            );
         }
         if self.limits.max_body_bytes.0 == 0 {
             problem("limits.max_body_bytes".into(), "must be more than 0".into());
@@ -588,26 +621,46 @@ impl Config {
         for (site_name, site) in &self.sites {
             let at = format!("sites.{site_name}");
             if site.backends.is_empty() {
-                problem(format!("{at}.backends"), "at least one backend is required".into());
+                problem(
+                    format!("{at}.backends"),
+                    "at least one backend is required".into(),
+                );
             }
-            if site.site_name.0.is_empty() || http::HeaderValue::try_from(&site.site_name.0).is_err() {
-                problem(format!("{at}.site_name"), "must be a non-empty header-safe name".into());
+            if site.site_name.0.is_empty()
+                || http::HeaderValue::try_from(&site.site_name.0).is_err()
+            {
+                problem(
+                    format!("{at}.site_name"),
+                    "must be a non-empty header-safe name".into(),
+                );
             }
             if let Some(host) = &site.host {
                 if host.0.is_empty() || http::HeaderValue::try_from(&host.0).is_err() {
-                    problem(format!("{at}.host"), "must be a non-empty header-safe host".into());
+                    problem(
+                        format!("{at}.host"),
+                        "must be a non-empty header-safe host".into(),
+                    );
                 }
             }
             if site.timeouts.connect.is_zero() || site.timeouts.request.is_zero() {
-                problem(format!("{at}.timeouts"), "timeouts must be more than 0".into());
+                problem(
+                    format!("{at}.timeouts"),
+                    "timeouts must be more than 0".into(),
+                );
             }
             if let Some(ca) = &site.ca_file {
                 if let Err(e) = std::fs::read(ca) {
-                    problem(format!("{at}.ca_file"), format!("cannot read {}: {e}", ca.display()));
+                    problem(
+                        format!("{at}.ca_file"),
+                        format!("cannot read {}: {e}", ca.display()),
+                    );
                 }
             }
             if site.service_accounts.is_empty() {
-                problem(format!("{at}.service_accounts"), "at least one service account is required".into());
+                problem(
+                    format!("{at}.service_accounts"),
+                    "at least one service account is required".into(),
+                );
             }
             for (account_name, account) in &site.service_accounts {
                 let at = format!("{at}.service_accounts.{account_name}");
@@ -616,22 +669,38 @@ impl Config {
                     (None, Some(file)) => match std::fs::read_to_string(file) {
                         Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
                         Err(e) => {
-                            problem(format!("{at}.api_secret_file"), format!("cannot read {}: {e}", file.display()));
+                            problem(
+                                format!("{at}.api_secret_file"),
+                                format!("cannot read {}: {e}", file.display()),
+                            );
                             None
                         }
                     },
                     _ => {
-                        problem(at.clone(), "exactly one of api_secret and api_secret_file is required".into());
+                        problem(
+                            at.clone(),
+                            "exactly one of api_secret and api_secret_file is required".into(),
+                        );
                         None
                     }
                 };
                 let Some(secret) = secret else { continue };
-                let key_ok = !account.api_key.0.is_empty() && !account.api_key.0.contains([':', ' ']);
+                let key_ok =
+                    !account.api_key.0.is_empty() && !account.api_key.0.contains([':', ' ']);
                 if !key_ok {
-                    problem(format!("{at}.api_key"), "must be non-empty, without ':' or spaces".into());
-                } else if secret.is_empty() || crate::frappe::auth_header::token_header(&account.api_key.0, &secret).is_err() {
+                    problem(
+                        format!("{at}.api_key"),
+                        "must be non-empty, without ':' or spaces".into(),
+                    );
+                } else if secret.is_empty()
+                    || crate::frappe::auth_header::token_header(&account.api_key.0, &secret)
+                        .is_err()
+                {
                     // The secret itself is never echoed.
-                    problem(format!("{at}.api_secret"), "is empty or has characters a header cannot carry".into());
+                    problem(
+                        format!("{at}.api_secret"),
+                        "is empty or has characters a header cannot carry".into(),
+                    );
                 } else {
                     secrets.insert((site_name.clone(), account_name.clone()), Secret(secret));
                 }
@@ -641,16 +710,20 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
             if !self.sites.contains_key(&route.site) {
-                problem(format!("{at}.site"), format!("no site named '{}'", route.site));
+                problem(
+                    format!("{at}.site"),
+                    format!("no site named '{}'", route.site),
+                );
             }
             if route.host.is_none() && route.path_prefix.is_none() {
                 problem(at.clone(), "a route needs host, path_prefix or both".into());
             }
             match &route.path_prefix {
                 Some(prefix) => match CanonicalPath::parse(prefix) {
-                    Ok(p) if p.segments().is_empty() => {
-                        problem(format!("{at}.path_prefix"), "'/' matches everything; leave path_prefix out instead".into())
-                    }
+                    Ok(p) if p.segments().is_empty() => problem(
+                        format!("{at}.path_prefix"),
+                        "'/' matches everything; leave path_prefix out instead".into(),
+                    ),
                     Ok(_) => {}
                     Err(e) => problem(format!("{at}.path_prefix"), e.to_string()),
                 },
@@ -666,24 +739,38 @@ impl Config {
             let at = format!("clients.{client_name}");
             let key = &client.key_id;
             if key.is_empty() || key.contains(|c: char| c == ':' || c.is_whitespace()) {
-                problem(format!("{at}.key_id"), "must be non-empty, without ':' or white space".into());
+                problem(
+                    format!("{at}.key_id"),
+                    "must be non-empty, without ':' or white space".into(),
+                );
             }
             if let Some(other) = key_ids.insert(key.clone(), client_name.clone()) {
-                problem(format!("{at}.key_id"), format!("the same key_id as client '{other}'"));
+                problem(
+                    format!("{at}.key_id"),
+                    format!("the same key_id as client '{other}'"),
+                );
             }
             let hash = &client.secret_sha256.0;
             if hash.len() != 64 || hex::decode(hash).is_err() {
-                problem(format!("{at}.secret_sha256"), "must be 64 hex digits (from `erpgate keygen`)".into());
+                problem(
+                    format!("{at}.secret_sha256"),
+                    "must be 64 hex digits (from `erpgate keygen`)".into(),
+                );
             }
-            let mut site_account = |path: String, site: &str, account: &str| match self.sites.get(site) {
-                None => problem(path, format!("no site named '{site}'")),
-                Some(s) if !s.service_accounts.contains_key(account) => problem(
-                    path,
-                    format!("site '{site}' has no service account named '{account}'"),
-                ),
-                Some(_) => {}
-            };
-            site_account(format!("{at}.service_account"), &client.site, &client.service_account);
+            let mut site_account =
+                |path: String, site: &str, account: &str| match self.sites.get(site) {
+                    None => problem(path, format!("no site named '{site}'")),
+                    Some(s) if !s.service_accounts.contains_key(account) => problem(
+                        path,
+                        format!("site '{site}' has no service account named '{account}'"),
+                    ),
+                    Some(_) => {}
+                };
+            site_account(
+                format!("{at}.service_account"),
+                &client.site,
+                &client.service_account,
+            );
             for (site, account) in &client.extra_sites {
                 site_account(format!("{at}.extra_sites.{site}"), site, account);
             }
@@ -698,17 +785,25 @@ impl Config {
                 for (j, method) in allow.methods.iter().enumerate() {
                     let wildcard_ok = match method.find('*') {
                         None => true,
-                        Some(pos) => pos == method.len() - 1 && method.ends_with(".*") && method.len() > 2,
+                        Some(pos) => {
+                            pos == method.len() - 1 && method.ends_with(".*") && method.len() > 2
+                        }
                     };
                     if method.is_empty() || !wildcard_ok {
-                        problem(format!("{at}.allow.methods[{j}]"), format!("'{method}' is not a method name or 'prefix.*'"));
+                        problem(
+                            format!("{at}.allow.methods[{j}]"),
+                            format!("'{method}' is not a method name or 'prefix.*'"),
+                        );
                     }
                 }
             }
         }
 
         if problems.is_empty() {
-            Ok(LoadedConfig { config: self, secrets })
+            Ok(LoadedConfig {
+                config: self,
+                secrets,
+            })
         } else {
             Err(problems)
         }

@@ -1,1 +1,152 @@
-fn main(){}
+//! The `erpgate` command: run, check, keygen.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+use tracing_subscriber::EnvFilter;
+
+use erpgate::config::{Config, LogFormat};
+use erpgate::server::RunningGateway;
+
+/// erpgate: the API gateway in front of ERPNext / Frappe sites.
+///
+/// Clients hold gateway keys; erpgate checks them and their access rules, and signs each request
+/// with the ERPNext service account's token, so ERPNext secrets never leave the gateway.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or SIGINT, then drain in-flight requests and exit.
+    Run {
+        /// The configuration file.
+        #[arg(long, short, default_value = "gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; print every problem with its key path and line.
+    ///
+    /// Exits 0 when the file is valid, 1 when it is not.
+    Check {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Make a new client credential: a key id, a secret for the client, and the
+    /// `secret_sha256` to put in the config (the secret itself is never stored).
+    Keygen {
+        /// Prefix of the key id.
+        #[arg(long, default_value = "ek_")]
+        prefix: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { config } => run(config),
+        Command::Check { file } => match Config::load(&file) {
+            Ok(loaded) => {
+                println!(
+                    "{}: OK ({} sites, {} routes, {} clients)",
+                    file.display(),
+                    loaded.config.sites.len(),
+                    loaded.config.routes.len(),
+                    loaded.config.clients.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Keygen { prefix } => {
+            keygen(&prefix);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn keygen(prefix: &str) {
+    let key_id = format!("{prefix}{:016x}", rand::random::<u64>());
+    let secret =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let hash = hex::encode(Sha256::digest(secret.as_bytes()));
+    println!("# Give the client these two (the secret is shown only now):");
+    println!("key_id: {key_id}");
+    println!("secret: {secret}");
+    println!("# The client sends:  Authorization: token {key_id}:<secret>");
+    println!("# Put these in gateway.yaml under clients.<name>:");
+    println!("    key_id: {key_id}");
+    println!("    secret_sha256: \"{hash}\"");
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let loaded = match Config::load(&path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&loaded.config.log.level));
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    match loaded.config.log.format {
+        LogFormat::Json => subscriber.json().flatten_event(true).init(),
+        LogFormat::Pretty => subscriber.init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gateway = match RunningGateway::start(loaded).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        gateway.begin_shutdown();
+        gateway.wait().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -52,16 +52,26 @@ fn a_full_config_loads() {
     assert_eq!(c.sites["erp"].timeouts.connect, Duration::from_millis(500));
     assert_eq!(c.sites["staging"].timeouts.request, Duration::from_secs(30));
     assert_eq!(c.limits.max_body_bytes, ByteSize(100 << 20));
-    assert_eq!(loaded.secrets[&("erp".to_owned(), "sync".to_owned())].0, "s1");
+    assert_eq!(
+        loaded.secrets[&("erp".to_owned(), "sync".to_owned())].0,
+        "s1"
+    );
     assert_eq!(c.routes.len(), 2);
 }
 
 #[test]
 fn unknown_keys_are_errors_with_path_and_line() {
-    let yaml = valid().replace("    site_name: erp.localhost\n", "    site_name: erp.localhost\n    sitename: typo\n");
+    let yaml = valid().replace(
+        "    site_name: erp.localhost\n",
+        "    site_name: erp.localhost\n    sitename: typo\n",
+    );
     let p = problems(&yaml);
     assert_eq!(p.len(), 1);
-    assert!(p[0].message.contains("unknown field `sitename`"), "{}", p[0]);
+    assert!(
+        p[0].message.contains("unknown field `sitename`"),
+        "{}",
+        p[0]
+    );
     assert_eq!(p[0].path, "sites.erp");
     assert_eq!(p[0].line, Some(7));
 }
@@ -79,9 +89,16 @@ fn env_vars_expand_and_missing_ones_are_named() {
     let loaded = Config::from_yaml(&yaml, "t").unwrap();
     assert_eq!(loaded.secrets[&("erp".into(), "sync".into())].0, "from-env");
 
-    let yaml = valid().replace("api_secret: s1", "api_secret: \"${ERPGATE_TEST_UNSET_VAR}\"");
+    let yaml = valid().replace(
+        "api_secret: s1",
+        "api_secret: \"${ERPGATE_TEST_UNSET_VAR}\"",
+    );
     let p = problems(&yaml);
-    assert!(p[0].message.contains("ERPGATE_TEST_UNSET_VAR is not set"), "{}", p[0]);
+    assert!(
+        p[0].message.contains("ERPGATE_TEST_UNSET_VAR is not set"),
+        "{}",
+        p[0]
+    );
 }
 
 #[test]
@@ -90,9 +107,15 @@ fn secret_files_are_read() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("secret");
     std::fs::write(&file, "file-secret\n").unwrap();
-    let yaml = valid().replace("api_secret: s1", &format!("api_secret_file: {}", file.display()));
+    let yaml = valid().replace(
+        "api_secret: s1",
+        &format!("api_secret_file: {}", file.display()),
+    );
     let loaded = Config::from_yaml(&yaml, "t").unwrap();
-    assert_eq!(loaded.secrets[&("erp".into(), "sync".into())].0, "file-secret");
+    assert_eq!(
+        loaded.secrets[&("erp".into(), "sync".into())].0,
+        "file-secret"
+    );
 
     let yaml = valid().replace("api_secret: s1", "api_secret_file: /nonexistent/erpgate");
     let p = problems(&yaml);
@@ -102,14 +125,27 @@ fn secret_files_are_read() {
 #[test]
 fn every_dangling_reference_is_reported_with_its_line() {
     let yaml = valid()
-        .replace("site: erp\n    service_account: sync", "site: nowhere\n    service_account: sync")
-        .replace("- { host: staging.gw.example.com, site: staging }", "- { host: staging.gw.example.com, site: gone }")
-        .replace("extra_sites: { staging: sync }", "extra_sites: { staging: nobody }");
+        .replace(
+            "site: erp\n    service_account: sync",
+            "site: nowhere\n    service_account: sync",
+        )
+        .replace(
+            "- { host: staging.gw.example.com, site: staging }",
+            "- { host: staging.gw.example.com, site: gone }",
+        )
+        .replace(
+            "extra_sites: { staging: sync }",
+            "extra_sites: { staging: nobody }",
+        );
     let p = problems(&yaml);
     let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
     assert_eq!(
         paths,
-        vec!["routes[0].site", "clients.shop.service_account", "clients.shop.extra_sites.staging"],
+        vec![
+            "routes[0].site",
+            "clients.shop.service_account",
+            "clients.shop.extra_sites.staging"
+        ],
         "{p:?}"
     );
     assert!(p[0].message.contains("no site named 'gone'"));
@@ -121,14 +157,30 @@ fn every_dangling_reference_is_reported_with_its_line() {
 #[test]
 fn bad_values_are_rejected() {
     let cases = [
-        ("http://127.0.0.1:8000]", "http://127.0.0.1:8000/api]", "no path"),
-        ("timeouts: { connect: 500ms", "timeouts: { connect: soon", "not a duration"),
+        (
+            "http://127.0.0.1:8000]",
+            "http://127.0.0.1:8000/api]",
+            "no path",
+        ),
+        (
+            "timeouts: { connect: 500ms",
+            "timeouts: { connect: soon",
+            "not a duration",
+        ),
         (HASH, "abc", "64 hex digits"),
         ("key_id: ek_shop", "key_id: \"ek:shop\"", "without ':'"),
         ("[read, write]", "[read, wrte]", "unknown operation 'wrte'"),
         ("\"myapp.api.*\"", "\"myapp.*.x\"", "is not a method name"),
-        ("path_prefix: /staging,", "path_prefix: /,", "matches everything"),
-        ("listen: 127.0.0.1:8080", "listen: nowhere", "invalid socket address"),
+        (
+            "path_prefix: /staging,",
+            "path_prefix: /,",
+            "matches everything",
+        ),
+        (
+            "listen: 127.0.0.1:8080",
+            "listen: nowhere",
+            "invalid socket address",
+        ),
     ];
     for (from, to, want) in cases {
         let yaml = valid().replace(from, to);

@@ -44,7 +44,10 @@ enum Frame {
         path: String,
         key: Option<(String, usize)>,
     },
-    Seq { path: String, next: usize },
+    Seq {
+        path: String,
+        next: usize,
+    },
 }
 
 #[derive(Default)]

@@ -25,7 +25,10 @@ pub struct AccessRules {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
     #[error("not allowed to {operation} {doctype}")]
-    Resource { doctype: String, operation: &'static str },
+    Resource {
+        doctype: String,
+        operation: &'static str,
+    },
     #[error("not allowed to call {0}")]
     Method(String),
     #[error("not allowed to access files")]
@@ -40,7 +43,9 @@ pub enum Denied {
 
 /// An unknown operation name in a rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown operation '{0}' (expected read, create, update, delete, doc_method, write or all)")]
+#[error(
+    "unknown operation '{0}' (expected read, create, update, delete, doc_method, write or all)"
+)]
 pub struct UnknownOperation(pub String);
 
 /// Parses an operation name from config; `write` is create + update + delete, `all` everything.
@@ -60,7 +65,11 @@ pub fn parse_operations(name: &str) -> Result<Vec<Operation>, UnknownOperation> 
 
 impl AccessRules {
     /// Allows `operations` on `doctype` (`*` for every doctype).
-    pub fn allow_resource(&mut self, doctype: &str, operations: impl IntoIterator<Item = Operation>) {
+    pub fn allow_resource(
+        &mut self,
+        doctype: &str,
+        operations: impl IntoIterator<Item = Operation>,
+    ) {
         let key = doctype.to_lowercase();
         match self.resources.iter_mut().find(|(d, _)| *d == key) {
             Some((_, ops)) => ops.extend(operations),
@@ -73,7 +82,8 @@ impl AccessRules {
         match rule.strip_suffix('*') {
             Some(prefix) if prefix.ends_with('.') => self.method_prefixes.push(prefix.to_owned()),
             _ => {
-                self.exact_methods.insert(MethodName::new(rule).as_str().to_owned());
+                self.exact_methods
+                    .insert(MethodName::new(rule).as_str().to_owned());
             }
         }
     }
@@ -105,7 +115,9 @@ impl AccessRules {
 
     fn check_kind(&self, kind: &RequestKind) -> Result<(), Denied> {
         match kind {
-            RequestKind::Resource { doctype, operation, .. } => {
+            RequestKind::Resource {
+                doctype, operation, ..
+            } => {
                 let key = doctype.to_lowercase();
                 let allowed = self
                     .resources
@@ -129,7 +141,10 @@ impl AccessRules {
     fn check_method(&self, method: &MethodName) -> Result<(), Denied> {
         let name = method.as_str();
         let allowed = self.exact_methods.contains(name)
-            || self.method_prefixes.iter().any(|p| name.starts_with(p.as_str()));
+            || self
+                .method_prefixes
+                .iter()
+                .any(|p| name.starts_with(p.as_str()));
         allowed
             .then_some(())
             .ok_or_else(|| Denied::Method(name.to_owned()))
@@ -162,34 +177,67 @@ mod tests {
     #[test]
     fn resources_by_doctype_and_operation() {
         let rules = todo_reader();
-        assert!(rules.check(&req(Method::GET, "/api/resource/ToDo", "")).is_ok());
-        assert!(rules.check(&req(Method::GET, "/api/resource/todo/x", "")).is_ok());
-        assert!(rules.check(&req(Method::GET, "/api/v2/document/%54oDo", "")).is_ok());
-        assert!(rules.check(&req(Method::POST, "/api/resource/ToDo", "")).is_err());
-        assert!(rules.check(&req(Method::GET, "/api/resource/User", "")).is_err());
         assert!(rules
-            .check(&req(Method::GET, "/api/resource/ToDo/x", "run_method=delete"))
+            .check(&req(Method::GET, "/api/resource/ToDo", ""))
+            .is_ok());
+        assert!(rules
+            .check(&req(Method::GET, "/api/resource/todo/x", ""))
+            .is_ok());
+        assert!(rules
+            .check(&req(Method::GET, "/api/v2/document/%54oDo", ""))
+            .is_ok());
+        assert!(rules
+            .check(&req(Method::POST, "/api/resource/ToDo", ""))
+            .is_err());
+        assert!(rules
+            .check(&req(Method::GET, "/api/resource/User", ""))
+            .is_err());
+        assert!(rules
+            .check(&req(
+                Method::GET,
+                "/api/resource/ToDo/x",
+                "run_method=delete"
+            ))
             .is_err());
     }
 
     #[test]
     fn methods_exact_and_prefix() {
         let rules = todo_reader();
-        assert!(rules.check(&req(Method::GET, "/api/method/frappe.client.get_list", "")).is_ok());
-        assert!(rules.check(&req(Method::GET, "/api/method/myapp.api.orders.list", "")).is_ok());
-        assert!(rules.check(&req(Method::GET, "/api/method/myapp.apix", "")).is_err());
-        assert!(rules.check(&req(Method::GET, "/api/method/frappe.client.insert", "")).is_err());
-        assert!(rules.check(&req(Method::POST, "/", "cmd=frappe.client.insert")).is_err());
         assert!(rules
-            .check(&req(Method::GET, "/api/resource/ToDo", "cmd=frappe.client.insert"))
+            .check(&req(Method::GET, "/api/method/frappe.client.get_list", ""))
+            .is_ok());
+        assert!(rules
+            .check(&req(Method::GET, "/api/method/myapp.api.orders.list", ""))
+            .is_ok());
+        assert!(rules
+            .check(&req(Method::GET, "/api/method/myapp.apix", ""))
             .is_err());
-        assert!(rules.check(&req(Method::POST, "/api/method/login", "")).is_err());
+        assert!(rules
+            .check(&req(Method::GET, "/api/method/frappe.client.insert", ""))
+            .is_err());
+        assert!(rules
+            .check(&req(Method::POST, "/", "cmd=frappe.client.insert"))
+            .is_err());
+        assert!(rules
+            .check(&req(
+                Method::GET,
+                "/api/resource/ToDo",
+                "cmd=frappe.client.insert"
+            ))
+            .is_err());
+        assert!(rules
+            .check(&req(Method::POST, "/api/method/login", ""))
+            .is_err());
         assert!(rules.check(&req(Method::GET, "/app/todo", "")).is_err());
         assert!(rules.check(&req(Method::GET, "/files/x.pdf", "")).is_err());
     }
 
     #[test]
     fn unknown_operation_is_an_error() {
-        assert_eq!(parse_operations("rread"), Err(UnknownOperation("rread".into())));
+        assert_eq!(
+            parse_operations("rread"),
+            Err(UnknownOperation("rread".into()))
+        );
     }
 }

@@ -27,7 +27,9 @@ pub enum CredentialError {
 }
 
 /// Reads `token id:secret`, `Basic base64(id:secret)` or `Bearer id:secret`.
-pub fn parse_credential(value: Option<&HeaderValue>) -> Result<PresentedCredential, CredentialError> {
+pub fn parse_credential(
+    value: Option<&HeaderValue>,
+) -> Result<PresentedCredential, CredentialError> {
     let value = value.ok_or(CredentialError::Missing)?;
     let value = value.to_str().map_err(|_| CredentialError::Malformed)?;
     let mut parts = value.split(' ');
@@ -56,7 +58,10 @@ pub fn parse_credential(value: Option<&HeaderValue>) -> Result<PresentedCredenti
 
 /// The header value the gateway sends upstream for a service account, marked sensitive so that
 /// hyper's HPACK never indexes it and `Debug` never prints it.
-pub fn token_header(api_key: &str, api_secret: &str) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+pub fn token_header(
+    api_key: &str,
+    api_secret: &str,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     let mut value = HeaderValue::try_from(format!("token {api_key}:{api_secret}"))?;
     value.set_sensitive(true);
     Ok(value)
@@ -72,7 +77,10 @@ mod tests {
 
     #[test]
     fn three_schemes() {
-        let want = PresentedCredential { key_id: "ek_1".into(), secret: "s3cret".into() };
+        let want = PresentedCredential {
+            key_id: "ek_1".into(),
+            secret: "s3cret".into(),
+        };
         assert_eq!(parse("token ek_1:s3cret").unwrap(), want);
         assert_eq!(parse("TOKEN ek_1:s3cret").unwrap(), want);
         assert_eq!(parse("Bearer ek_1:s3cret").unwrap(), want);
@@ -82,7 +90,16 @@ mod tests {
 
     #[test]
     fn malformed() {
-        for bad in ["token", "token ek_1", "token  ek_1:x", "token a:b c", "Digest a:b", "Basic !!", "token :x", "token x:"] {
+        for bad in [
+            "token",
+            "token ek_1",
+            "token  ek_1:x",
+            "token a:b c",
+            "Digest a:b",
+            "Basic !!",
+            "token :x",
+            "token x:",
+        ] {
             assert_eq!(parse(bad), Err(CredentialError::Malformed), "{bad}");
         }
         assert_eq!(parse_credential(None), Err(CredentialError::Missing));

@@ -20,6 +20,17 @@ pub enum ApiVersion {
     V2,
 }
 
+impl ApiVersion {
+    /// The API a canonical path belongs to, if any.
+    pub fn of(path: &CanonicalPath) -> Option<Self> {
+        match path.segments() {
+            [api, v2, ..] if api == "api" && v2 == "v2" => Some(Self::V2),
+            [api, ..] if api == "api" => Some(Self::V1),
+            _ => None,
+        }
+    }
+}
+
 /// What a resource request does to documents of its doctype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
@@ -273,15 +284,60 @@ mod tests {
     fn v1_resources() {
         use Operation::*;
         let cases = [
-            (Method::GET, "/api/resource/ToDo", "", res("ToDo", None, Read)),
-            (Method::POST, "/api/resource/ToDo", "", res("ToDo", None, Create)),
-            (Method::GET, "/api/v1/resource/Sales%20Order/SO-1", "", res("Sales Order", Some("SO-1"), Read)),
-            (Method::PUT, "/api/resource/ToDo/a/b", "", res("ToDo", Some("a/b"), Update)),
-            (Method::DELETE, "/api/resource/ToDo/x", "", res("ToDo", Some("x"), Delete)),
-            (Method::POST, "/api/resource/ToDo/x", "", res("ToDo", Some("x"), DocMethod)),
-            (Method::GET, "/api/resource/ToDo/x", "run_method=submit", res("ToDo", Some("x"), DocMethod)),
-            (Method::PATCH, "/api/resource/ToDo/x", "", res("ToDo", Some("x"), Unsupported)),
-            (Method::DELETE, "/api/resource/ToDo", "", res("ToDo", None, Unsupported)),
+            (
+                Method::GET,
+                "/api/resource/ToDo",
+                "",
+                res("ToDo", None, Read),
+            ),
+            (
+                Method::POST,
+                "/api/resource/ToDo",
+                "",
+                res("ToDo", None, Create),
+            ),
+            (
+                Method::GET,
+                "/api/v1/resource/Sales%20Order/SO-1",
+                "",
+                res("Sales Order", Some("SO-1"), Read),
+            ),
+            (
+                Method::PUT,
+                "/api/resource/ToDo/a/b",
+                "",
+                res("ToDo", Some("a/b"), Update),
+            ),
+            (
+                Method::DELETE,
+                "/api/resource/ToDo/x",
+                "",
+                res("ToDo", Some("x"), Delete),
+            ),
+            (
+                Method::POST,
+                "/api/resource/ToDo/x",
+                "",
+                res("ToDo", Some("x"), DocMethod),
+            ),
+            (
+                Method::GET,
+                "/api/resource/ToDo/x",
+                "run_method=submit",
+                res("ToDo", Some("x"), DocMethod),
+            ),
+            (
+                Method::PATCH,
+                "/api/resource/ToDo/x",
+                "",
+                res("ToDo", Some("x"), Unsupported),
+            ),
+            (
+                Method::DELETE,
+                "/api/resource/ToDo",
+                "",
+                res("ToDo", None, Unsupported),
+            ),
         ];
         for (method, path, query, kind) in cases {
             let got = classify(method.clone(), path, query);
@@ -294,14 +350,46 @@ mod tests {
     fn v2_resources() {
         use Operation::*;
         let cases = [
-            (Method::GET, "/api/v2/document/ToDo", res("ToDo", None, Read)),
-            (Method::POST, "/api/v2/document/ToDo", res("ToDo", None, Create)),
-            (Method::GET, "/api/v2/document/ToDo/x/", res("ToDo", Some("x"), Read)),
-            (Method::PATCH, "/api/v2/document/ToDo/x", res("ToDo", Some("x"), Update)),
-            (Method::DELETE, "/api/v2/document/ToDo/x", res("ToDo", Some("x"), Delete)),
-            (Method::POST, "/api/v2/document/ToDo/x/method/submit", res("ToDo", Some("x"), DocMethod)),
-            (Method::GET, "/api/v2/doctype/ToDo/count", res("ToDo", None, Read)),
-            (Method::POST, "/api/v2/method/ToDo/do_thing", res("ToDo", None, DocMethod)),
+            (
+                Method::GET,
+                "/api/v2/document/ToDo",
+                res("ToDo", None, Read),
+            ),
+            (
+                Method::POST,
+                "/api/v2/document/ToDo",
+                res("ToDo", None, Create),
+            ),
+            (
+                Method::GET,
+                "/api/v2/document/ToDo/x/",
+                res("ToDo", Some("x"), Read),
+            ),
+            (
+                Method::PATCH,
+                "/api/v2/document/ToDo/x",
+                res("ToDo", Some("x"), Update),
+            ),
+            (
+                Method::DELETE,
+                "/api/v2/document/ToDo/x",
+                res("ToDo", Some("x"), Delete),
+            ),
+            (
+                Method::POST,
+                "/api/v2/document/ToDo/x/method/submit",
+                res("ToDo", Some("x"), DocMethod),
+            ),
+            (
+                Method::GET,
+                "/api/v2/doctype/ToDo/count",
+                res("ToDo", None, Read),
+            ),
+            (
+                Method::POST,
+                "/api/v2/method/ToDo/do_thing",
+                res("ToDo", None, DocMethod),
+            ),
         ];
         for (method, path, kind) in cases {
             let got = classify(method.clone(), path, "");
@@ -313,27 +401,67 @@ mod tests {
     #[test]
     fn methods_login_and_files() {
         let m = |s: &str| RequestKind::Method(MethodName::new(s));
-        assert_eq!(classify(Method::GET, "/api/method/frappe.client.get_list", "").kind, m("frappe.client.get_list"));
-        assert_eq!(classify(Method::GET, "/api/method/frappe.client.get_list/extra", "").kind, m("frappe.client.get_list"));
-        assert_eq!(classify(Method::GET, "/api/method/ping", "").kind, m("frappe.handler.ping"));
-        assert_eq!(classify(Method::GET, "/api/v2/method/ping", "").kind, m("frappe.handler.ping"));
-        assert_eq!(classify(Method::POST, "/api/method/login", "").kind, RequestKind::Login);
-        assert_eq!(classify(Method::POST, "/api/method/upload_file", "").kind, RequestKind::FileUpload);
-        assert_eq!(classify(Method::GET, "/files/a.pdf", "").kind, RequestKind::FileDownload);
-        assert_eq!(classify(Method::GET, "/private/files/a.pdf", "").kind, RequestKind::FileDownload);
-        assert_eq!(classify(Method::GET, "/app/todo", "").kind, RequestKind::Other);
-        assert_eq!(classify(Method::GET, "/api/nothing", "").kind, RequestKind::Other);
+        assert_eq!(
+            classify(Method::GET, "/api/method/frappe.client.get_list", "").kind,
+            m("frappe.client.get_list")
+        );
+        assert_eq!(
+            classify(Method::GET, "/api/method/frappe.client.get_list/extra", "").kind,
+            m("frappe.client.get_list")
+        );
+        assert_eq!(
+            classify(Method::GET, "/api/method/ping", "").kind,
+            m("frappe.handler.ping")
+        );
+        assert_eq!(
+            classify(Method::GET, "/api/v2/method/ping", "").kind,
+            m("frappe.handler.ping")
+        );
+        assert_eq!(
+            classify(Method::POST, "/api/method/login", "").kind,
+            RequestKind::Login
+        );
+        assert_eq!(
+            classify(Method::POST, "/api/method/upload_file", "").kind,
+            RequestKind::FileUpload
+        );
+        assert_eq!(
+            classify(Method::GET, "/files/a.pdf", "").kind,
+            RequestKind::FileDownload
+        );
+        assert_eq!(
+            classify(Method::GET, "/private/files/a.pdf", "").kind,
+            RequestKind::FileDownload
+        );
+        assert_eq!(
+            classify(Method::GET, "/app/todo", "").kind,
+            RequestKind::Other
+        );
+        assert_eq!(
+            classify(Method::GET, "/api/nothing", "").kind,
+            RequestKind::Other
+        );
     }
 
     #[test]
     fn cmd_off_api_is_the_request_and_on_api_is_checked_too() {
         let got = classify(Method::POST, "/", "cmd=frappe.client.insert");
-        assert_eq!(got.kind, RequestKind::Method(MethodName::new("frappe.client.insert")));
+        assert_eq!(
+            got.kind,
+            RequestKind::Method(MethodName::new("frappe.client.insert"))
+        );
         assert!(got.embedded_methods.is_empty());
 
-        let got = classify(Method::GET, "/api/resource/ToDo", "cmd=frappe.client.insert");
+        let got = classify(
+            Method::GET,
+            "/api/resource/ToDo",
+            "cmd=frappe.client.insert",
+        );
         assert_eq!(got.kind, res("ToDo", None, Operation::Read));
-        assert_eq!(got.embedded_methods, vec![MethodName::new("frappe.client.insert")]);
+        assert_eq!(
+            got.embedded_methods,
+            vec![MethodName::new("frappe.client.insert")]
+        );
 
         let got = classify(Method::GET, "/app", "cmd=login&cmd=x.y");
         assert_eq!(got.kind, RequestKind::Login);

@@ -12,7 +12,12 @@ use serde_json::{json, Map, Value};
 use super::classify::ApiVersion;
 
 /// The body of a gateway-made error in the envelope of `api` (v1 also off `/api/`).
-pub fn error_body(api: Option<ApiVersion>, exc_type: &str, message: &str, request_id: &str) -> Bytes {
+pub fn error_body(
+    api: Option<ApiVersion>,
+    exc_type: &str,
+    message: &str,
+    request_id: &str,
+) -> Bytes {
     let exception = format!("erpgate.{exc_type}: {message}");
     let server_message = json!({"message": message, "title": "Message", "indicator": "red"});
     let body = match api {
@@ -99,7 +104,8 @@ mod tests {
         assert_eq!(v["exc_type"], "PermissionError");
         let exc: Vec<String> = serde_json::from_str(v["exc"].as_str().unwrap()).unwrap();
         assert_eq!(exc, vec!["erpgate.PermissionError: not allowed"]);
-        let msgs: Vec<String> = serde_json::from_str(v["_server_messages"].as_str().unwrap()).unwrap();
+        let msgs: Vec<String> =
+            serde_json::from_str(v["_server_messages"].as_str().unwrap()).unwrap();
         let msg: Value = serde_json::from_str(&msgs[0]).unwrap();
         assert_eq!(msg["message"], "not allowed");
         assert_eq!(v["request_id"], "rid-1");
@@ -118,7 +124,10 @@ mod tests {
         let body = br#"{"exception":"frappe.exceptions.ValidationError: Status cannot be \"X\"","exc_type":"ValidationError","exc":"[\"Traceback (most recent call last):\\n  File \\\"apps/frappe/frappe/app.py\\\", line 114\\nfrappe.exceptions.ValidationError: bad\\n\"]","_server_messages":"[\"{}\"]"}"#;
         let out: Value = serde_json::from_slice(&scrub_tracebacks(body).unwrap()).unwrap();
         let exc: Vec<String> = serde_json::from_str(out["exc"].as_str().unwrap()).unwrap();
-        assert_eq!(exc, vec![r#"frappe.exceptions.ValidationError: Status cannot be "X""#]);
+        assert_eq!(
+            exc,
+            vec![r#"frappe.exceptions.ValidationError: Status cannot be "X""#]
+        );
         assert_eq!(out["_server_messages"], "[\"{}\"]");
         assert!(!out.to_string().contains("apps/frappe"));
     }
@@ -127,7 +136,10 @@ mod tests {
     fn v2_traceback_becomes_one_line() {
         let body = br#"{"errors":[{"type":"AuthenticationError","exception":"Traceback (most recent call last):\n  File \"apps/frappe/frappe/app.py\"\nfrappe.exceptions.AuthenticationError\n"}]}"#;
         let out: Value = serde_json::from_slice(&scrub_tracebacks(body).unwrap()).unwrap();
-        assert_eq!(out["errors"][0]["exception"], "frappe.exceptions.AuthenticationError");
+        assert_eq!(
+            out["errors"][0]["exception"],
+            "frappe.exceptions.AuthenticationError"
+        );
     }
 
     #[test]

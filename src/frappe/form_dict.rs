@@ -135,7 +135,10 @@ mod tests {
     #[test]
     fn content_types() {
         let f = |s: &'static str| BodyFormat::from_content_type(Some(&HeaderValue::from_static(s)));
-        assert_eq!(f("application/x-www-form-urlencoded; charset=utf-8"), BodyFormat::Form);
+        assert_eq!(
+            f("application/x-www-form-urlencoded; charset=utf-8"),
+            BodyFormat::Form
+        );
         assert_eq!(f("Application/JSON"), BodyFormat::Json);
         assert_eq!(f("application/vnd.api+json"), BodyFormat::Json);
         assert_eq!(f("multipart/form-data; boundary=x"), BodyFormat::Multipart);
@@ -145,14 +148,16 @@ mod tests {
 
     #[test]
     fn urlencoded_keys_are_decoded() {
-        let keys = FormKeys::from_urlencoded(b"c%6Dd=frappe.client.insert&cmd=a+b&sid=x&run_method=y");
+        let keys =
+            FormKeys::from_urlencoded(b"c%6Dd=frappe.client.insert&cmd=a+b&sid=x&run_method=y");
         assert_eq!(keys.cmds, vec!["frappe.client.insert", "a b"]);
         assert!(keys.sid && keys.run_method);
     }
 
     #[test]
     fn json_keys() {
-        let keys = FormKeys::from_json(br#"{"cmd":"frappe.client.insert","sid":"s","n":1}"#).unwrap();
+        let keys =
+            FormKeys::from_json(br#"{"cmd":"frappe.client.insert","sid":"s","n":1}"#).unwrap();
         assert_eq!(keys.cmds, vec!["frappe.client.insert"]);
         assert!(keys.sid);
         assert_eq!(FormKeys::from_json(b"[1,2]").unwrap(), FormKeys::default());

@@ -126,7 +126,10 @@ mod tests {
             canon("/api/resource/Sales%20Order"),
             "/api/resource/Sales%20Order"
         );
-        assert_eq!(canon("/api/resource/Sales Order"), "/api/resource/Sales%20Order");
+        assert_eq!(
+            canon("/api/resource/Sales Order"),
+            "/api/resource/Sales%20Order"
+        );
     }
 
     #[test]
@@ -173,7 +176,9 @@ mod tests {
         let prefix = CanonicalPath::parse("/staging").unwrap();
         let mut p = CanonicalPath::parse("/staging/api/resource/ToDo").unwrap();
         assert!(p.starts_with(&prefix));
-        assert!(!CanonicalPath::parse("/stagingx/api").unwrap().starts_with(&prefix));
+        assert!(!CanonicalPath::parse("/stagingx/api")
+            .unwrap()
+            .starts_with(&prefix));
         p.strip_prefix(&prefix);
         assert_eq!(p.encode(), "/api/resource/ToDo");
     }

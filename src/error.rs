@@ -1,0 +1,139 @@
+//! `GatewayError`, what every layer returns when it stops a request, and the one conversion of
+//! an error into a response, in Frappe's envelope.
+//!
+//! Layers return errors boxed; [`error_response`] finds a `GatewayError` anywhere in the chain
+//! (or recognises a body-limit error raised while streaming) and renders it. Anything else is an
+//! internal error whose detail is logged, never sent.
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::frappe::envelope::error_body;
+use crate::frappe::ApiVersion;
+use crate::{full_body, Body, BoxError};
+
+/// Why the gateway answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No, malformed, unknown or wrong gateway credential. The reason is logged, not sent.
+    #[error("invalid or missing gateway credentials")]
+    Unauthenticated(&'static str),
+    /// Too many failed authentications from this address.
+    #[error("too many failed authentication attempts; retry later")]
+    AuthThrottled { retry_after: Duration },
+    /// An access rule refused the request.
+    #[error("{0}")]
+    Forbidden(#[from] crate::frappe::Denied),
+    /// The route leads to a site the client has no service account on.
+    #[error("this client may not use site {0}")]
+    SiteNotAllowed(String),
+    /// The request itself is unusable (path, body encoding).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request body is over a configured limit.
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    /// No backend of the site accepted a connection.
+    #[error("site {site} is unreachable")]
+    UpstreamUnreachable { site: String },
+    /// The site did not answer in time.
+    #[error("site {site} did not answer within {timeout:?}")]
+    UpstreamTimeout { site: String, timeout: Duration },
+    /// The connection to the site failed after the request was sent.
+    #[error("site {site} failed to answer")]
+    BadGateway { site: String },
+}
+
+impl GatewayError {
+    fn status_and_type(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "AuthenticationError"),
+            Self::AuthThrottled { .. } => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsError"),
+            Self::Forbidden(_) | Self::SiteNotAllowed(_) => {
+                (StatusCode::FORBIDDEN, "PermissionError")
+            }
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "ValidationError"),
+            Self::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge")
+            }
+            Self::UpstreamUnreachable { .. } | Self::BadGateway { .. } => {
+                (StatusCode::BAD_GATEWAY, "BadGateway")
+            }
+            Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::AuthThrottled { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// Finds an error of type `T` in `err` or its sources.
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// The one place an error becomes a response.
+pub fn error_response(
+    err: &BoxError,
+    api: Option<ApiVersion>,
+    request_id: &str,
+    body_limit: u64,
+) -> Response<Body> {
+    let gateway_error;
+    let known = match find_cause::<GatewayError>(err.as_ref()) {
+        Some(e) => Some(e),
+        // A body over the limit is only noticed while streaming, deep inside the client.
+        None if find_cause::<http_body_util::LengthLimitError>(err.as_ref()).is_some() => {
+            gateway_error = GatewayError::PayloadTooLarge { limit: body_limit };
+            Some(&gateway_error)
+        }
+        None => None,
+    };
+    let (status, exc_type, message) = match known {
+        Some(e) => {
+            let (status, exc_type) = e.status_and_type();
+            (status, exc_type, e.to_string())
+        }
+        None => {
+            tracing::error!(error = %err, request_id, "internal error");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "internal gateway error".to_owned(),
+            )
+        }
+    };
+    let mut response = Response::new(full_body(error_body(api, exc_type, &message, request_id)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(after) = known.and_then(GatewayError::retry_after) {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(after.as_secs().max(1)),
+        );
+    }
+    response.extensions_mut().insert(ErrorKind(exc_type));
+    response
+}
+
+/// Marks a response the gateway made from an error, for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub &'static str);

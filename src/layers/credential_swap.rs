@@ -1,0 +1,158 @@
+//! The credential swap and header hygiene, both ways.
+//!
+//! Upstream-bound: hop-by-hop headers, the client's `Cookie`, `Frappe-Authorization-Source`,
+//! `X-Use-X-Accel-Redirect` and any `X-Frappe-Site-Name` go; the site's service-account
+//! `Authorization: token key:secret`, `X-Frappe-Site-Name`, `Host`, `X-Forwarded-For` (the peer,
+//! appended to the incoming list only when the peer is a trusted proxy) and `X-Forwarded-Proto`
+//! are set. Client-bound: `Set-Cookie` (Frappe sets Guest cookies on every answer) and hop-by-hop
+//! headers go, and unless the site sets `expose_tracebacks`, Python tracebacks in JSON error
+//! bodies are cut to one line.
+//!
+//! Innermost before the client, so no layer above ever holds an ERPNext secret.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::task::{Context, Poll};
+
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use tower::{Layer, Service};
+
+use crate::error::GatewayError;
+use crate::forwarding::{PeerAddr, TrustedProxies};
+use crate::frappe::envelope::scrub_tracebacks;
+use crate::frappe::headers::{
+    remove_client_identity, remove_hop_by_hop, X_FORWARDED_FOR, X_FORWARDED_PROTO,
+    X_FRAPPE_SITE_NAME,
+};
+use crate::layers::route::RouteTarget;
+use crate::layers::BoxResponseFuture;
+use crate::{full_body, Body, BoxError};
+
+/// Largest upstream error body read to remove tracebacks; Frappe's are a few KiB.
+const MAX_ERROR_BODY: usize = 1 << 20;
+
+/// Swaps credentials and cleans headers.
+#[derive(Debug, Clone)]
+pub struct CredentialSwapLayer {
+    trusted: TrustedProxies,
+}
+
+impl CredentialSwapLayer {
+    /// Believes `X-Forwarded-*` only from `trusted` peers.
+    pub fn new(trusted: TrustedProxies) -> Self {
+        Self { trusted }
+    }
+}
+
+impl<S> Layer<S> for CredentialSwapLayer {
+    type Service = CredentialSwap<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CredentialSwap {
+            inner,
+            trusted: self.trusted.clone(),
+        }
+    }
+}
+
+/// The service of [`CredentialSwapLayer`].
+#[derive(Debug, Clone)]
+pub struct CredentialSwap<S> {
+    inner: S,
+    trusted: TrustedProxies,
+}
+
+impl<S> CredentialSwap<S> {
+    fn sign(&self, request: &mut Request<Body>, target: &RouteTarget) {
+        let peer = request
+            .extensions()
+            .get::<PeerAddr>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+        let from_proxy = self.trusted.contains(peer);
+        let headers = request.headers_mut();
+        remove_hop_by_hop(headers);
+        remove_client_identity(headers);
+        headers.insert(header::AUTHORIZATION, target.account.authorization.clone());
+        headers.insert(X_FRAPPE_SITE_NAME.clone(), target.site.site_name.clone());
+        headers.insert(header::HOST, target.site.host.clone());
+
+        let incoming: Vec<&str> = if from_proxy {
+            headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let peer = peer.to_string();
+        let forwarded_for = if incoming.is_empty() {
+            peer
+        } else {
+            format!("{}, {peer}", incoming.join(", "))
+        };
+        if let Ok(value) = HeaderValue::try_from(forwarded_for) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+        if !(from_proxy && headers.contains_key(&X_FORWARDED_PROTO)) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+    }
+}
+
+/// Cleans an upstream response for the client.
+async fn clean_response(
+    mut response: Response<Body>,
+    expose_tracebacks: bool,
+) -> Result<Response<Body>, BoxError> {
+    let headers = response.headers_mut();
+    headers.remove(header::SET_COOKIE);
+    remove_hop_by_hop(headers);
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    let status = response.status();
+    if expose_tracebacks || !is_json || !(status.is_client_error() || status.is_server_error()) {
+        return Ok(response);
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = match Limited::new(body, MAX_ERROR_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream error body unreadable or too large to clean");
+            return Err(GatewayError::BadGateway {
+                site: "upstream".into(),
+            }
+            .into());
+        }
+    };
+    let bytes = scrub_tracebacks(&bytes).unwrap_or(bytes);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(Response::from_parts(parts, full_body(bytes)))
+}
+
+impl<S> Service<Request<Body>> for CredentialSwap<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let Some(target) = request.extensions().get::<RouteTarget>().cloned() else {
+            return Box::pin(async { Err("request reached the credential swap unrouted".into()) });
+        };
+        self.sign(&mut request, &target);
+        let expose = target.site.expose_tracebacks;
+        let future: BoxResponseFuture = Box::pin(self.inner.call(request));
+        Box::pin(async move { clean_response(future.await?, expose).await })
+    }
+}

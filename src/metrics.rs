@@ -1,0 +1,93 @@
+//! The Prometheus registry and every metric erpgate exports. Label values come only from
+//! configuration (site and client names) and fixed sets (request kind, status code), never from
+//! request text, so cardinality is bounded by the config.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds, from a cached answer to a slow report.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// All metric handles.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `erpgate_requests_total{site,client,kind,code}`
+    pub requests: IntCounterVec,
+    /// `erpgate_request_duration_seconds{site,kind}`: to the response head.
+    pub request_duration: HistogramVec,
+    /// `erpgate_upstream_duration_seconds{site}`: one upstream exchange, to the response head.
+    pub upstream_duration: HistogramVec,
+    /// `erpgate_inflight_requests`
+    pub inflight: IntGauge,
+    /// `erpgate_auth_failures_total{reason}`
+    pub auth_failures: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric, plus process metrics where the platform has them.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "erpgate_requests_total",
+                "Requests answered, by site, client, kind and status code.",
+            ),
+            &["site", "client", "kind", "code"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "erpgate_request_duration_seconds",
+                "Time from request to response head.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["site", "kind"],
+        )?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "erpgate_upstream_duration_seconds",
+                "Time of one upstream exchange to its response head.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["site"],
+        )?;
+        let inflight = IntGauge::new("erpgate_inflight_requests", "Requests being handled.")?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "erpgate_auth_failures_total",
+                "Failed gateway authentications, by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            inflight,
+            auth_failures,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a failure would be a bad metric family.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}

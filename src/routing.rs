@@ -1,0 +1,139 @@
+//! Sites and routes: which Frappe site a request goes to, and as which service account.
+//!
+//! Routes are tried in order (host, path prefix, or both; first match wins); a request no route
+//! matches goes to its client's own site. Routing works on the canonical path, so a prefix is
+//! matched on whole, decoded segments and stripping it leaves exactly what Frappe will see.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use crate::frappe::CanonicalPath;
+use crate::upstream::Upstream;
+
+/// An ERPNext user the gateway signs requests as, on one site.
+#[derive(Clone)]
+pub struct ServiceAccount {
+    /// The account's configured name (in logs, never the key).
+    pub name: Arc<str>,
+    /// `token api_key:api_secret`, marked sensitive.
+    pub authorization: HeaderValue,
+}
+
+impl std::fmt::Debug for ServiceAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceAccount")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One Frappe site and how to reach it.
+#[derive(Debug)]
+pub struct Site {
+    /// The configured name (in logs and metrics).
+    pub name: Arc<str>,
+    /// Sent as `X-Frappe-Site-Name`, always overwriting the client's.
+    pub site_name: HeaderValue,
+    /// Sent as `Host`.
+    pub host: HeaderValue,
+    /// Service accounts by configured name.
+    pub accounts: HashMap<String, ServiceAccount>,
+    /// Pass Python tracebacks through to clients.
+    pub expose_tracebacks: bool,
+    /// The pooled client and backends.
+    pub upstream: Upstream,
+}
+
+/// One route.
+#[derive(Debug)]
+pub struct Route {
+    /// Lower-cased host without port.
+    pub host: Option<String>,
+    /// Canonical path prefix.
+    pub path_prefix: Option<CanonicalPath>,
+    /// Remove the prefix before forwarding.
+    pub strip_prefix: bool,
+    /// Where matching requests go.
+    pub site: Arc<Site>,
+}
+
+/// All sites and routes.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    sites: HashMap<String, Arc<Site>>,
+}
+
+impl Router {
+    /// A router over `sites` with `routes` in order.
+    pub fn new(sites: HashMap<String, Arc<Site>>, routes: Vec<Route>) -> Self {
+        Self { routes, sites }
+    }
+
+    /// A site by configured name.
+    pub fn site(&self, name: &str) -> Option<&Arc<Site>> {
+        self.sites.get(name)
+    }
+
+    /// All sites.
+    pub fn sites(&self) -> impl Iterator<Item = &Arc<Site>> {
+        self.sites.values()
+    }
+
+    /// Picks the site for a request, stripping a matched prefix from `path` when the route says
+    /// so. `host` is the request's host (port allowed); `default_site` the client's own.
+    pub fn route(
+        &self,
+        host: Option<&str>,
+        path: &mut CanonicalPath,
+        default_site: &str,
+    ) -> Option<Arc<Site>> {
+        let host = host.map(strip_port);
+        let matched = self.routes.iter().find(|route| {
+            let host_ok = match (&route.host, host) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                (Some(_), None) => false,
+            };
+            let path_ok = route
+                .path_prefix
+                .as_ref()
+                .is_none_or(|p| path.starts_with(p));
+            host_ok && path_ok
+        });
+        match matched {
+            Some(route) => {
+                if let (true, Some(prefix)) = (route.strip_prefix, &route.path_prefix) {
+                    path.strip_prefix(prefix);
+                }
+                Some(route.site.clone())
+            }
+            None => self.sites.get(default_site).cloned(),
+        }
+    }
+}
+
+/// `host:port` → `host`, also for `[v6]:port`.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("erp.example.com:8080"), "erp.example.com");
+        assert_eq!(strip_port("erp.example.com"), "erp.example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}
