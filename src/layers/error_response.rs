@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::error::error_response;
+use crate::frappe::{ApiVersion, CanonicalPath};
 use crate::layers::request_id::X_REQUEST_ID;
 use crate::tags::RequestTags;
 use crate::{Body, BoxError};
@@ -63,9 +64,12 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let tags = RequestTags::of(&request).cloned();
         let request_id = request.headers().get(&X_REQUEST_ID).cloned();
+        // Cheap (a reference count): needed only if the request fails before routing.
+        let uri = request.uri().clone();
         ErrorResponseFuture {
             future: self.inner.call(request),
             tags,
+            uri,
             request_id,
             body_limit: self.body_limit,
         }
@@ -78,6 +82,7 @@ pin_project! {
         #[pin]
         future: F,
         tags: Option<Arc<RequestTags>>,
+        uri: http::Uri,
         request_id: Option<http::HeaderValue>,
         body_limit: u64,
     }
@@ -94,10 +99,13 @@ where
         match std::task::ready!(this.future.poll(cx)) {
             Ok(response) => Poll::Ready(Ok(response)),
             Err(err) => {
-                let api = this
-                    .tags
-                    .as_ref()
-                    .and_then(|t| t.api.get().copied().flatten());
+                // Routing records the API of the canonical path; before routing, read the raw one.
+                let api = match this.tags.as_ref().and_then(|t| t.api.get().copied()) {
+                    Some(api) => api,
+                    None => CanonicalPath::parse(this.uri.path())
+                        .ok()
+                        .and_then(|p| ApiVersion::of(&p)),
+                };
                 let id = this
                     .request_id
                     .as_ref()

@@ -1,0 +1,738 @@
+//! The core request path over real sockets: credential swap, header hygiene, envelopes,
+//! routing, streaming, limits, upstream failures, request ids, HTTP/2 and metrics.
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use sha2::{Digest, Sha256};
+use support::*;
+
+fn exc_of(reply: &Reply) -> Vec<String> {
+    let v = reply.json();
+    serde_json::from_str(v["exc"].as_str().expect("exc is a string"))
+        .expect("exc holds a JSON list")
+}
+
+#[tokio::test]
+async fn upstream_sees_the_service_token_and_never_the_clients() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+
+    let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["message"], "sync@example.com");
+    // Frappe's Guest cookies never reach the client.
+    assert!(reply.headers.get("set-cookie").is_none());
+
+    let seen = up.received();
+    assert_eq!(seen.len(), 1);
+    let headers = &seen[0].headers;
+    assert_eq!(
+        headers["authorization"],
+        format!("token {SYNC_KEY}:{SYNC_SECRET}").as_str()
+    );
+    assert_eq!(headers["x-frappe-site-name"], SITE);
+    assert_eq!(headers["host"], SITE);
+    for value in headers.values() {
+        assert!(
+            !value.to_str().unwrap_or_default().contains(FULL.1),
+            "client secret leaked upstream"
+        );
+    }
+    // And no ERPNext secret reaches the client.
+    assert!(!reply.text().contains(SYNC_SECRET));
+    assert!(reply
+        .headers
+        .values()
+        .all(|v| !v.to_str().unwrap_or_default().contains(SYNC_SECRET)));
+}
+
+#[tokio::test]
+async fn basic_and_bearer_credentials_work_like_token() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", FULL.0, FULL.1))
+    );
+    let bearer = format!("Bearer {}:{}", FULL.0, FULL.1);
+    for auth in [basic, bearer] {
+        let reply = send(
+            Method::GET,
+            &gw.url("/api/method/frappe.auth.get_logged_user"),
+            &[("authorization", &auth)],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{auth}");
+        assert_eq!(reply.json()["message"], "sync@example.com");
+    }
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn bad_credentials_get_401_in_the_frappe_envelope_and_reach_nothing() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let wrong = format!("token {}:nope", FULL.0);
+    let unknown = "token ek_nobody:whatever".to_owned();
+    let cases: [&[(&str, &str)]; 4] = [
+        &[],
+        &[("authorization", &wrong)],
+        &[("authorization", &unknown)],
+        &[("authorization", "token")],
+    ];
+    for headers in cases {
+        let reply = send(
+            Method::GET,
+            &gw.url("/api/resource/ToDo"),
+            headers,
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert_eq!(reply.json()["exc_type"], "AuthenticationError");
+        assert_eq!(
+            exc_of(&reply).len(),
+            1,
+            "exc must be a non-empty one-line list"
+        );
+        assert!(reply.json()["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()));
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+    }
+    // The v2 API gets the v2 envelope.
+    let reply = send(
+        Method::GET,
+        &gw.url("/api/v2/document/ToDo"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        reply.json()["errors"][0]["type"],
+        "AuthenticationError",
+        "{}",
+        reply.text()
+    );
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn a_key_removed_from_the_config_gets_401() {
+    let up = upstream().await;
+    let config = base_config(&up);
+    let gw = Gateway::start(&config).await;
+    assert_eq!(
+        get(&gw.url("/api/resource/ToDo"), TODO_READER).await.status,
+        StatusCode::OK
+    );
+
+    let start = config.find("  todo-reader:").unwrap();
+    let without_reader = &config[..start];
+    let gw = Gateway::start(without_reader).await;
+    let reply = get(&gw.url("/api/resource/ToDo"), TODO_READER).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(&gw.url("/api/resource/ToDo"), FULL).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn failed_attempts_are_rate_limited_per_source_ip() {
+    let up = upstream().await;
+    let config = base_config(&up).replace(
+        "limits:",
+        "auth_failures: { per_minute: 1, burst: 3 }\nlimits:",
+    );
+    let gw = Gateway::start(&config).await;
+    let url = gw.url("/api/resource/ToDo");
+    let wrong = format!("token {}:guess", FULL.0);
+    for _ in 0..3 {
+        let reply = send(
+            Method::GET,
+            &url,
+            &[("authorization", &wrong)],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let reply = send(
+        Method::GET,
+        &url,
+        &[("authorization", &wrong)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.json()["exc_type"], "TooManyRequestsError");
+    let retry_after: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    // While throttled even the right secret is not checked: a guesser learns nothing.
+    assert_eq!(get(&url, FULL).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(up.count(), 0);
+
+    // Another source address is not affected.
+    let reply = send_from("127.0.0.2", &url, &token(FULL)).await;
+    assert_eq!(reply, StatusCode::OK);
+    assert_eq!(up.count(), 1);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "erpgate_auth_failures_total",
+            &[("reason", "wrong_secret")]
+        ),
+        4.0
+    );
+}
+
+/// A GET from a chosen loopback source address.
+async fn send_from(source: &str, url: &str, auth: &str) -> StatusCode {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(source.parse().unwrap()));
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let request = http::Request::get(url)
+        .header("authorization", auth)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    client.request(request).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn client_identity_headers_and_sessions_never_reach_frappe() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let auth = token(FULL);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("cookie", "sid=stolen-session; system_user=yes"),
+        ("frappe-authorization-source", "User"),
+        ("x-use-x-accel-redirect", "1"),
+        ("x-frappe-site-name", "other.localhost"),
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    let reply = send(
+        Method::POST,
+        &gw.url("/api/method/test.echo?sid=stolen&x=1"),
+        &headers,
+        "a=1&sid=stolen2&b=2",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let seen = &up.received()[0];
+    for gone in [
+        "cookie",
+        "frappe-authorization-source",
+        "x-use-x-accel-redirect",
+        "x-hop",
+    ] {
+        assert!(
+            seen.headers.get(gone).is_none(),
+            "{gone} reached the upstream"
+        );
+    }
+    assert_eq!(seen.headers["x-frappe-site-name"], SITE);
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.path_and_query, "/api/method/test.echo?x=1");
+    assert_eq!(seen.body.as_deref(), Some(&b"a=1&b=2"[..]));
+
+    // A JSON body loses its `sid` key and nothing else.
+    up.clear();
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/method/test.echo"),
+        FULL,
+        r#"{"sid":"x","a":1.50}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        up.received()[0].body.as_deref(),
+        Some(&br#"{"a":1.50}"#[..])
+    );
+}
+
+#[tokio::test]
+async fn forwarded_for_is_appended_only_behind_a_trusted_proxy() {
+    let up = upstream().await;
+    let config = base_config(&up).replace("limits:", "trusted_proxies: [127.0.0.1]\nlimits:");
+    let gw = Gateway::start(&config).await;
+    let auth = token(FULL);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("x-forwarded-for", "203.0.113.5"),
+        ("x-forwarded-proto", "https"),
+    ];
+    send(
+        Method::GET,
+        &gw.url("/api/method/frappe.auth.get_logged_user"),
+        &headers,
+        Bytes::new(),
+    )
+    .await;
+    let seen = &up.received()[0];
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.5, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn tracebacks_are_cut_to_one_line_unless_the_site_exposes_them() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let reply = get(&gw.url("/api/method/test.traceback"), FULL).await;
+    assert_eq!(reply.status, StatusCode::EXPECTATION_FAILED);
+    assert_eq!(reply.json()["exc_type"], "ValidationError");
+    let exc = exc_of(&reply);
+    assert_eq!(
+        exc,
+        vec![r#"frappe.exceptions.ValidationError: Status cannot be "BogusStatus""#]
+    );
+    assert!(!reply.text().contains("Traceback") && !reply.text().contains("apps/frappe"));
+    assert!(reply.json()["_server_messages"]
+        .as_str()
+        .unwrap()
+        .contains("BogusStatus"));
+
+    let exposed = base_config(&up).replace(
+        "    timeouts:",
+        "    expose_tracebacks: true\n    timeouts:",
+    );
+    let gw = Gateway::start(&exposed).await;
+    let reply = get(&gw.url("/api/method/test.traceback"), FULL).await;
+    assert!(reply.text().contains("Traceback (most recent call last)"));
+}
+
+async fn two_site_config() -> (FrappeUpstream, FrappeUpstream, String) {
+    let erp = upstream().await;
+    let staging = FrappeUpstream::start(
+        "staging.localhost",
+        &[("stg-key", "stg-secret", "stg@example.com")],
+    )
+    .await;
+    let config = base_config(&erp)
+        .replace(
+            "clients:",
+            &format!(
+                "  staging:\n    backends: [{}]\n    site_name: staging.localhost\n    service_accounts:\n      sync: {{ api_key: stg-key, api_secret: stg-secret }}\nroutes:\n  - {{ host: staging.gw.example.com, site: staging }}\n  - {{ path_prefix: /staging, strip_prefix: true, site: staging }}\nclients:",
+                staging.url()
+            ),
+        )
+        .replace("    service_account: sync\n", "    service_account: sync\n    extra_sites: { staging: sync }\n");
+    (erp, staging, config)
+}
+
+#[tokio::test]
+async fn routes_by_host_and_by_prefix_with_strip() {
+    let (erp, staging, config) = two_site_config().await;
+    let gw = Gateway::start(&config).await;
+    let auth = token(FULL);
+
+    // By Host header (port ignored, case-insensitive).
+    let reply = send(
+        Method::GET,
+        &gw.url("/api/method/frappe.auth.get_logged_user"),
+        &[
+            ("authorization", &auth),
+            ("host", "Staging.GW.example.com:8080"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.json()["message"], "stg@example.com");
+    // By prefix, stripped on whole decoded segments.
+    let reply = get(
+        &gw.url("/%73taging/api/method/frappe.auth.get_logged_user"),
+        FULL,
+    )
+    .await;
+    assert_eq!(reply.json()["message"], "stg@example.com");
+    let seen = staging.received();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].path_and_query,
+        "/api/method/frappe.auth.get_logged_user"
+    );
+    assert!(seen
+        .iter()
+        .all(|r| r.headers["authorization"] == "token stg-key:stg-secret"));
+    assert!(seen
+        .iter()
+        .all(|r| r.headers["x-frappe-site-name"] == "staging.localhost"));
+
+    // Unmatched: the client's own site.
+    let reply = get(
+        &gw.url("/stagingx/api/method/frappe.auth.get_logged_user"),
+        FULL,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND); // erp has no such path; it got there
+    assert_eq!(erp.count(), 1);
+
+    // A client without an account on the routed site is refused, and nothing is sent.
+    let reply = get(&gw.url("/staging/api/resource/ToDo"), TODO_READER).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.json()["exc_type"], "PermissionError");
+    assert_eq!(staging.count(), 2);
+}
+
+#[tokio::test]
+async fn a_50_mb_upload_streams_through_intact() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 50;
+    let chunk = |i: usize| Bytes::from(vec![(i % 251) as u8; CHUNK]);
+    let mut expected = Sha256::new();
+    for i in 0..CHUNKS {
+        expected.update(chunk(i));
+    }
+    let expected = hex::encode(expected.finalize());
+
+    // After 5 MiB the client waits until the upstream has received data. A gateway that held
+    // the body whole would never forward anything before the end, and this would time out.
+    let progress = up.clone();
+    let stream = futures_util::stream::unfold(0usize, move |i| {
+        let progress = progress.clone();
+        async move {
+            if i == CHUNKS {
+                return None;
+            }
+            if i == 5 {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                while progress.body_progress() == 0 {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "upstream got nothing before the body ended"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            Some((Ok::<_, Infallible>(http_body::Frame::data(chunk(i))), i + 1))
+        }
+    });
+    let auth = token(FULL);
+    let reply = send_body(
+        Method::POST,
+        &gw.url("/api/method/upload_file"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/octet-stream"),
+        ],
+        StreamBody::new(stream).boxed(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"]["size"], CHUNK * CHUNKS);
+    let seen = &up.received()[0];
+    assert_eq!(seen.body_len, CHUNK * CHUNKS);
+    assert_eq!(seen.body_sha256, expected);
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_and_reach_nothing() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let auth = token(FULL);
+    // Declared too large: refused before reading.
+    let too_big = (65u64 << 20).to_string();
+    let reply = send(
+        Method::POST,
+        &gw.url("/api/method/upload_file"),
+        &[
+            ("authorization", &auth),
+            ("content-length", &too_big),
+            ("content-type", "application/octet-stream"),
+        ],
+        vec![0u8; (65 << 20) as usize],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.json()["exc_type"], "RequestEntityTooLarge");
+
+    // Chunked, no length: cut off at the limit while streaming.
+    let stream = futures_util::stream::iter(
+        (0..65)
+            .map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![1u8; 1 << 20])))),
+    );
+    let reply = send_body(
+        Method::POST,
+        &gw.url("/api/method/upload_file"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/octet-stream"),
+        ],
+        StreamBody::new(stream).boxed(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A JSON body the gateway must read is bounded more tightly.
+    let big_json = format!(r#"{{"description":"{}"}}"#, "x".repeat(2 << 20));
+    let reply = send_json(Method::POST, &gw.url("/api/resource/ToDo"), FULL, &big_json).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        up.received().iter().filter(|r| r.body_len > 0).count(),
+        0,
+        "no oversized body completed upstream"
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        FULL,
+        "{not json",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json()["exc_type"], "ValidationError");
+    let reply = get(&gw.url("/api/resource/ToDo/%FF"), FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502_and_a_silent_one_504() {
+    let up = upstream().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = base_config(&up).replace(&up.url(), &format!("http://{dead}"));
+    let gw = Gateway::start(&config).await;
+    let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["exc_type"], "BadGateway");
+    assert_eq!(exc_of(&reply).len(), 1);
+
+    let config = base_config(&up).replace("request: 3s", "request: 300ms");
+    let gw = Gateway::start(&config).await;
+    up.set_behaviour(Behaviour::Stall);
+    let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["exc_type"], "UpstreamTimeout");
+
+    up.set_behaviour(Behaviour::Drop);
+    let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    // The v2 API gets the v2 envelope for gateway errors too.
+    let reply = get(&gw.url("/api/v2/document/ToDo"), FULL).await;
+    assert_eq!(reply.json()["errors"][0]["type"], "BadGateway");
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn round_robin_skips_a_backend_that_refuses_connections() {
+    let up = upstream().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = base_config(&up).replace(
+        &format!("[{}]", up.url()),
+        &format!("[http://{dead}, {}]", up.url()),
+    );
+    let gw = Gateway::start(&config).await;
+    for _ in 0..6 {
+        assert_eq!(
+            get(&gw.url("/api/resource/ToDo"), FULL).await.status,
+            StatusCode::OK
+        );
+    }
+    // A buffered POST body is replayable too: a refused connection proves it was never sent.
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        FULL,
+        r#"{"description":"x"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(up.count(), 7);
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_when_sane_and_made_otherwise() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let auth = token(FULL);
+    let url = gw.url("/api/method/frappe.auth.get_logged_user");
+    let reply = send(
+        Method::GET,
+        &url,
+        &[("authorization", &auth), ("x-request-id", "abc-123.x")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.header("x-request-id"), Some("abc-123.x"));
+    assert_eq!(up.received()[0].headers["x-request-id"], "abc-123.x");
+
+    let reply = send(
+        Method::GET,
+        &url,
+        &[("authorization", &auth), ("x-request-id", "bad id\"")],
+        Bytes::new(),
+    )
+    .await;
+    let made = reply.header("x-request-id").unwrap();
+    assert_eq!(made.len(), 32);
+    assert!(made.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(up.received()[1].headers["x-request-id"], made);
+
+    // Errors carry it in the body too.
+    let reply = send(
+        Method::GET,
+        &url,
+        &[("x-request-id", "rid-401")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.json()["request_id"], "rid-401");
+    assert_eq!(reply.header("x-request-id"), Some("rid-401"));
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_works() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let request = http::Request::get(gw.url("/api/method/frappe.auth.get_logged_user"))
+        .header("authorization", token(FULL))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["message"],
+        "sync@example.com"
+    );
+    // HTTP/2 carries the host as :authority; upstream still gets the site's Host.
+    assert_eq!(up.received()[0].headers["host"], SITE);
+}
+
+#[tokio::test]
+async fn metrics_count_what_was_sent_and_health_endpoints_answer() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    for _ in 0..3 {
+        get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    }
+    get(&gw.url("/api/resource/ToDo"), TODO_READER).await;
+    send(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        &[("authorization", &token(TODO_READER))],
+        Bytes::new(),
+    )
+    .await;
+    send(
+        Method::GET,
+        &gw.url("/api/resource/ToDo"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+
+    let m = gw.metrics().await;
+    let count = |labels: &[(&str, &str)]| metric_value(&m, "erpgate_requests_total", labels);
+    assert_eq!(
+        count(&[
+            ("site", "erp"),
+            ("client", "full"),
+            ("kind", "method"),
+            ("code", "200")
+        ]),
+        3.0
+    );
+    assert_eq!(
+        count(&[
+            ("client", "todo-reader"),
+            ("kind", "resource_read"),
+            ("code", "200")
+        ]),
+        1.0
+    );
+    assert_eq!(
+        count(&[
+            ("client", "todo-reader"),
+            ("kind", "resource_write"),
+            ("code", "403")
+        ]),
+        1.0
+    );
+    assert_eq!(count(&[("client", "none"), ("code", "401")]), 1.0);
+    assert_eq!(metric_value(&m, "erpgate_inflight_requests", &[]), 0.0);
+    assert_eq!(
+        metric_value(
+            &m,
+            "erpgate_upstream_duration_seconds_count",
+            &[("site", "erp")]
+        ),
+        4.0
+    );
+    assert!(
+        metric_value(
+            &m,
+            "erpgate_request_duration_seconds_count",
+            &[("site", "erp")]
+        ) >= 5.0
+    );
+    assert!(m.contains("process_resident_memory_bytes"));
+    // No label value comes from request text.
+    assert!(!m.contains("ToDo") && !m.contains("get_logged_user"));
+
+    let health = send(
+        Method::GET,
+        &format!("{}/healthz", gw.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(health.status, StatusCode::OK);
+    let ready = send(
+        Method::GET,
+        &format!("{}/readyz", gw.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(ready.status, StatusCode::OK);
+    gw.running.begin_shutdown();
+    let ready = send(
+        Method::GET,
+        &format!("{}/readyz", gw.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -1,0 +1,417 @@
+//! A Frappe-compatible upstream on 127.0.0.1:0, modelled on real Frappe 15 responses: it checks
+//! the site header and the `token key:secret` it receives, answers in Frappe's v1/v2 envelopes
+//! and status codes (tracebacks and Guest cookies included), records every request it gets, and
+//! can be told to fail, stall or drop connections.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+/// What the upstream does with the next requests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Behaviour {
+    /// Answer like Frappe.
+    Normal,
+    /// Answer every request with this status and a Frappe-style error.
+    Fail(u16),
+    /// Read the request, then close the connection without answering.
+    Drop,
+    /// Never answer (until the connection is closed).
+    Stall,
+}
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    /// Path and query as they arrived on the wire.
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+    pub body_sha256: String,
+    /// The body, when it is under 64 KiB.
+    pub body: Option<Bytes>,
+}
+
+struct State {
+    site_name: String,
+    /// api_key -> (api_secret, user)
+    tokens: BTreeMap<String, (String, String)>,
+    behaviour: Mutex<Behaviour>,
+    received: Mutex<Vec<Received>>,
+    todos: Mutex<BTreeMap<String, Value>>,
+    next_name: AtomicU64,
+    /// Request body bytes received so far, over all requests (counted as they stream in).
+    body_progress: AtomicU64,
+}
+
+/// A running test upstream.
+#[derive(Clone)]
+pub struct FrappeUpstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+const GUEST_COOKIES: [&str; 5] = [
+    "sid=Guest; Expires=Wed, 02 Dec 2026 12:44:15 GMT; Max-Age=612000; HttpOnly; Path=/; SameSite=Lax",
+    "system_user=no; Path=/; SameSite=Lax",
+    "full_name=Guest; Path=/; SameSite=Lax",
+    "user_id=Guest; Path=/; SameSite=Lax",
+    "user_image=; Path=/; SameSite=Lax",
+];
+
+impl FrappeUpstream {
+    /// Starts an upstream for `site_name` accepting `(api_key, api_secret, user)` tokens.
+    pub async fn start(site_name: &str, tokens: &[(&str, &str, &str)]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            site_name: site_name.to_owned(),
+            tokens: tokens
+                .iter()
+                .map(|(k, s, u)| (k.to_string(), (s.to_string(), u.to_string())))
+                .collect(),
+            behaviour: Mutex::new(Behaviour::Normal),
+            received: Mutex::new(Vec::new()),
+            todos: Mutex::new(BTreeMap::new()),
+            next_name: AtomicU64::new(1),
+            body_progress: AtomicU64::new(0),
+        });
+        let upstream = Self { addr, state };
+        let server = upstream.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { server.handle(req).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        upstream
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes what the upstream does.
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.state.behaviour.lock().unwrap() = behaviour;
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// How many requests were received.
+    pub fn count(&self) -> usize {
+        self.state.received.lock().unwrap().len()
+    }
+
+    /// Request body bytes received so far, counted while they stream in.
+    pub fn body_progress(&self) -> u64 {
+        self.state.body_progress.load(Ordering::SeqCst)
+    }
+
+    /// Forgets what was received.
+    pub fn clear(&self) {
+        self.state.received.lock().unwrap().clear();
+    }
+
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+        let (parts, mut body) = request.into_parts();
+        // Stream the body so a 50 MB upload is hashed, not held.
+        let mut hasher = Sha256::new();
+        let mut len = 0usize;
+        let mut kept = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(std::io::Error::other("request body broke"));
+            };
+            if let Some(data) = frame.data_ref() {
+                hasher.update(data);
+                len += data.len();
+                self.state
+                    .body_progress
+                    .fetch_add(data.len() as u64, Ordering::SeqCst);
+                if kept.len() < 65536 {
+                    kept.extend_from_slice(data);
+                }
+            }
+        }
+        let body_bytes = Bytes::from(kept);
+        let received = Received {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            headers: parts.headers.clone(),
+            body_len: len,
+            body_sha256: hex::encode(hasher.finalize()),
+            body: (len < 65536).then(|| body_bytes.clone()),
+        };
+        self.state.received.lock().unwrap().push(received);
+
+        let behaviour = self.state.behaviour.lock().unwrap().clone();
+        match behaviour {
+            Behaviour::Normal => {}
+            Behaviour::Fail(code) => {
+                let status = StatusCode::from_u16(code).unwrap();
+                return Ok(frappe_error(status, "ServerError", "injected failure"));
+            }
+            Behaviour::Drop => return Err(std::io::Error::other("dropping the connection")),
+            Behaviour::Stall => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }
+        Ok(self
+            .answer(&parts.method, &parts.uri, &parts.headers, &body_bytes, len)
+            .await)
+    }
+
+    async fn answer(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        body: &Bytes,
+        len: usize,
+    ) -> Response<Full<Bytes>> {
+        // Site selection as Frappe does it: X-Frappe-Site-Name, else Host without port.
+        let site = headers
+            .get("x-frappe-site-name")
+            .or_else(|| headers.get("host"))
+            .and_then(|v| v.to_str().ok())
+            .map(|h| h.split(':').next().unwrap_or(h).to_owned())
+            .unwrap_or_default();
+        if site != self.state.site_name {
+            let html = format!("<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n<h1>Not Found</h1>\n<p>{site} does not exist</p>\n");
+            let mut r = Response::new(Full::new(Bytes::from(html)));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r.headers_mut()
+                .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
+            return r;
+        }
+        let path = uri.path();
+        let query: BTreeMap<String, String> =
+            form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect();
+        if path == "/api/method/ping" || path == "/api/v2/method/ping" {
+            return ok(if path.contains("/v2/") {
+                json!({"data": "pong"})
+            } else {
+                json!({"message": "pong"})
+            });
+        }
+        let user = match self.user(headers) {
+            Ok(user) => user,
+            Err(()) => return auth_failure(path.starts_with("/api/v2/")),
+        };
+        if path == "/api/method/test.slow" {
+            let ms: u64 = query.get("ms").and_then(|m| m.parse().ok()).unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return ok(json!({"message": "slow done"}));
+        }
+        if path == "/api/method/frappe.auth.get_logged_user" {
+            return ok(json!({"message": user}));
+        }
+        if path == "/api/method/upload_file" {
+            return ok(json!({"message": {"size": len, "user": user}}));
+        }
+        if path == "/api/method/test.echo" {
+            return ok(json!({"message": {"query": query, "body": String::from_utf8_lossy(body)}}));
+        }
+        if path == "/api/method/test.traceback" {
+            return frappe_error(
+                StatusCode::EXPECTATION_FAILED,
+                "ValidationError",
+                "Status cannot be \"BogusStatus\"",
+            );
+        }
+        if let Some(rest) = path.strip_prefix("/api/resource/ToDo") {
+            return self.todo(method, rest.trim_start_matches('/'), body, &user, false);
+        }
+        if let Some(rest) = path.strip_prefix("/api/v2/document/ToDo") {
+            return self.todo(method, rest.trim_start_matches('/'), body, &user, true);
+        }
+        if let Some(name) = path.strip_prefix("/api/method/") {
+            return frappe_error(
+                StatusCode::EXPECTATION_FAILED,
+                "ValidationError",
+                &format!("Failed to get method for command {name} with No module named '{name}'"),
+            );
+        }
+        let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r
+    }
+
+    /// Frappe's `validate_auth`: exactly two space-separated parts, token or Basic.
+    fn user(&self, headers: &HeaderMap) -> Result<String, ()> {
+        let Some(value) = headers.get("authorization") else {
+            return Ok("Guest".into());
+        };
+        let value = value.to_str().map_err(|_| ())?;
+        let parts: Vec<&str> = value.split(' ').collect();
+        if parts.len() != 2 || !parts[0].eq_ignore_ascii_case("token") {
+            return Err(());
+        }
+        let (key, secret) = parts[1].split_once(':').ok_or(())?;
+        match self.state.tokens.get(key) {
+            Some((s, user)) if s == secret => Ok(user.clone()),
+            _ => Err(()),
+        }
+    }
+
+    fn todo(
+        &self,
+        method: &Method,
+        name: &str,
+        body: &Bytes,
+        user: &str,
+        v2: bool,
+    ) -> Response<Full<Bytes>> {
+        if user == "Guest" {
+            return frappe_error(
+                StatusCode::FORBIDDEN,
+                "PermissionError",
+                "No permission for ToDo",
+            );
+        }
+        let mut todos = self.state.todos.lock().unwrap();
+        let not_found = || {
+            let body = if v2 {
+                json!({"errors": [{"type": "DoesNotExistError", "message": format!("ToDo {name} not found")}]})
+            } else {
+                json!({"exc_type": "DoesNotExistError"})
+            };
+            let mut r = ok(body);
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        };
+        match (method.as_str(), name.is_empty()) {
+            ("GET", true) => ok(
+                json!({"data": todos.values().map(|d| json!({"name": d["name"]})).collect::<Vec<_>>()}),
+            ),
+            ("POST", true) => {
+                let fields: Value = serde_json::from_slice(body).unwrap_or(json!({}));
+                let name = format!(
+                    "todo{:04}",
+                    self.state.next_name.fetch_add(1, Ordering::SeqCst)
+                );
+                let mut doc = json!({"name": name, "owner": user, "status": "Open", "doctype": "ToDo", "modified": "2026-11-25 16:14:15.763981"});
+                if let (Some(doc), Some(fields)) = (doc.as_object_mut(), fields.as_object()) {
+                    for (k, v) in fields {
+                        doc.insert(k.clone(), v.clone());
+                    }
+                }
+                todos.insert(name, doc.clone());
+                ok(json!({"data": doc}))
+            }
+            ("GET", false) => match todos.get(name) {
+                Some(doc) => ok(json!({"data": doc})),
+                None => not_found(),
+            },
+            ("PUT" | "PATCH", false) => match todos.get_mut(name) {
+                Some(doc) => {
+                    let fields: Value = serde_json::from_slice(body).unwrap_or(json!({}));
+                    if let (Some(doc), Some(fields)) = (doc.as_object_mut(), fields.as_object()) {
+                        for (k, v) in fields {
+                            doc.insert(k.clone(), v.clone());
+                        }
+                    }
+                    ok(json!({"data": doc}))
+                }
+                None => not_found(),
+            },
+            ("DELETE", false) => match todos.remove(name) {
+                Some(_) => {
+                    let mut r = ok(json!({"data": "ok"}));
+                    *r.status_mut() = StatusCode::ACCEPTED;
+                    r
+                }
+                None => not_found(),
+            },
+            _ => frappe_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "ValidationError",
+                "method not allowed",
+            ),
+        }
+    }
+}
+
+fn with_cookies(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("server", "gunicorn".parse().unwrap());
+    for cookie in GUEST_COOKIES {
+        r.headers_mut()
+            .append("set-cookie", cookie.parse().unwrap());
+    }
+    r
+}
+
+fn ok(body: Value) -> Response<Full<Bytes>> {
+    with_cookies(Response::new(Full::new(Bytes::from(body.to_string()))))
+}
+
+/// A Frappe v1 error with a full Python traceback, as `frappe.app.handle_exception` makes it.
+fn frappe_error(status: StatusCode, exc_type: &str, message: &str) -> Response<Full<Bytes>> {
+    let traceback = format!(
+        "Traceback (most recent call last):\n  File \"apps/frappe/frappe/app.py\", line 114, in application\n    response = frappe.api.handle(request)\n  File \"apps/frappe/frappe/__init__.py\", line 519, in _raise_exception\n    raise exc\nfrappe.exceptions.{exc_type}: {message}\n"
+    );
+    let server_message =
+        json!({"message": message, "title": "Message", "indicator": "red", "raise_exception": 1})
+            .to_string();
+    let body = json!({
+        "exception": format!("frappe.exceptions.{exc_type}: {message}"),
+        "exc_type": exc_type,
+        "exc": json!([traceback]).to_string(),
+        "_server_messages": json!([server_message]).to_string(),
+    });
+    let mut r = ok(body);
+    *r.status_mut() = status;
+    r
+}
+
+fn auth_failure(v2: bool) -> Response<Full<Bytes>> {
+    let traceback = "Traceback (most recent call last):\n  File \"apps/frappe/frappe/app.py\", line 101, in application\n    validate_auth()\n  File \"apps/frappe/frappe/auth.py\", line 690, in validate_api_key_secret\n    raise frappe.AuthenticationError\nfrappe.exceptions.AuthenticationError\n";
+    let body = if v2 {
+        json!({"errors": [{"type": "AuthenticationError", "exception": traceback}]})
+    } else {
+        json!({"exception": "frappe.exceptions.AuthenticationError", "exc_type": "AuthenticationError", "exc": json!([traceback]).to_string()})
+    };
+    let mut r = ok(body);
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    r
+}

@@ -1,0 +1,234 @@
+//! Test support: the Frappe-compatible upstream, a gateway started on real sockets, and a real
+//! HTTP client.
+#![allow(dead_code)]
+
+pub mod frappe;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+
+use erpgate::config::Config;
+use erpgate::server::RunningGateway;
+
+pub use frappe::{Behaviour, FrappeUpstream};
+
+pub const SITE: &str = "erp.localhost";
+pub const SYNC_KEY: &str = "sync-key";
+pub const SYNC_SECRET: &str = "sync-secret-never-leaves";
+pub const READER_KEY: &str = "reader-key";
+pub const READER_SECRET: &str = "reader-secret-never-leaves";
+
+/// A gateway client credential: `(key_id, secret)`.
+pub type Credential = (&'static str, &'static str);
+pub const FULL: Credential = ("ek_full", "full-client-secret");
+pub const TODO_READER: Credential = ("ek_reader", "reader-client-secret");
+
+/// The upstream most tests use: one site, two service accounts.
+pub async fn upstream() -> FrappeUpstream {
+    FrappeUpstream::start(
+        SITE,
+        &[
+            (SYNC_KEY, SYNC_SECRET, "sync@example.com"),
+            (READER_KEY, READER_SECRET, "reader@example.com"),
+        ],
+    )
+    .await
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// A config with one site on `upstream`, a full client and a ToDo-read-only client.
+pub fn base_config(upstream: &FrappeUpstream) -> String {
+    format!(
+        r#"
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+log: {{ format: pretty, level: warn }}
+limits: {{ max_body_bytes: 64MiB, max_inspected_body_bytes: 1MiB }}
+sites:
+  erp:
+    backends: [{url}]
+    site_name: {SITE}
+    service_accounts:
+      sync: {{ api_key: {SYNC_KEY}, api_secret: {SYNC_SECRET} }}
+      reader: {{ api_key: {READER_KEY}, api_secret: {READER_SECRET} }}
+    timeouts: {{ connect: 1s, request: 3s }}
+clients:
+  full:
+    key_id: {full_id}
+    secret_sha256: "{full_hash}"
+    site: erp
+    service_account: sync
+  todo-reader:
+    key_id: {reader_id}
+    secret_sha256: "{reader_hash}"
+    site: erp
+    service_account: reader
+    allow:
+      resources: {{ ToDo: [read] }}
+      methods: [frappe.client.get_list]
+"#,
+        url = upstream.url(),
+        full_id = FULL.0,
+        full_hash = sha256_hex(FULL.1),
+        reader_id = TODO_READER.0,
+        reader_hash = sha256_hex(TODO_READER.1),
+    )
+}
+
+/// A gateway running in this process on real sockets.
+pub struct Gateway {
+    pub running: RunningGateway,
+    pub base: String,
+    pub admin: String,
+}
+
+impl Gateway {
+    pub async fn start(yaml: &str) -> Self {
+        let loaded = match Config::from_yaml(yaml, "test") {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let running = RunningGateway::start(loaded).await.unwrap();
+        let base = format!("http://{}", running.listen_addr);
+        let admin = format!("http://{}", running.admin_addr);
+        Self {
+            running,
+            base,
+            admin,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let r = send(
+            Method::GET,
+            &format!("{}/metrics", self.admin),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub type ClientBody = BoxBody<Bytes, Infallible>;
+
+/// Sends one request with a real HTTP/1.1 client.
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    send_body(method, url, headers, Full::new(body.into()).boxed()).await
+}
+
+/// Sends one request with a streaming body.
+pub async fn send_body(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: ClientBody,
+) -> Reply {
+    let client: Client<_, ClientBody> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(request.body(body).unwrap()),
+    )
+    .await
+    .expect("no answer within 30s")
+    .expect("request failed");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// `Authorization: token id:secret`.
+pub fn token(credential: Credential) -> String {
+    format!("token {}:{}", credential.0, credential.1)
+}
+
+/// GET with a token.
+pub async fn get(url: &str, credential: Credential) -> Reply {
+    send(
+        Method::GET,
+        url,
+        &[("authorization", &token(credential))],
+        Bytes::new(),
+    )
+    .await
+}
+
+/// A request with a token and a JSON body.
+pub async fn send_json(method: Method, url: &str, credential: Credential, body: &str) -> Reply {
+    let auth = token(credential);
+    send(
+        method,
+        url,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.to_owned(),
+    )
+    .await
+}
+
+/// The value of a counter or gauge line in Prometheus text whose labels include all of `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
