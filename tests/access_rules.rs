@@ -2,6 +2,8 @@
 //! `frappe.client.get_list` is refused everything else, however the request is spelled, and the
 //! upstream never sees a refused request.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use bytes::Bytes;

@@ -1,6 +1,8 @@
 //! The core request path over real sockets: credential swap, header hygiene, envelopes,
 //! routing, streaming, limits, upstream failures, request ids, HTTP/2 and metrics.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::convert::Infallible;

@@ -66,7 +66,7 @@ impl<S> Route<S> {
         let client = request
             .extensions()
             .get::<Arc<Client>>()
-            .ok_or_else(|| GatewayError::Unauthenticated("no client"))?;
+            .ok_or(GatewayError::Unauthenticated("no client"))?;
         let host = request.uri().authority().map(|a| a.as_str()).or_else(|| {
             request
                 .headers()

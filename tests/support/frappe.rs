@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! A Frappe-compatible upstream on 127.0.0.1:0, modelled on real Frappe 15 responses: it checks
 //! the site header and the `token key:secret` it receives, answers in Frappe's v1/v2 envelopes
 //! and status codes (tracebacks and Guest cookies included), records every request it gets, and

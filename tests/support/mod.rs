@@ -1,6 +1,6 @@
 //! Test support: the Frappe-compatible upstream, a gateway started on real sockets, and a real
 //! HTTP client.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod frappe;
 

@@ -1,0 +1,209 @@
+//! The `erpgate` binary: `check`, `keygen`, and `run` with a graceful SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use sha2::{Digest, Sha256};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_erpgate");
+
+fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("erpgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_lists_every_problem_of_a_bad_one() {
+    let ok = Command::new(BIN)
+        .args([
+            "check",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.yaml"),
+        ])
+        .env("ERP_SYNC_API_KEY", "k")
+        .env("ERP_SYNC_API_SECRET", "s")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let bad = temp_file(
+        "bad.yaml",
+        "sites:\n  erp:\n    backends: [http://127.0.0.1:1]\n    site_name: erp.localhost\n    service_accounts:\n      sync: { api_key: k, api_secret: s }\nclients:\n  a:\n    key_id: ek_a\n    secret_sha256: \"00\"\n    site: nowhere\n    service_account: sync\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(
+        err.contains("clients.a.secret_sha256 (line 10): must be 64 hex digits"),
+        "{err}"
+    );
+    assert!(
+        err.contains("clients.a.service_account (line 12): no site named 'nowhere'"),
+        "{err}"
+    );
+
+    let broken = temp_file("broken.yaml", "sites:\n  erp:\n    backend: [http://x]\n");
+    let out = Command::new(BIN)
+        .args(["check", broken.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sites.erp")
+            && err.contains("unknown field `backend`")
+            && err.contains("line 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keygen_prints_a_credential_whose_hash_matches() {
+    let out = Command::new(BIN).arg("keygen").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim_matches('"')
+            .to_owned()
+    };
+    let (key_id, secret, hash) = (field("key_id"), field("secret"), field("secret_sha256"));
+    assert!(key_id.starts_with("ek_"));
+    assert!(secret.len() >= 40 && !secret.contains([':', ' ']));
+    assert_eq!(hash, hex::encode(Sha256::digest(secret.as_bytes())));
+    let again = Command::new(BIN).arg("keygen").output().unwrap();
+    assert_ne!(String::from_utf8(again.stdout).unwrap(), text);
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    let up = upstream().await;
+    let config = base_config(&up).replace(
+        "log: { format: pretty, level: warn }",
+        "log: { format: json, level: info }",
+    );
+    let path = temp_file("run.yaml", &config);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // The JSON log says where it listens.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addrs = None;
+    while addrs.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway did not start");
+        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if log["message"] == "erpgate listening" {
+            addrs = Some((
+                log["listen_addr"].as_str().unwrap().to_owned(),
+                log["admin_addr"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    let (listen, admin) = addrs.unwrap();
+    let base = format!("http://{listen}");
+
+    let slow = tokio::spawn({
+        let url = format!("{base}/api/method/test.slow?ms=1500");
+        async move { get(&url, FULL).await }
+    });
+    // Wait until the slow request is at the upstream, then ask the gateway to stop.
+    while up.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    // Draining: /readyz says so at once...
+    let mut ready = StatusCode::OK;
+    for _ in 0..100 {
+        ready = send(
+            Method::GET,
+            &format!("http://{admin}/readyz"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .status;
+        if ready == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE);
+    // ...no new connections are taken...
+    assert!(
+        tokio::net::TcpStream::connect(&listen).await.is_err(),
+        "still accepting after SIGTERM"
+    );
+    // ...and the request in flight completes.
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["message"], "slow done");
+
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // One access-log line per request, with the fields operators need.
+    let logs: Vec<String> = rx.try_iter().collect();
+    let access = logs
+        .iter()
+        .find(|l| l.contains("erpgate::access"))
+        .expect("an access log line");
+    let access: serde_json::Value = serde_json::from_str(access).unwrap();
+    for field in [
+        "request_id",
+        "client",
+        "site",
+        "kind",
+        "status",
+        "latency_ms",
+    ] {
+        assert!(
+            !access[field].is_null(),
+            "access log lacks {field}: {access}"
+        );
+    }
+    assert_eq!(access["client"], "full");
+    assert!(
+        logs.iter()
+            .all(|l| !l.contains(SYNC_SECRET) && !l.contains(FULL.1)),
+        "a secret reached the log"
+    );
+}
