@@ -142,8 +142,9 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     while up.count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // The shell's kill builtin: no dependency on a kill binary being installed.
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .unwrap();
     assert!(killed.success());

@@ -738,3 +738,110 @@ async fn metrics_count_what_was_sent_and_health_endpoints_answer() {
     .await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it: (CA PEM, server config).
+fn test_pki() -> (String, std::sync::Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "erpgate test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key)
+    .unwrap();
+    (ca.pem(), std::sync::Arc::new(config))
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_with_the_sites_ca_file() {
+    let (ca_pem, tls) = test_pki();
+    let up =
+        FrappeUpstream::start_tls(SITE, &[(SYNC_KEY, SYNC_SECRET, "sync@example.com")], tls).await;
+    let ca_file = std::env::temp_dir().join(format!("erpgate-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let https = format!("https://127.0.0.1:{}", up.addr.port());
+    let config = base_config(&up).replace(&up.url(), &https);
+
+    // Without the CA the certificate is not trusted: nothing is sent.
+    let gw = Gateway::start(&config).await;
+    let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(up.count(), 0);
+
+    let trusting = config.replace(
+        "    timeouts:",
+        &format!("    ca_file: {}\n    timeouts:", ca_file.display()),
+    );
+    let gw = Gateway::start(&trusting).await;
+    let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"], "sync@example.com");
+    assert_eq!(
+        up.received()[0].headers["authorization"],
+        format!("token {SYNC_KEY}:{SYNC_SECRET}").as_str()
+    );
+}
+
+#[tokio::test]
+async fn one_connection_carries_many_requests() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let stream = tokio::net::TcpStream::connect(gw.running.listen_addr)
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for _ in 0..3 {
+        let request = http::Request::get("/api/method/frappe.auth.get_logged_user")
+            .header("host", "gateway")
+            .header("authorization", token(FULL))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let config = base_config(&up).replace("limits: {", "limits: { header_read_timeout: 300ms,");
+    let gw = Gateway::start(&config).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.running.listen_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /api/resource/ToDo HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    // The gateway closes the connection (with or without a 408); the bound only stops a hang.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "connection still open: slowloris guard missing"
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(up.count(), 0);
+}

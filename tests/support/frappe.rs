@@ -75,6 +75,28 @@ const GUEST_COOKIES: [&str; 5] = [
 impl FrappeUpstream {
     /// Starts an upstream for `site_name` accepting `(api_key, api_secret, user)` tokens.
     pub async fn start(site_name: &str, tokens: &[(&str, &str, &str)]) -> Self {
+        Self::start_with(site_name, tokens, None).await
+    }
+
+    /// Starts an upstream serving HTTPS with `tls`.
+    pub async fn start_tls(
+        site_name: &str,
+        tokens: &[(&str, &str, &str)],
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        Self::start_with(
+            site_name,
+            tokens,
+            Some(tokio_rustls::TlsAcceptor::from(tls)),
+        )
+        .await
+    }
+
+    async fn start_with(
+        site_name: &str,
+        tokens: &[(&str, &str, &str)],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -97,14 +119,23 @@ impl FrappeUpstream {
                     continue;
                 };
                 let server = server.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let server = server.clone();
                         async move { server.handle(req).await }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
