@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -83,6 +83,9 @@ pub struct AuthFailureLimiter {
     quota: DefaultKeyedRateLimiter<IpAddr>,
     /// Addresses over the quota, until when. Read on every request, written only on failures.
     blocked: DashMap<IpAddr, Instant>,
+    /// Set while `blocked` may be non-empty, so the common case costs one atomic load instead
+    /// of a read lock on every shard.
+    any_blocked: AtomicBool,
     failures: AtomicU64,
 }
 
@@ -100,13 +103,14 @@ impl AuthFailureLimiter {
         Self {
             quota: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
             blocked: DashMap::new(),
+            any_blocked: AtomicBool::new(false),
             failures: AtomicU64::new(0),
         }
     }
 
     /// How long `ip` is still blocked, if it is.
     fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
-        if self.blocked.is_empty() {
+        if !self.any_blocked.load(Ordering::Relaxed) {
             return None;
         }
         let until = *self.blocked.get(&ip)?;
@@ -126,12 +130,16 @@ impl AuthFailureLimiter {
             self.quota.retain_recent();
             let now = Instant::now();
             self.blocked.retain(|_, until| *until > now);
+            if self.blocked.is_empty() {
+                self.any_blocked.store(false, Ordering::Relaxed);
+            }
         }
         let not_until = self.quota.check_key(&ip).err()?;
         let wait = not_until
             .wait_time_from(DefaultClock::default().now())
             .max(Duration::from_secs(1));
         self.blocked.insert(ip, Instant::now() + wait);
+        self.any_blocked.store(true, Ordering::Relaxed);
         Some(wait)
     }
 }
