@@ -110,7 +110,7 @@ impl AuthFailureLimiter {
 
     /// How long `ip` is still blocked, if it is.
     fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
-        if !self.any_blocked.load(Ordering::Relaxed) {
+        if !self.any_blocked.load(Ordering::SeqCst) {
             return None;
         }
         let until = *self.blocked.get(&ip)?;
@@ -131,7 +131,11 @@ impl AuthFailureLimiter {
             let now = Instant::now();
             self.blocked.retain(|_, until| *until > now);
             if self.blocked.is_empty() {
-                self.any_blocked.store(false, Ordering::Relaxed);
+                self.any_blocked.store(false, Ordering::SeqCst);
+                // An address blocked meanwhile must not go unseen.
+                if !self.blocked.is_empty() {
+                    self.any_blocked.store(true, Ordering::SeqCst);
+                }
             }
         }
         let not_until = self.quota.check_key(&ip).err()?;
@@ -139,7 +143,7 @@ impl AuthFailureLimiter {
             .wait_time_from(DefaultClock::default().now())
             .max(Duration::from_secs(1));
         self.blocked.insert(ip, Instant::now() + wait);
-        self.any_blocked.store(true, Ordering::Relaxed);
+        self.any_blocked.store(true, Ordering::SeqCst);
         Some(wait)
     }
 }
