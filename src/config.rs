@@ -48,6 +48,24 @@ pub struct Config {
     /// How many failed authentications one source IP may make before it gets 429.
     #[serde(default)]
     pub auth_failures: AuthFailureLimit,
+    /// Default request quota of every client without its own. Default: none (unlimited).
+    #[serde(default)]
+    pub rate_limit: Option<QuotaConfig>,
+    /// Default extra quota for writes (create, update, delete, doc methods, methods not known
+    /// read-only) of every client without its own. Default: none.
+    #[serde(default)]
+    pub write_rate_limit: Option<QuotaConfig>,
+    /// Default most requests one client may have in flight; more get 429. Default 64.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: u32,
+    /// `Idempotency-Key` support on POST, PUT, PATCH and DELETE.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
+    /// `/readyz` answers 503 while any site's circuit breaker is open. Useful for a sidecar in
+    /// front of one site; leave off for an edge proxy, where one failing site should not take
+    /// every gateway replica out of service. Default `false`.
+    #[serde(default)]
+    pub readyz_requires_closed_breakers: bool,
     /// The Frappe sites behind the gateway, by name.
     pub sites: IndexMap<String, SiteConfig>,
     /// Routes, first match wins. A request no route matches goes to its client's `site`.
@@ -148,6 +166,123 @@ pub struct SiteConfig {
     /// with its one-line summary.
     #[serde(default)]
     pub expose_tracebacks: bool,
+    /// The circuit breaker of this site.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Retries to this site.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// A GCRA quota: a sustained rate (`per_second` or `per_minute`) and a burst.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Sustained requests per second.
+    #[serde(default)]
+    pub per_second: Option<u32>,
+    /// Sustained requests per minute (instead of `per_second`).
+    #[serde(default)]
+    pub per_minute: Option<u32>,
+    /// Requests allowed at once after idling. Default: the per-second or per-minute number.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// A site's circuit breaker: trips on connect errors, timeouts and 502/503/504 answers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Default `true`.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Trip after this many failures in a row; 0 turns this trigger off. Default 5.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// Trip when the failure rate over a window gets too high. Default: off.
+    #[serde(default)]
+    pub failure_rate: Option<FailureRateConfig>,
+    /// First open period; each reopening without a success in between doubles it. Default `5s`.
+    #[serde(default = "defaults::open_base", deserialize_with = "parse_duration")]
+    pub open_base: Duration,
+    /// Longest open period. Default `60s`.
+    #[serde(default = "defaults::open_max", deserialize_with = "parse_duration")]
+    pub open_max: Duration,
+}
+
+/// The failure-rate trigger of a breaker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRateConfig {
+    /// Trip above this fraction of failures, 0 to 1. Default 0.5.
+    #[serde(default = "defaults::failure_rate")]
+    pub threshold: f64,
+    /// ...once at least this many requests were seen in the window. Default 20.
+    #[serde(default = "defaults::min_requests")]
+    pub min_requests: u32,
+    /// The window (whole seconds). Default `30s`.
+    #[serde(default = "defaults::rate_window", deserialize_with = "parse_duration")]
+    pub window: Duration,
+}
+
+/// Retries. A request is retried when it provably never reached the site (connection refused
+/// or connect timeout), and a GET, HEAD or read-only method also on timeouts, broken
+/// connections and 502/503/504. Never a write that may have reached Frappe, never a 429.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Most retries of one request; 0 turns retries off. Default 2.
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
+    /// First backoff; it doubles each retry, with full jitter. Default `50ms`.
+    #[serde(
+        default = "defaults::retry_backoff_base",
+        deserialize_with = "parse_duration"
+    )]
+    pub backoff_base: Duration,
+    /// Longest backoff. Default `1s`.
+    #[serde(
+        default = "defaults::retry_backoff_max",
+        deserialize_with = "parse_duration"
+    )]
+    pub backoff_max: Duration,
+    /// An upstream `Retry-After` up to this is waited for; a longer one is not retried.
+    /// Default `2s`.
+    #[serde(
+        default = "defaults::max_retry_after",
+        deserialize_with = "parse_duration"
+    )]
+    pub max_retry_after: Duration,
+    /// Retries may add at most this percentage of recent requests... Default 20.
+    #[serde(default = "defaults::budget_percent")]
+    pub budget_percent: u32,
+    /// ...plus this many per second, so a quiet site can still retry. Default 1.
+    #[serde(default = "defaults::budget_min_per_second")]
+    pub budget_min_per_second: u32,
+    /// Largest request body kept for a retry; bigger requests are not retried. Default `1MiB`.
+    #[serde(default = "defaults::retry_max_body_bytes")]
+    pub max_body_bytes: ByteSize,
+    /// Methods that only read, so are safe to retry whatever their HTTP verb.
+    #[serde(default = "defaults::read_only_methods")]
+    pub read_only_methods: Vec<String>,
+}
+
+/// `Idempotency-Key` records.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a key's response is kept. Default `24h`.
+    #[serde(
+        default = "defaults::idempotency_ttl",
+        deserialize_with = "parse_duration"
+    )]
+    pub ttl: Duration,
+    /// Memory for all records. Default `64MiB`.
+    #[serde(default = "defaults::idempotency_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Largest response body kept for replay. Default `1MiB`.
+    #[serde(default = "defaults::idempotency_max_response_bytes")]
+    pub max_response_bytes: ByteSize,
 }
 
 /// Credentials of one ERPNext service account.
@@ -189,12 +324,18 @@ pub struct Timeouts {
         deserialize_with = "parse_duration"
     )]
     pub connect: Duration,
-    /// From sending the request to the response headers; a late answer gets 504. Default `30s`.
+    /// One attempt, from sending the request to the response headers. Default `30s`.
     #[serde(
         default = "defaults::request_timeout",
         deserialize_with = "parse_duration"
     )]
     pub request: Duration,
+    /// The whole request, all retries and backoffs included; then 504. Default `60s`.
+    #[serde(
+        default = "defaults::total_timeout",
+        deserialize_with = "parse_duration"
+    )]
+    pub total: Duration,
 }
 
 /// A route: match on `host`, `path_prefix` or both; send to `site`.
@@ -235,6 +376,15 @@ pub struct ClientConfig {
     /// Access rules. Without an `allow` block the client may do whatever its service account may.
     #[serde(default)]
     pub allow: Option<AllowConfig>,
+    /// This client's request quota. Default: the top-level `rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<QuotaConfig>,
+    /// This client's write quota. Default: the top-level `write_rate_limit`.
+    #[serde(default)]
+    pub write_rate_limit: Option<QuotaConfig>,
+    /// This client's most requests in flight. Default: the top-level `max_in_flight`.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 /// What a restricted client may do; everything not listed is refused with 403.
@@ -448,6 +598,77 @@ mod defaults {
     pub fn request_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn total_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_in_flight() -> u32 {
+        64
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn open_base() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn open_max() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn failure_rate() -> f64 {
+        0.5
+    }
+    pub fn min_requests() -> u32 {
+        20
+    }
+    pub fn rate_window() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_retries() -> u32 {
+        2
+    }
+    pub fn retry_backoff_base() -> Duration {
+        Duration::from_millis(50)
+    }
+    pub fn retry_backoff_max() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn max_retry_after() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn budget_percent() -> u32 {
+        20
+    }
+    pub fn budget_min_per_second() -> u32 {
+        1
+    }
+    pub fn retry_max_body_bytes() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+    pub fn read_only_methods() -> Vec<String> {
+        [
+            "frappe.client.get_list",
+            "frappe.client.get",
+            "frappe.client.get_count",
+            "frappe.client.get_value",
+            "frappe.client.get_single_value",
+            "frappe.desk.search.search_link",
+            "frappe.auth.get_logged_user",
+            "ping",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn idempotency_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn idempotency_max_bytes() -> ByteSize {
+        ByteSize(64 << 20)
+    }
+    pub fn idempotency_max_response_bytes() -> ByteSize {
+        ByteSize(1 << 20)
+    }
 }
 
 impl Default for LogConfig {
@@ -484,7 +705,61 @@ impl Default for Timeouts {
         Self {
             connect: defaults::connect_timeout(),
             request: defaults::request_timeout(),
+            total: defaults::total_timeout(),
         }
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: defaults::consecutive_failures(),
+            failure_rate: None,
+            open_base: defaults::open_base(),
+            open_max: defaults::open_max(),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: defaults::max_retries(),
+            backoff_base: defaults::retry_backoff_base(),
+            backoff_max: defaults::retry_backoff_max(),
+            max_retry_after: defaults::max_retry_after(),
+            budget_percent: defaults::budget_percent(),
+            budget_min_per_second: defaults::budget_min_per_second(),
+            max_body_bytes: defaults::retry_max_body_bytes(),
+            read_only_methods: defaults::read_only_methods(),
+        }
+    }
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            ttl: defaults::idempotency_ttl(),
+            max_bytes: defaults::idempotency_max_bytes(),
+            max_response_bytes: defaults::idempotency_max_response_bytes(),
+        }
+    }
+}
+
+impl QuotaConfig {
+    /// The governor quota, or why there is none.
+    pub fn quota(&self) -> Result<governor::Quota, String> {
+        use std::num::NonZeroU32;
+        let (rate, quota) = match (self.per_second, self.per_minute) {
+            (Some(n), None) => (n, NonZeroU32::new(n).map(governor::Quota::per_second)),
+            (None, Some(n)) => (n, NonZeroU32::new(n).map(governor::Quota::per_minute)),
+            _ => return Err("needs exactly one of per_second and per_minute".into()),
+        };
+        let quota = quota.ok_or("the rate must be at least 1")?;
+        let burst =
+            NonZeroU32::new(self.burst.unwrap_or(rate)).ok_or("burst must be at least 1")?;
+        Ok(quota.allow_burst(burst))
     }
 }
 
@@ -642,10 +917,44 @@ impl Config {
                     );
                 }
             }
-            if site.timeouts.connect.is_zero() || site.timeouts.request.is_zero() {
+            let t = &site.timeouts;
+            if t.connect.is_zero() || t.request.is_zero() || t.total.is_zero() {
                 problem(
                     format!("{at}.timeouts"),
                     "timeouts must be more than 0".into(),
+                );
+            }
+            let b = &site.breaker;
+            if b.open_base.is_zero() || b.open_max < b.open_base {
+                problem(
+                    format!("{at}.breaker"),
+                    "open_base must be more than 0 and at most open_max".into(),
+                );
+            }
+            if let Some(rate) = &b.failure_rate {
+                let ok = rate.threshold > 0.0
+                    && rate.threshold <= 1.0
+                    && rate.window.as_secs() > 0
+                    && rate.min_requests > 0;
+                if !ok {
+                    problem(
+                        format!("{at}.breaker.failure_rate"),
+                        "threshold must be in (0, 1], window at least 1s, min_requests at least 1"
+                            .into(),
+                    );
+                }
+            }
+            let r = &site.retry;
+            if r.backoff_base.is_zero() || r.backoff_max < r.backoff_base {
+                problem(
+                    format!("{at}.retry"),
+                    "backoff_base must be more than 0 and at most backoff_max".into(),
+                );
+            }
+            if r.budget_percent > 1000 {
+                problem(
+                    format!("{at}.retry.budget_percent"),
+                    "must be at most 1000".into(),
                 );
             }
             if let Some(ca) = &site.ca_file {
@@ -732,6 +1041,27 @@ impl Config {
                 }
                 None => {}
             }
+        }
+
+        let mut check_quota = |path: String, quota: &Option<QuotaConfig>| {
+            if let Some(Err(e)) = quota.as_ref().map(QuotaConfig::quota) {
+                problem(path, e);
+            }
+        };
+        check_quota("rate_limit".into(), &self.rate_limit);
+        check_quota("write_rate_limit".into(), &self.write_rate_limit);
+        for (name, client) in &self.clients {
+            check_quota(format!("clients.{name}.rate_limit"), &client.rate_limit);
+            check_quota(
+                format!("clients.{name}.write_rate_limit"),
+                &client.write_rate_limit,
+            );
+        }
+        if self.max_in_flight == 0 || self.clients.values().any(|c| c.max_in_flight == Some(0)) {
+            problem(
+                "max_in_flight".into(),
+                "must be at least 1 (here and in every client)".into(),
+            );
         }
 
         let mut key_ids = std::collections::HashMap::new();

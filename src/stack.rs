@@ -22,6 +22,7 @@ use crate::frappe::{AccessRules, CanonicalPath};
 use crate::layers::auth::{AuthFailureLimiter, AuthLayer, Client, ClientTable};
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
+use crate::layers::classify::ClassifyLayer;
 use crate::layers::credential_swap::CredentialSwapLayer;
 use crate::layers::error_response::ErrorResponseLayer;
 use crate::layers::forward::Forward;
@@ -88,10 +89,10 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         // Before classification: the canonical, prefix-stripped path is what Frappe will see,
         // so it is what the rules must judge.
         .layer(RouteLayer::new(router.clone()))
-        // What the request does and whether this client may do it; 403 before anything is sent.
-        .layer(AuthorizeLayer::new(
-            config.limits.max_inspected_body_bytes.0,
-        ))
+        // What the request does to Frappe: the limits, rules and retries below all ask.
+        .layer(ClassifyLayer::new(config.limits.max_inspected_body_bytes.0))
+        // Whether this client may do it; 403 before anything is sent.
+        .layer(AuthorizeLayer)
         // Last before the network: no layer above ever holds an ERPNext secret.
         .layer(CredentialSwapLayer::new(trusted))
         .service(Forward);

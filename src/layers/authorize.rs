@@ -1,52 +1,33 @@
-//! Classification and access rules: what the request does to Frappe ([`FrappeRequest`]), and
-//! whether this client may do it. Refused → 403, nothing sent upstream.
+//! Access rules: whether this client may do what the request does ([`FrappeRequest`], attached
+//! by classification). Refused → 403 `PermissionError`, nothing sent upstream.
 //!
-//! This layer owns `form_dict`: Frappe reads `cmd`, `run_method` and `sid` from the query and
-//! from JSON and urlencoded bodies, so such bodies are read here (up to
-//! `max_inspected_body_bytes`, 413 above) and every `cmd` in them is checked. `sid` is removed
-//! from the query and the body: a signed request must never resume a session instead. Other
-//! bodies stream untouched; a multipart body off `/api/` (where Frappe would read a `cmd` from
-//! it) is refused to restricted clients rather than buffered.
+//! After the rate limiter, so that probing the rules costs quota like any other request, and
+//! before idempotency and retries, so a refused request is never recorded or repeated.
 //!
-//! After routing, so it judges the canonical, prefix-stripped path Frappe will see.
+//! ```ignore
+//! ServiceBuilder::new().layer(AuthorizeLayer).service(inner)
+//! ```
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http::{Request, Response};
 use tower::{Layer, Service};
 
-use crate::error::{find_cause, GatewayError};
-use crate::frappe::form_dict::{strip_sid_json, strip_sid_urlencoded, BodyFormat, FormKeys};
-use crate::frappe::{ApiVersion, CanonicalPath, FrappeRequest};
+use crate::error::GatewayError;
+use crate::frappe::FrappeRequest;
 use crate::layers::auth::Client;
-use crate::layers::{BoxResponseFuture, EarlyReturn};
-use crate::tags::RequestTags;
-use crate::upstream::ReplayableBody;
-use crate::{full_body, Body, BoxError};
+use crate::layers::EarlyReturn;
+use crate::{Body, BoxError};
 
-/// Classifies and authorizes requests.
-#[derive(Debug, Clone, Copy)]
-pub struct AuthorizeLayer {
-    max_inspected: u64,
-}
-
-impl AuthorizeLayer {
-    /// Reads JSON and urlencoded bodies up to `max_inspected` bytes.
-    pub fn new(max_inspected: u64) -> Self {
-        Self { max_inspected }
-    }
-}
+/// Checks access rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuthorizeLayer;
 
 impl<S> Layer<S> for AuthorizeLayer {
     type Service = Authorize<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Authorize {
-            inner,
-            max_inspected: self.max_inspected,
-        }
+        Authorize { inner }
     }
 }
 
@@ -54,146 +35,42 @@ impl<S> Layer<S> for AuthorizeLayer {
 #[derive(Debug, Clone)]
 pub struct Authorize<S> {
     inner: S,
-    max_inspected: u64,
 }
 
-/// Classifies, tags and checks a request against its client's rules.
-fn decide(
-    request: &Request<Body>,
-    path: &CanonicalPath,
-    keys: &FormKeys,
-    unread_form: bool,
-) -> Result<(), GatewayError> {
-    let mut classified = FrappeRequest::classify(request.method(), path, keys);
-    classified.unread_form = unread_form;
-    if let Some(tags) = RequestTags::of(request) {
-        let _ = tags.kind.set(classified.kind.label());
-    }
+fn check(request: &Request<Body>) -> Result<(), GatewayError> {
     let client = request
         .extensions()
         .get::<Arc<Client>>()
         .ok_or(GatewayError::Unauthenticated("no client"))?;
-    match &client.rules {
-        Some(rules) => rules.check(&classified).map_err(|denied| {
-            tracing::info!(client = %client.name, reason = %denied, "request refused by access rules");
-            GatewayError::Forbidden(denied)
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Removes `sid` from the query string, keeping the rest as sent.
-fn strip_sid_from_query(request: &mut Request<Body>) -> Result<(), GatewayError> {
-    let Some(query) = request.uri().query() else {
+    let Some(rules) = &client.rules else {
         return Ok(());
     };
-    let stripped = strip_sid_urlencoded(query);
-    let path = request.uri().path();
-    let uri = if stripped.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{stripped}")
-    };
-    *request.uri_mut() = uri
-        .parse()
-        .map_err(|_| GatewayError::BadRequest("invalid query string".into()))?;
-    Ok(())
-}
-
-/// Reads a JSON or urlencoded body, returning its keys and the body to forward (without `sid`).
-async fn read_form(
-    body: Body,
-    format: BodyFormat,
-    max: u64,
-) -> Result<(FormKeys, Bytes), BoxError> {
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if find_cause::<http_body_util::LengthLimitError>(e.as_ref()).is_some() => {
-            return Err(GatewayError::PayloadTooLarge { limit: max }.into())
-        }
-        Err(e) => return Err(e),
-    };
-    let bad =
-        |what: &str| GatewayError::BadRequest(format!("the request body is not valid {what}"));
-    let keys = match format {
-        BodyFormat::Json if bytes.is_empty() => FormKeys::default(),
-        BodyFormat::Json => FormKeys::from_json(&bytes).map_err(|_| bad("JSON"))?,
-        _ => FormKeys::from_urlencoded(&bytes),
-    };
-    let bytes = match (keys.sid, format) {
-        (false, _) => bytes,
-        (true, BodyFormat::Json) => strip_sid_json(&bytes).map_err(|_| bad("JSON"))?,
-        (true, _) => {
-            let text = std::str::from_utf8(&bytes).map_err(|_| bad("form data"))?;
-            Bytes::from(strip_sid_urlencoded(text))
-        }
-    };
-    Ok((keys, bytes))
+    let classified = request
+        .extensions()
+        .get::<FrappeRequest>()
+        .ok_or_else(|| GatewayError::BadRequest("request could not be classified".into()))?;
+    rules.check(classified).map_err(|denied| {
+        tracing::info!(client = %client.name, reason = %denied, "request refused by access rules");
+        GatewayError::Forbidden(denied)
+    })
 }
 
 impl<S> Service<Request<Body>> for Authorize<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = EarlyReturn<futures_util::future::Either<S::Future, BoxResponseFuture>>;
+    type Future = EarlyReturn<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        use futures_util::future::Either;
-        let path = match request.extensions_mut().remove::<CanonicalPath>() {
-            Some(path) => path,
-            None => match CanonicalPath::parse(request.uri().path()) {
-                Ok(path) => path,
-                Err(e) => {
-                    return EarlyReturn::error(GatewayError::BadRequest(format!(
-                        "invalid path: {e}"
-                    )))
-                }
-            },
-        };
-        let mut keys =
-            FormKeys::from_urlencoded(request.uri().query().unwrap_or_default().as_bytes());
-        if keys.sid {
-            if let Err(e) = strip_sid_from_query(&mut request) {
-                return EarlyReturn::error(e);
-            }
-        }
-        let format = BodyFormat::from_content_type(request.headers().get(header::CONTENT_TYPE));
-        match format {
-            BodyFormat::Json | BodyFormat::Form => {
-                // The ready service goes into the future; a fresh clone stays for the next call.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                let max = self.max_inspected;
-                EarlyReturn::inner(Either::Right(Box::pin(async move {
-                    let (parts, body) = request.into_parts();
-                    let (body_keys, bytes) = read_form(body, format, max).await?;
-                    keys.merge(body_keys);
-                    let mut request = Request::from_parts(parts, full_body(bytes.clone()));
-                    request
-                        .headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-                    request.extensions_mut().insert(ReplayableBody(bytes));
-                    decide(&request, &path, &keys, false)?;
-                    let future: BoxResponseFuture = Box::pin(inner.call(request));
-                    future.await
-                })))
-            }
-            _ => {
-                let unread_form =
-                    format == BodyFormat::Multipart && ApiVersion::of(&path).is_none();
-                match decide(&request, &path, &keys, unread_form) {
-                    Ok(()) => EarlyReturn::inner(Either::Left(self.inner.call(request))),
-                    Err(e) => EarlyReturn::error(e),
-                }
-            }
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        match check(&request) {
+            Ok(()) => EarlyReturn::inner(self.inner.call(request)),
+            Err(e) => EarlyReturn::error(e),
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod authorize;
 pub mod body_limit;
+pub mod classify;
 pub mod credential_swap;
 pub mod error_response;
 pub mod forward;
