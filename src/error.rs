@@ -13,8 +13,9 @@ use crate::frappe::envelope::error_body;
 use crate::frappe::ApiVersion;
 use crate::{full_body, Body, BoxError};
 
-/// Why the gateway answered instead of the upstream.
-#[derive(Debug, thiserror::Error)]
+/// Why the gateway answered instead of the upstream. `Clone`, so an idempotency record can
+/// replay it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// No, malformed, unknown or wrong gateway credential. The reason is logged, not sent.
     #[error("invalid or missing gateway credentials")]
@@ -37,6 +38,22 @@ pub enum GatewayError {
     /// No backend of the site accepted a connection.
     #[error("site {site} is unreachable")]
     UpstreamUnreachable { site: String },
+    /// A client quota or concurrency cap is exhausted; `headers` describe the quota.
+    #[error("{message}")]
+    TooManyRequests {
+        message: &'static str,
+        retry_after: Duration,
+        headers: Box<http::HeaderMap>,
+    },
+    /// The site's circuit breaker is open: answered without touching the network.
+    #[error("site {site} is unavailable; retry later")]
+    BreakerOpen { site: String, retry_after: Duration },
+    /// The same `Idempotency-Key` is still being processed.
+    #[error("a request with this Idempotency-Key is still in progress")]
+    IdempotencyInFlight,
+    /// The same `Idempotency-Key` was used for a different request.
+    #[error("this Idempotency-Key was used for a different request")]
+    IdempotencyMismatch,
     /// The site did not answer in time.
     #[error("site {site} did not answer within {timeout:?}")]
     UpstreamTimeout { site: String, timeout: Duration },
@@ -61,12 +78,20 @@ impl GatewayError {
                 (StatusCode::BAD_GATEWAY, "BadGateway")
             }
             Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
+            Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsError"),
+            Self::BreakerOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UpstreamUnavailable"),
+            Self::IdempotencyInFlight => (StatusCode::CONFLICT, "IdempotencyKeyInUse"),
+            Self::IdempotencyMismatch => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "IdempotencyKeyMismatch")
+            }
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::AuthThrottled { retry_after } => Some(*retry_after),
+            Self::AuthThrottled { retry_after }
+            | Self::TooManyRequests { retry_after, .. }
+            | Self::BreakerOpen { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -125,10 +150,12 @@ pub fn error_response(
         HeaderValue::from_static("application/json"),
     );
     if let Some(after) = known.and_then(GatewayError::retry_after) {
-        headers.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(after.as_secs().max(1)),
-        );
+        // Whole seconds, rounded up: a client waiting this long will be let in.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    if let Some(GatewayError::TooManyRequests { headers: extra, .. }) = known {
+        headers.extend((**extra).clone());
     }
     response.extensions_mut().insert(ErrorKind(exc_type));
     response

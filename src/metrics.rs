@@ -3,7 +3,8 @@
 //! request text, so cardinality is bounded by the config.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets in seconds, from a cached answer to a slow report.
@@ -25,6 +26,15 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// `erpgate_auth_failures_total{reason}`
     pub auth_failures: IntCounterVec,
+    /// `erpgate_rate_limited_total{client,reason}`: reason `rate`, `write_rate`, `concurrency`.
+    pub rate_limited: IntCounterVec,
+    /// `erpgate_breaker_state{site}`: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGaugeVec,
+    /// `erpgate_breaker_transitions_total{site,state}`
+    pub breaker_transitions: IntCounterVec,
+    /// `erpgate_retries_total{site,reason}`: reason `connect`, `timeout`, `reset`, `status`,
+    /// or `budget_exhausted` for a retry the budget refused.
+    pub retries: IntCounterVec,
 }
 
 impl Metrics {
@@ -62,6 +72,35 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "erpgate_rate_limited_total",
+                "Requests refused by a client quota or concurrency cap.",
+            ),
+            &["client", "reason"],
+        )?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "erpgate_breaker_state",
+                "Circuit breaker state per site: 0 closed, 1 half-open, 2 open.",
+            ),
+            &["site"],
+        )?;
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "erpgate_breaker_transitions_total",
+                "Circuit breaker state changes.",
+            ),
+            &["site", "state"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new("erpgate_retries_total", "Upstream retries, by reason."),
+            &["site", "reason"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(breaker_transitions.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
@@ -78,6 +117,10 @@ impl Metrics {
             upstream_duration,
             inflight,
             auth_failures,
+            rate_limited,
+            breaker_state,
+            breaker_transitions,
+            retries,
         })
     }
 

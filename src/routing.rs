@@ -44,6 +44,14 @@ pub struct Site {
     pub expose_tracebacks: bool,
     /// The pooled client and backends.
     pub upstream: Upstream,
+    /// The circuit breaker, unless turned off.
+    pub breaker: Option<crate::layers::breaker::Breaker>,
+    /// Retry settings and budget.
+    pub retry: crate::layers::retry::RetrySettings,
+    /// Canonical names of methods that only read (safe to retry, not writes).
+    pub read_only_methods: std::collections::HashSet<String>,
+    /// The deadline for the whole exchange, retries included.
+    pub total_timeout: std::time::Duration,
 }
 
 /// One route.

@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use crate::config::LoadedConfig;
 use crate::forwarding::PeerAddr;
 use crate::metrics::Metrics;
+use crate::routing::Router;
 use crate::stack::{build, BuildError, GatewayService};
 use crate::{full_body, Body};
 
@@ -84,7 +85,13 @@ impl RunningGateway {
             config.limits.shutdown_grace,
             stopped,
         ));
-        let admin = tokio::spawn(serve_admin(admin, metrics.clone(), draining.clone()));
+        let readiness = Readiness {
+            draining: draining.clone(),
+            breakers: config
+                .readyz_requires_closed_breakers
+                .then(|| gateway.router.clone()),
+        };
+        let admin = tokio::spawn(serve_admin(admin, metrics.clone(), readiness));
         tracing::info!(%listen_addr, %admin_addr, sites = config.sites.len(), clients = config.clients.len(), "erpgate listening");
         Ok(Self {
             listen_addr,
@@ -177,16 +184,39 @@ async fn serve_public(
     }
 }
 
-async fn serve_admin(listener: TcpListener, metrics: Metrics, draining: Arc<AtomicBool>) {
+/// What `/readyz` looks at.
+#[derive(Clone)]
+struct Readiness {
+    draining: Arc<AtomicBool>,
+    /// When set, an open breaker on any of these sites makes the gateway unready.
+    breakers: Option<Arc<Router>>,
+}
+
+impl Readiness {
+    fn unready_reason(&self) -> Option<String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Some("draining".into());
+        }
+        let router = self.breakers.as_ref()?;
+        let open: Vec<&str> = router
+            .sites()
+            .filter(|s| s.breaker.as_ref().is_some_and(|b| b.is_open()))
+            .map(|s| s.name.as_ref())
+            .collect();
+        (!open.is_empty()).then(|| format!("circuit open: {}", open.join(", ")))
+    }
+}
+
+async fn serve_admin(listener: TcpListener, metrics: Metrics, readiness: Readiness) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let metrics = metrics.clone();
-        let draining = draining.clone();
+        let readiness = readiness.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let response = admin_response(request.uri().path(), &metrics, &draining);
+            let response = admin_response(request.uri().path(), &metrics, &readiness);
             async move { Ok::<_, Infallible>(response) }
         });
         tokio::spawn(async move {
@@ -197,7 +227,7 @@ async fn serve_admin(listener: TcpListener, metrics: Metrics, draining: Arc<Atom
     }
 }
 
-fn admin_response(path: &str, metrics: &Metrics, draining: &AtomicBool) -> Response<Body> {
+fn admin_response(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Body> {
     let (status, content_type, body) = match path {
         "/metrics" => (
             StatusCode::OK,
@@ -205,12 +235,14 @@ fn admin_response(path: &str, metrics: &Metrics, draining: &AtomicBool) -> Respo
             full_body(metrics.encode()),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", full_body("ok\n")),
-        "/readyz" if draining.load(Ordering::SeqCst) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            full_body("draining\n"),
-        ),
-        "/readyz" => (StatusCode::OK, "text/plain", full_body("ready\n")),
+        "/readyz" => match readiness.unready_reason() {
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                full_body(format!("{reason}\n")),
+            ),
+            None => (StatusCode::OK, "text/plain", full_body("ready\n")),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

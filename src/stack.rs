@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use tower::util::BoxCloneService;
@@ -18,21 +19,29 @@ use crate::config::{Config, LoadedConfig};
 use crate::forwarding::TrustedProxies;
 use crate::frappe::acl::parse_operations;
 use crate::frappe::auth_header::token_header;
-use crate::frappe::{AccessRules, CanonicalPath};
+use crate::frappe::{AccessRules, CanonicalPath, MethodName};
 use crate::layers::auth::{AuthFailureLimiter, AuthLayer, Client, ClientTable};
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
+use crate::layers::breaker::{Breaker, BreakerLayer, BreakerSettings};
 use crate::layers::classify::ClassifyLayer;
+use crate::layers::concurrency::ConcurrencyLayer;
 use crate::layers::credential_swap::CredentialSwapLayer;
+use crate::layers::deadline::DeadlineLayer;
 use crate::layers::error_response::ErrorResponseLayer;
 use crate::layers::forward::Forward;
+use crate::layers::idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
 use crate::layers::observe::ObserveLayer;
+use crate::layers::rate_limit::{ClientQuotas, QuotaPolicy, RateLimitLayer};
 use crate::layers::request_id::RequestIdLayer;
+use crate::layers::retry::{RetryPolicy, RetrySettings};
 use crate::layers::route::RouteLayer;
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router, ServiceAccount, Site};
 use crate::upstream::{Upstream, UpstreamBuildError};
 use crate::{Body, BoxError};
+use tower::retry::budget::TpsBudget;
+use tower::retry::RetryLayer;
 
 /// The assembled request path.
 pub type GatewayService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
@@ -69,6 +78,10 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         NonZeroU32::new(config.auth_failures.burst).unwrap_or(one),
     ));
     let max_body = config.limits.max_body_bytes.0;
+    let idempotency: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::new(
+        config.idempotency.ttl,
+        config.idempotency.max_bytes.0,
+    ));
 
     let service = ServiceBuilder::new()
         // Outermost: every log line, error envelope and upstream request carries the same id.
@@ -91,8 +104,25 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         .layer(RouteLayer::new(router.clone()))
         // What the request does to Frappe: the limits, rules and retries below all ask.
         .layer(ClassifyLayer::new(config.limits.max_inspected_body_bytes.0))
-        // Whether this client may do it; 403 before anything is sent.
+        // Per-client quotas need the kind (writes have their own); before the rules, so probing
+        // them costs quota too.
+        .layer(RateLimitLayer::new(metrics.rate_limited.clone()))
+        // Per-client requests in flight, held until the response body is sent.
+        .layer(ConcurrencyLayer::new(metrics.rate_limited.clone()))
+        // Whether this client may do it; 403 before anything is sent, recorded or retried.
         .layer(AuthorizeLayer)
+        // Replays answer without touching the site; only permitted requests are recorded.
+        .layer(IdempotencyLayer::new(
+            idempotency,
+            config.limits.max_inspected_body_bytes.0,
+            config.idempotency.max_response_bytes.0,
+        ))
+        // One deadline over all attempts and backoffs.
+        .layer(DeadlineLayer)
+        // Outside the breaker: each attempt is counted by it, and an open breaker stops retries.
+        .layer(RetryLayer::new(RetryPolicy::new(metrics.retries.clone())))
+        // Per site: fail fast while the site is down.
+        .layer(BreakerLayer)
         // Last before the network: no layer above ever holds an ERPNext secret.
         .layer(CredentialSwapLayer::new(trusted))
         .service(Forward);
@@ -149,6 +179,43 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
             site: name.clone(),
             source,
         })?;
+        let b = &site.breaker;
+        let breaker = b.enabled.then(|| {
+            let settings = BreakerSettings {
+                consecutive_failures: b.consecutive_failures,
+                failure_rate: b
+                    .failure_rate
+                    .as_ref()
+                    .map(|r| (r.threshold, r.min_requests, r.window)),
+                open_base: b.open_base,
+                open_max: b.open_max,
+            };
+            Breaker::new(
+                name.as_str().into(),
+                &settings,
+                metrics.breaker_state.with_label_values(&[name]),
+                metrics.breaker_transitions.clone(),
+            )
+        });
+        let r = &site.retry;
+        let retry = RetrySettings {
+            max_retries: r.max_retries,
+            backoff_base: r.backoff_base,
+            backoff_max: r.backoff_max,
+            max_retry_after: r.max_retry_after,
+            max_body_bytes: r.max_body_bytes.0,
+            // Retries over the last 10 s may add `percent` of the requests, plus the floor.
+            budget: TpsBudget::new(
+                Duration::from_secs(10),
+                r.budget_min_per_second,
+                r.budget_percent as f32 / 100.0,
+            ),
+        };
+        let read_only_methods = r
+            .read_only_methods
+            .iter()
+            .map(|m| MethodName::new(m).as_str().to_owned())
+            .collect();
         let built = Site {
             name: name.as_str().into(),
             site_name: header(site_name, "site_name")?,
@@ -156,6 +223,10 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
             accounts,
             expose_tracebacks: site.expose_tracebacks,
             upstream,
+            breaker,
+            retry,
+            read_only_methods,
+            total_timeout: site.timeouts.total,
         };
         sites.insert(name.clone(), Arc::new(built));
     }
@@ -180,6 +251,19 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
         });
     }
     Ok(Router::new(sites, routes))
+}
+
+fn quota_policy(
+    name: &'static str,
+    quota: Option<&crate::config::QuotaConfig>,
+) -> Result<Option<QuotaPolicy>, BuildError> {
+    quota
+        .map(|q| {
+            q.quota()
+                .map(|quota| QuotaPolicy::new(name, quota))
+                .map_err(BuildError::Invalid)
+        })
+        .transpose()
 }
 
 fn build_clients(config: &Config) -> Result<ClientTable, BuildError> {
@@ -221,6 +305,22 @@ fn build_clients(config: &Config) -> Result<ClientTable, BuildError> {
                     .map(|(s, a)| (s.clone(), a.clone()))
                     .collect(),
                 rules,
+                quotas: ClientQuotas {
+                    requests: quota_policy(
+                        "default",
+                        client.rate_limit.as_ref().or(config.rate_limit.as_ref()),
+                    )?,
+                    writes: quota_policy(
+                        "writes",
+                        client
+                            .write_rate_limit
+                            .as_ref()
+                            .or(config.write_rate_limit.as_ref()),
+                    )?,
+                },
+                in_flight: Arc::new(tokio::sync::Semaphore::new(
+                    client.max_in_flight.unwrap_or(config.max_in_flight) as usize,
+                )),
             },
         ));
     }

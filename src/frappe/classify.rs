@@ -178,6 +178,23 @@ impl FrappeRequest {
     }
 }
 
+impl FrappeRequest {
+    /// Whether the request may change data. Frappe decides nothing by HTTP verb for methods (a
+    /// whitelisted method accepts GET, POST, PUT and DELETE alike), so methods are read-only
+    /// only when `read_only` (canonical names) lists them; resources by their operation.
+    pub fn is_write(&self, method: &Method, read_only: &std::collections::HashSet<String>) -> bool {
+        let reads = |m: &MethodName| read_only.contains(m.as_str());
+        let kind_writes = match &self.kind {
+            RequestKind::Resource { operation, .. } => *operation != Operation::Read,
+            RequestKind::Method(m) => !reads(m),
+            RequestKind::FileDownload => false,
+            RequestKind::FileUpload | RequestKind::Login => true,
+            RequestKind::Other => !is_read(method),
+        };
+        kind_writes || self.embedded_methods.iter().any(|m| !reads(m))
+    }
+}
+
 /// The kind of a call to method `raw`.
 fn method_kind(raw: &str) -> RequestKind {
     let name = MethodName::new(raw);
@@ -441,6 +458,32 @@ mod tests {
             classify(Method::GET, "/api/nothing", "").kind,
             RequestKind::Other
         );
+    }
+
+    #[test]
+    fn writes_are_told_from_reads() {
+        let read_only = [
+            MethodName::new("frappe.client.get_list")
+                .as_str()
+                .to_owned(),
+            MethodName::new("ping").as_str().to_owned(),
+        ]
+        .into_iter()
+        .collect();
+        let w = |m: Method, p: &str, q: &str| classify(m.clone(), p, q).is_write(&m, &read_only);
+        assert!(!w(Method::GET, "/api/resource/ToDo", ""));
+        assert!(w(Method::POST, "/api/resource/ToDo", ""));
+        assert!(w(Method::GET, "/api/resource/ToDo/x", "run_method=submit"));
+        assert!(!w(Method::POST, "/api/method/frappe.client.get_list", ""));
+        assert!(!w(Method::GET, "/api/method/ping", ""));
+        assert!(w(Method::GET, "/api/method/frappe.client.insert", ""));
+        assert!(w(
+            Method::GET,
+            "/api/resource/ToDo",
+            "cmd=frappe.client.delete"
+        ));
+        assert!(!w(Method::GET, "/app/todo", ""));
+        assert!(w(Method::POST, "/api/method/upload_file", ""));
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub struct Client {
     pub extra_sites: HashMap<String, String>,
     /// Access rules; `None` means whatever the service account may.
     pub rules: Option<AccessRules>,
+    /// Request and write quotas.
+    pub quotas: crate::layers::rate_limit::ClientQuotas,
+    /// Slots for requests in flight.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Client {

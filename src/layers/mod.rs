@@ -3,12 +3,18 @@
 pub mod auth;
 pub mod authorize;
 pub mod body_limit;
+pub mod breaker;
 pub mod classify;
+pub mod concurrency;
 pub mod credential_swap;
+pub mod deadline;
 pub mod error_response;
 pub mod forward;
+pub mod idempotency;
 pub mod observe;
+pub mod rate_limit;
 pub mod request_id;
+pub mod retry;
 pub mod route;
 
 use std::future::Future;

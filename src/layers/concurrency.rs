@@ -1,0 +1,154 @@
+//! The per-client concurrency cap: at most `max_in_flight` requests of one client at a time,
+//! counted until the response body has been sent, so one client's slow reports cannot occupy
+//! every Frappe worker. Over the cap → 429 with `Retry-After: 1`.
+//!
+//! Right after the rate limiter: both are per-client admission decisions.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Frame, SizeHint};
+use pin_project_lite::pin_project;
+use prometheus::IntCounterVec;
+use tokio::sync::OwnedSemaphorePermit;
+use tower::{Layer, Service};
+
+use crate::error::GatewayError;
+use crate::layers::auth::Client;
+use crate::{Body, BoxError};
+
+/// Caps requests in flight per client.
+#[derive(Clone)]
+pub struct ConcurrencyLayer {
+    rejected: IntCounterVec,
+}
+
+impl ConcurrencyLayer {
+    /// Counts rejections in `rejected{client,reason="concurrency"}`.
+    pub fn new(rejected: IntCounterVec) -> Self {
+        Self { rejected }
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyLayer {
+    type Service = Concurrency<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Concurrency {
+            inner,
+            rejected: self.rejected.clone(),
+        }
+    }
+}
+
+/// The service of [`ConcurrencyLayer`].
+#[derive(Clone)]
+pub struct Concurrency<S> {
+    inner: S,
+    rejected: IntCounterVec,
+}
+
+impl<S> Service<Request<Body>> for Concurrency<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ConcurrencyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let Some(client) = request.extensions().get::<Arc<Client>>() else {
+            return ConcurrencyFuture::Inner {
+                future: self.inner.call(request),
+                permit: None,
+            };
+        };
+        match client.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => ConcurrencyFuture::Inner {
+                future: self.inner.call(request),
+                permit: Some(permit),
+            },
+            Err(_) => {
+                self.rejected
+                    .with_label_values(&[&client.name, "concurrency"])
+                    .inc();
+                ConcurrencyFuture::Rejected
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Hands the permit to the response body, or answers 429.
+    #[project = ConcurrencyProj]
+    pub enum ConcurrencyFuture<F> {
+        Rejected,
+        Inner { #[pin] future: F, permit: Option<OwnedSemaphorePermit> },
+    }
+}
+
+impl<F> std::future::Future for ConcurrencyFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ConcurrencyProj::Rejected => Poll::Ready(Err(GatewayError::TooManyRequests {
+                message: "too many requests in flight",
+                retry_after: Duration::from_secs(1),
+                headers: Box::default(),
+            }
+            .into())),
+            ConcurrencyProj::Inner { future, permit } => {
+                let response = std::task::ready!(future.poll(cx))?;
+                Poll::Ready(Ok(match permit.take() {
+                    Some(permit) => response.map(|body| {
+                        Body::new(HoldingPermit {
+                            body,
+                            _permit: permit,
+                        })
+                    }),
+                    None => response,
+                }))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request's slot until it is fully sent or dropped.
+    struct HoldingPermit {
+        #[pin]
+        body: Body,
+        _permit: OwnedSemaphorePermit,
+    }
+}
+
+impl http_body::Body for HoldingPermit {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

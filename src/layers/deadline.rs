@@ -1,0 +1,97 @@
+//! The overall deadline: the whole exchange with the site, every retry and backoff included,
+//! must produce a response head within the site's `timeouts.total`, else 504
+//! `UpstreamTimeout`. The attempt in flight is dropped (its connection closed), so nothing is
+//! left running.
+//!
+//! Outside the retry layer, which it bounds; per-attempt timeouts are the upstream client's.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower::{Layer, Service};
+
+use crate::error::GatewayError;
+use crate::layers::route::RouteTarget;
+use crate::{Body, BoxError};
+
+/// Bounds each request by its site's total timeout.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadlineLayer;
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline { inner }
+    }
+}
+
+/// The service of [`DeadlineLayer`].
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Deadline<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = DeadlineFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let limit = request
+            .extensions()
+            .get::<RouteTarget>()
+            .map(|t| (t.site.name.to_string(), t.site.total_timeout));
+        DeadlineFuture {
+            sleep: limit
+                .as_ref()
+                .map(|(_, d)| Box::pin(tokio::time::sleep(*d))),
+            limit,
+            future: self.inner.call(request),
+        }
+    }
+}
+
+pin_project! {
+    /// The inner future, or 504 when the deadline passes first.
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        future: F,
+        sleep: Option<Pin<Box<Sleep>>>,
+        limit: Option<(String, std::time::Duration)>,
+    }
+}
+
+impl<F> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.future.poll(cx) {
+            return Poll::Ready(result);
+        }
+        if let (Some(sleep), Some((site, timeout))) = (this.sleep.as_mut(), this.limit.as_ref()) {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(GatewayError::UpstreamTimeout {
+                    site: site.clone(),
+                    timeout: *timeout,
+                }
+                .into()));
+            }
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,329 @@
+//! Per-client rate limits: a GCRA quota (governor) for all requests, and an optional separate
+//! quota for writes. Each client's limiters are its own, so one client exhausting its quota
+//! never affects another. Every response to a limited client carries the IETF
+//! `RateLimit-Policy` / `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers) and the
+//! common `X-RateLimit-Limit/Remaining/Reset`; an exhausted quota gets 429
+//! `TooManyRequestsError` with `Retry-After`.
+//!
+//! After classification (a write quota needs to know what a request does) and before the
+//! access rules, so that probing the rules costs quota too.
+//!
+//! How GCRA maps to the headers: the quota `q` is the burst, the window `w` the time to refill
+//! a whole burst, the remaining `r` the burst capacity left now, and the reset `t` the seconds
+//! until the capacity is whole again (or, when exhausted, until the next request is allowed).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use pin_project_lite::pin_project;
+use prometheus::IntCounterVec;
+use tower::{Layer, Service};
+
+use crate::error::GatewayError;
+use crate::frappe::FrappeRequest;
+use crate::layers::auth::Client;
+use crate::layers::route::RouteTarget;
+use crate::{Body, BoxError};
+
+type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// One named quota of one client.
+pub struct QuotaPolicy {
+    name: &'static str,
+    limiter: DirectLimiter,
+    burst: u32,
+    interval: Duration,
+}
+
+impl std::fmt::Debug for QuotaPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaPolicy")
+            .field("name", &self.name)
+            .field("burst", &self.burst)
+            .finish()
+    }
+}
+
+/// Where one policy stands after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    name: &'static str,
+    limit: u32,
+    remaining: u32,
+    reset_secs: u64,
+    window_secs: u64,
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl QuotaPolicy {
+    /// A policy named `name` (`default` or `writes`) enforcing `quota`.
+    pub fn new(name: &'static str, quota: Quota) -> Self {
+        Self {
+            name,
+            limiter: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
+            burst: quota.burst_size().get(),
+            interval: quota.replenish_interval(),
+        }
+    }
+
+    /// Takes one request from the quota: its usage after, or the usage and how long to wait.
+    pub fn check(&self) -> Result<Usage, (Usage, Duration)> {
+        let window_secs = ceil_secs(self.interval * self.burst);
+        match self.limiter.check() {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Ok(Usage {
+                    name: self.name,
+                    limit: self.burst,
+                    remaining,
+                    reset_secs: ceil_secs(self.interval * (self.burst - remaining)),
+                    window_secs,
+                })
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let usage = Usage {
+                    name: self.name,
+                    limit: self.burst,
+                    remaining: 0,
+                    reset_secs: ceil_secs(wait).max(1),
+                    window_secs,
+                };
+                Err((usage, wait))
+            }
+        }
+    }
+}
+
+/// A client's quotas.
+#[derive(Debug, Default)]
+pub struct ClientQuotas {
+    /// Every request.
+    pub requests: Option<QuotaPolicy>,
+    /// Requests that may change data.
+    pub writes: Option<QuotaPolicy>,
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Writes the headers describing `usages` (the tightest one fills the `X-RateLimit-*` trio).
+pub fn write_headers(usages: &[Usage], headers: &mut HeaderMap) {
+    let Some(tightest) = usages.iter().min_by_key(|u| u.remaining) else {
+        return;
+    };
+    let join = |f: &dyn Fn(&Usage) -> String| usages.iter().map(f).collect::<Vec<_>>().join(", ");
+    let policy = join(&|u| format!("\"{}\";q={};w={}", u.name, u.limit, u.window_secs));
+    let state = join(&|u| format!("\"{}\";r={};t={}", u.name, u.remaining, u.reset_secs));
+    for (name, value) in [(&RATELIMIT_POLICY, policy), (&RATELIMIT, state)] {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(name.clone(), value);
+        }
+    }
+    headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(tightest.limit));
+    headers.insert(
+        X_RATELIMIT_REMAINING.clone(),
+        HeaderValue::from(tightest.remaining),
+    );
+    headers.insert(
+        X_RATELIMIT_RESET.clone(),
+        HeaderValue::from(tightest.reset_secs),
+    );
+}
+
+/// Enforces client quotas.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    rejected: IntCounterVec,
+}
+
+impl RateLimitLayer {
+    /// Counts rejections in `rejected{client,reason}`.
+    pub fn new(rejected: IntCounterVec) -> Self {
+        Self { rejected }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            rejected: self.rejected.clone(),
+        }
+    }
+}
+
+/// The service of [`RateLimitLayer`].
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    rejected: IntCounterVec,
+}
+
+impl<S> RateLimit<S> {
+    /// Charges the request to its client's quotas; the usages to report, or the rejection.
+    fn charge(&self, request: &Request<Body>) -> Result<Vec<Usage>, GatewayError> {
+        let Some(client) = request.extensions().get::<Arc<Client>>() else {
+            return Ok(Vec::new());
+        };
+        let quotas = &client.quotas;
+        let mut usages = Vec::with_capacity(2);
+        let reject = |usages: &mut Vec<Usage>, usage, wait, reason: &'static str| {
+            usages.push(usage);
+            self.rejected
+                .with_label_values(&[&client.name, reason])
+                .inc();
+            let mut headers = HeaderMap::new();
+            write_headers(usages, &mut headers);
+            GatewayError::TooManyRequests {
+                message: "rate limit exceeded",
+                retry_after: wait,
+                headers: Box::new(headers),
+            }
+        };
+        if let Some(policy) = &quotas.requests {
+            match policy.check() {
+                Ok(usage) => usages.push(usage),
+                Err((usage, wait)) => return Err(reject(&mut usages, usage, wait, "rate")),
+            }
+        }
+        if let Some(policy) = &quotas.writes {
+            let is_write = match (
+                request.extensions().get::<FrappeRequest>(),
+                request.extensions().get::<RouteTarget>(),
+            ) {
+                (Some(classified), Some(target)) => {
+                    classified.is_write(request.method(), &target.site.read_only_methods)
+                }
+                _ => request.method() != Method::GET && request.method() != Method::HEAD,
+            };
+            if is_write {
+                match policy.check() {
+                    Ok(usage) => usages.push(usage),
+                    Err((usage, wait)) => {
+                        return Err(reject(&mut usages, usage, wait, "write_rate"))
+                    }
+                }
+            }
+        }
+        Ok(usages)
+    }
+}
+
+impl<S> Service<Request<Body>> for RateLimit<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = RateLimitFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        match self.charge(&request) {
+            Ok(usages) => RateLimitFuture::Inner {
+                future: self.inner.call(request),
+                usages,
+            },
+            Err(e) => RateLimitFuture::Ready { error: Some(e) },
+        }
+    }
+}
+
+pin_project! {
+    /// Adds the rate-limit headers to the inner response, or answers 429.
+    #[project = RateLimitProj]
+    pub enum RateLimitFuture<F> {
+        Ready { error: Option<GatewayError> },
+        Inner { #[pin] future: F, usages: Vec<Usage> },
+    }
+}
+
+impl<F> std::future::Future for RateLimitFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RateLimitProj::Ready { error } => Poll::Ready(Err(error
+                .take()
+                .map_or_else(|| "polled after completion".into(), Into::into))),
+            RateLimitProj::Inner { future, usages } => {
+                let mut response = std::task::ready!(future.poll(cx))?;
+                write_headers(usages, response.headers_mut());
+                Poll::Ready(Ok(response))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    #[test]
+    fn a_burst_is_spent_then_refused_with_a_wait() {
+        let policy = QuotaPolicy::new(
+            "default",
+            Quota::per_second(NonZeroU32::new(2).unwrap()).allow_burst(NonZeroU32::new(3).unwrap()),
+        );
+        let remaining: Vec<u32> = (0..3).map(|_| policy.check().unwrap().remaining).collect();
+        assert_eq!(remaining, vec![2, 1, 0]);
+        let (usage, wait) = policy.check().unwrap_err();
+        assert_eq!(usage.remaining, 0);
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert_eq!(usage.window_secs, 2); // 3 requests at 2/s refill in 1.5 s
+    }
+
+    #[test]
+    fn headers() {
+        let usages = [
+            Usage {
+                name: "default",
+                limit: 40,
+                remaining: 39,
+                reset_secs: 1,
+                window_secs: 2,
+            },
+            Usage {
+                name: "writes",
+                limit: 5,
+                remaining: 2,
+                reset_secs: 3,
+                window_secs: 5,
+            },
+        ];
+        let mut h = HeaderMap::new();
+        write_headers(&usages, &mut h);
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"default\";q=40;w=2, \"writes\";q=5;w=5"
+        );
+        assert_eq!(h["ratelimit"], "\"default\";r=39;t=1, \"writes\";r=2;t=3");
+        assert_eq!(h["x-ratelimit-limit"], "5");
+        assert_eq!(h["x-ratelimit-remaining"], "2");
+        assert_eq!(h["x-ratelimit-reset"], "3");
+    }
+}

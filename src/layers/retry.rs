@@ -1,0 +1,298 @@
+//! Retries, as a `tower::retry::Policy`.
+//!
+//! What is retried: any request that provably never reached the site (every backend refused
+//! the connection, or the connect timed out); and, when sending it again cannot change data, a
+//! GET, HEAD or call of a read-only method (by name, the site's `retry.read_only_methods`)
+//! also after a timeout, a broken connection or a 502/503/504. Never a write that may have
+//! reached Frappe; never a 429 (Frappe's own limiter is not retried into); never past an open
+//! breaker. Backoff is exponential with full jitter; an upstream `Retry-After` is honoured up
+//! to `max_retry_after` (longer: not retried). A per-site budget (tower's `TpsBudget`: a
+//! percentage of recent requests plus a small floor) keeps retries from multiplying an outage.
+//! Only bodies the gateway already holds (up to `max_body_bytes`) or empty ones can be sent
+//! again; streamed uploads are never retried.
+//!
+//! Outside the breaker, so every attempt is counted by it and an open breaker ends the retries;
+//! inside the overall deadline, which bounds all attempts together.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use http::{header, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use prometheus::IntCounterVec;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::Policy;
+
+use crate::error::{find_cause, GatewayError};
+use crate::frappe::{FrappeRequest, RequestKind};
+use crate::layers::route::RouteTarget;
+use crate::upstream::ReplayableBody;
+use crate::{empty_body, full_body, Body, BoxError};
+
+/// A site's retry settings and budget.
+#[derive(Debug)]
+pub struct RetrySettings {
+    /// Most retries per request.
+    pub max_retries: u32,
+    /// First backoff (doubling, full jitter).
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    pub backoff_max: Duration,
+    /// Longest upstream `Retry-After` waited for.
+    pub max_retry_after: Duration,
+    /// Largest held body that may be sent again.
+    pub max_body_bytes: u64,
+    /// Shared by all requests to the site.
+    pub budget: TpsBudget,
+}
+
+/// Why a request is retried (the `reason` label of `erpgate_retries_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Connect,
+    Timeout,
+    Reset,
+    Status,
+}
+
+impl Reason {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Status => "status",
+        }
+    }
+}
+
+/// True when sending the request again cannot change data.
+fn safe_to_repeat(
+    method: &Method,
+    classified: Option<&FrappeRequest>,
+    read_only: &HashSet<String>,
+) -> bool {
+    if method == Method::GET || method == Method::HEAD {
+        return true;
+    }
+    matches!(classified, Some(FrappeRequest { kind: RequestKind::Method(m), embedded_methods, .. })
+        if read_only.contains(m.as_str()) && embedded_methods.iter().all(|e| read_only.contains(e.as_str())))
+}
+
+/// Whether (and why) a result may be retried, and the upstream's `Retry-After`.
+fn retryable(result: &Result<Response<Body>, BoxError>, safe: bool) -> Option<(Reason, Duration)> {
+    match result {
+        Err(e) => match find_cause::<GatewayError>(e.as_ref())? {
+            GatewayError::UpstreamUnreachable { .. } => Some((Reason::Connect, Duration::ZERO)),
+            GatewayError::UpstreamTimeout { .. } if safe => Some((Reason::Timeout, Duration::ZERO)),
+            GatewayError::BadGateway { .. } if safe => Some((Reason::Reset, Duration::ZERO)),
+            _ => None,
+        },
+        Ok(response) => match response.status() {
+            StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+                if safe =>
+            {
+                let after = response
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map_or(Duration::ZERO, Duration::from_secs);
+                Some((Reason::Status, after))
+            }
+            _ => None,
+        },
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^retry))`.
+fn jittered_backoff(base: Duration, max: Duration, retry: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX))
+        .min(max);
+    ceiling.mul_f64(rand::random::<f64>())
+}
+
+/// The retry policy; tower clones it per request, so `attempts` counts this request's retries.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    attempts: u32,
+    deposited: bool,
+    retries: IntCounterVec,
+}
+
+impl RetryPolicy {
+    /// Counts retries in `retries{site,reason}`.
+    pub fn new(retries: IntCounterVec) -> Self {
+        Self {
+            attempts: 0,
+            deposited: false,
+            retries,
+        }
+    }
+}
+
+impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<Body>,
+        result: &mut Result<Response<Body>, BoxError>,
+    ) -> Option<Self::Future> {
+        let site = &request.extensions().get::<RouteTarget>()?.site;
+        let settings = &site.retry;
+        if self.attempts >= settings.max_retries {
+            return None;
+        }
+        let safe = safe_to_repeat(
+            request.method(),
+            request.extensions().get::<FrappeRequest>(),
+            &site.read_only_methods,
+        );
+        let (reason, retry_after) = retryable(result, safe)?;
+        if retry_after > settings.max_retry_after {
+            return None;
+        }
+        if !settings.budget.withdraw() {
+            self.retries
+                .with_label_values(&[&site.name, "budget_exhausted"])
+                .inc();
+            return None;
+        }
+        let delay = jittered_backoff(settings.backoff_base, settings.backoff_max, self.attempts)
+            .max(retry_after);
+        self.attempts += 1;
+        self.retries
+            .with_label_values(&[&site.name, reason.label()])
+            .inc();
+        tracing::debug!(site = %site.name, reason = reason.label(), attempt = self.attempts, ?delay, "retrying");
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, request: &Request<Body>) -> Option<Request<Body>> {
+        let site = &request.extensions().get::<RouteTarget>()?.site;
+        let settings = &site.retry;
+        if !self.deposited {
+            settings.budget.deposit();
+            self.deposited = true;
+        }
+        if self.attempts >= settings.max_retries {
+            return None;
+        }
+        let body = match request.extensions().get::<ReplayableBody>() {
+            Some(ReplayableBody(bytes)) if bytes.len() as u64 <= settings.max_body_bytes => {
+                full_body(bytes.clone())
+            }
+            Some(_) => return None,
+            None if request.body().is_end_stream() => empty_body(),
+            None => return None,
+        };
+        let mut copy = Request::new(body);
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        *copy.extensions_mut() = request.extensions().clone();
+        Some(copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frappe::form_dict::FormKeys;
+    use crate::frappe::CanonicalPath;
+
+    fn err(e: GatewayError) -> Result<Response<Body>, BoxError> {
+        Err(e.into())
+    }
+
+    fn status(code: u16, retry_after: Option<&str>) -> Result<Response<Body>, BoxError> {
+        let mut r = Response::new(empty_body());
+        *r.status_mut() = StatusCode::from_u16(code).unwrap();
+        if let Some(a) = retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, a.parse().unwrap());
+        }
+        Ok(r)
+    }
+
+    #[test]
+    fn what_is_retried() {
+        let unreachable = || err(GatewayError::UpstreamUnreachable { site: "s".into() });
+        let timeout = || {
+            err(GatewayError::UpstreamTimeout {
+                site: "s".into(),
+                timeout: Duration::from_secs(1),
+            })
+        };
+        let reset = || err(GatewayError::BadGateway { site: "s".into() });
+        let open = || {
+            err(GatewayError::BreakerOpen {
+                site: "s".into(),
+                retry_after: Duration::from_secs(1),
+            })
+        };
+        // Never reached the site: always.
+        assert_eq!(
+            retryable(&unreachable(), false).map(|r| r.0),
+            Some(Reason::Connect)
+        );
+        // May have reached it: only when safe to repeat.
+        assert_eq!(
+            retryable(&timeout(), true).map(|r| r.0),
+            Some(Reason::Timeout)
+        );
+        assert_eq!(retryable(&timeout(), false), None);
+        assert_eq!(retryable(&reset(), false), None);
+        assert_eq!(retryable(&status(503, None), false), None);
+        assert_eq!(
+            retryable(&status(503, Some("1")), true),
+            Some((Reason::Status, Duration::from_secs(1)))
+        );
+        // Never: Frappe's own 429, client errors, an open breaker.
+        assert_eq!(retryable(&status(429, Some("1")), true), None);
+        assert_eq!(retryable(&status(417, None), true), None);
+        assert_eq!(retryable(&open(), true), None);
+    }
+
+    #[test]
+    fn read_only_methods_are_safe_whatever_the_verb() {
+        let read_only: HashSet<String> =
+            ["frappe.client.get_list".to_owned()].into_iter().collect();
+        let classify = |m: &Method, p: &str| {
+            FrappeRequest::classify(m, &CanonicalPath::parse(p).unwrap(), &FormKeys::default())
+        };
+        let post = Method::POST;
+        assert!(safe_to_repeat(
+            &post,
+            Some(&classify(&post, "/api/method/frappe.client.get_list")),
+            &read_only
+        ));
+        assert!(!safe_to_repeat(
+            &post,
+            Some(&classify(&post, "/api/method/frappe.client.insert")),
+            &read_only
+        ));
+        assert!(!safe_to_repeat(
+            &post,
+            Some(&classify(&post, "/api/resource/ToDo")),
+            &read_only
+        ));
+        assert!(safe_to_repeat(&Method::GET, None, &read_only));
+    }
+
+    #[test]
+    fn backoff_is_jittered_below_an_exponential_ceiling() {
+        let (base, max) = (Duration::from_millis(50), Duration::from_millis(300));
+        for retry in 0..8 {
+            let ceiling = base.saturating_mul(1 << retry).min(max);
+            for _ in 0..100 {
+                assert!(jittered_backoff(base, max, retry) <= ceiling);
+            }
+        }
+    }
+}
