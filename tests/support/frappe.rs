@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
@@ -30,6 +31,12 @@ pub enum Behaviour {
     Drop,
     /// Never answer (until the connection is closed).
     Stall,
+    /// Answer the next `n` requests with `status`, then answer like Frappe again.
+    FailNext(u32, u16),
+    /// Answer 429 `TooManyRequestsError` with `Retry-After: secs`, as Frappe's rate limiter.
+    Throttle(u64),
+    /// Send the status line, headers and half the body, then break the connection.
+    BreakBody,
 }
 
 /// One request as the upstream received it.
@@ -75,7 +82,16 @@ const GUEST_COOKIES: [&str; 5] = [
 impl FrappeUpstream {
     /// Starts an upstream for `site_name` accepting `(api_key, api_secret, user)` tokens.
     pub async fn start(site_name: &str, tokens: &[(&str, &str, &str)]) -> Self {
-        Self::start_with(site_name, tokens, None).await
+        Self::start_with(site_name, tokens, None, "127.0.0.1:0").await
+    }
+
+    /// Starts an upstream on `addr`: a port the gateway was refused on, now coming back.
+    pub async fn start_on(
+        addr: SocketAddr,
+        site_name: &str,
+        tokens: &[(&str, &str, &str)],
+    ) -> Self {
+        Self::start_with(site_name, tokens, None, &addr.to_string()).await
     }
 
     /// Starts an upstream serving HTTPS with `tls`.
@@ -88,6 +104,7 @@ impl FrappeUpstream {
             site_name,
             tokens,
             Some(tokio_rustls::TlsAcceptor::from(tls)),
+            "127.0.0.1:0",
         )
         .await
     }
@@ -96,8 +113,9 @@ impl FrappeUpstream {
         site_name: &str,
         tokens: &[(&str, &str, &str)],
         tls: Option<tokio_rustls::TlsAcceptor>,
+        bind: &str,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             site_name: site_name.to_owned(),
@@ -175,7 +193,7 @@ impl FrappeUpstream {
     async fn handle(
         &self,
         request: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    ) -> Result<Response<BoxBody<Bytes, std::io::Error>>, std::io::Error> {
         let (parts, mut body) = request.into_parts();
         // Stream the body so a 50 MB upload is hashed, not held.
         let mut hasher = Sha256::new();
@@ -211,21 +229,64 @@ impl FrappeUpstream {
         };
         self.state.received.lock().unwrap().push(received);
 
-        let behaviour = self.state.behaviour.lock().unwrap().clone();
+        let behaviour = {
+            let mut current = self.state.behaviour.lock().unwrap();
+            let now = current.clone();
+            if let Behaviour::FailNext(n, status) = now {
+                *current = match n {
+                    0 | 1 => Behaviour::Normal,
+                    n => Behaviour::FailNext(n - 1, status),
+                };
+            }
+            now
+        };
+        let boxed = |r: Response<Full<Bytes>>| r.map(|b| b.map_err(|e| match e {}).boxed());
         match behaviour {
-            Behaviour::Normal => {}
-            Behaviour::Fail(code) => {
+            Behaviour::Normal | Behaviour::FailNext(0, _) => {}
+            Behaviour::Fail(code) | Behaviour::FailNext(_, code) => {
                 let status = StatusCode::from_u16(code).unwrap();
-                return Ok(frappe_error(status, "ServerError", "injected failure"));
+                return Ok(boxed(frappe_error(
+                    status,
+                    "ServerError",
+                    "injected failure",
+                )));
+            }
+            Behaviour::Throttle(secs) => {
+                let mut r = frappe_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequestsError",
+                    "You hit the rate limit because of too many requests. Please try after sometime.",
+                );
+                r.headers_mut().insert("retry-after", secs.into());
+                return Ok(boxed(r));
             }
             Behaviour::Drop => return Err(std::io::Error::other("dropping the connection")),
             Behaviour::Stall => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
+            Behaviour::BreakBody => {
+                // Headers promise 1000 bytes; 500 arrive, then the connection breaks.
+                // The pause lets the head and first half go out before the break.
+                use futures_util::StreamExt as _;
+                let first: Result<http_body::Frame<Bytes>, std::io::Error> =
+                    Ok(http_body::Frame::data(Bytes::from(vec![b' '; 500])));
+                let chunks =
+                    futures_util::stream::iter([first]).chain(futures_util::stream::once(async {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Err(std::io::Error::other("connection broken mid-response"))
+                    }));
+                let body = StreamBody::new(chunks);
+                let mut r = Response::new(BodyExt::boxed(body));
+                r.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                r.headers_mut().insert("content-length", 1000.into());
+                return Ok(r);
+            }
         }
-        Ok(self
-            .answer(&parts.method, &parts.uri, &parts.headers, &body_bytes, len)
-            .await)
+        Ok(boxed(
+            self.answer(&parts.method, &parts.uri, &parts.headers, &body_bytes, len)
+                .await,
+        ))
     }
 
     async fn answer(
