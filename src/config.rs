@@ -210,7 +210,9 @@ pub struct BreakerConfig {
     pub open_max: Duration,
 }
 
-/// The failure-rate trigger of a breaker.
+/// The failure-rate trigger of a breaker. The rate is a moving average of outcomes weighted by
+/// time (the window is its time constant, failsafe's success-rate policy); it is judged once the
+/// breaker has been closed for a whole window and at least `min_requests` arrived within it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailureRateConfig {

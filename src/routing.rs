@@ -134,6 +134,39 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// A site on an unused local port with no breaker, for layer unit tests.
+#[cfg(test)]
+pub(crate) fn test_site(
+    retry: crate::layers::retry::RetrySettings,
+    total_timeout: std::time::Duration,
+) -> Arc<Site> {
+    use std::time::Duration;
+    let histogram = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("h", "h"))
+        .expect("valid histogram");
+    let backend: http::Uri = "http://127.0.0.1:9".parse().expect("valid uri");
+    let upstream = Upstream::new(
+        "erp".into(),
+        &[backend],
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        None,
+        histogram,
+    )
+    .expect("upstream builds");
+    Arc::new(Site {
+        name: "erp".into(),
+        site_name: HeaderValue::from_static("erp.localhost"),
+        host: HeaderValue::from_static("erp.localhost"),
+        accounts: HashMap::new(),
+        expose_tracebacks: false,
+        upstream,
+        breaker: None,
+        retry,
+        read_only_methods: Default::default(),
+        total_timeout,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -394,4 +394,65 @@ mod tests {
             assert_eq!(b.mirror.gauge.get(), 0);
         });
     }
+
+    #[test]
+    fn the_failure_rate_trips_on_mostly_failures_over_the_window_not_on_a_few() {
+        failsafe::clock::freeze(|clock| {
+            let gauge = IntGauge::new("g", "g").unwrap();
+            let transitions =
+                IntCounterVec::new(prometheus::Opts::new("t", "t"), &["site", "state"]).unwrap();
+            let settings = BreakerSettings {
+                consecutive_failures: 0,
+                failure_rate: Some((0.5, 6, Duration::from_secs(10))),
+                open_base: Duration::from_secs(1),
+                open_max: Duration::from_secs(1),
+            };
+            let b = Breaker::new("erp".into(), &settings, gauge, transitions);
+            // The rate is judged once a whole window has been seen.
+            clock.advance(Duration::from_secs(10));
+            // One failure in five, for 20 s: healthy enough.
+            for i in 0..40 {
+                clock.advance(Duration::from_millis(500));
+                assert!(b.admit().is_some(), "open too early");
+                b.record(if i % 5 == 4 {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                });
+            }
+            // Then only failures: the rate over the window climbs past one half and trips.
+            let mut failures = 0;
+            while b.admit().is_some() {
+                clock.advance(Duration::from_millis(500));
+                b.record(Outcome::Failure);
+                failures += 1;
+                assert!(failures <= 20, "never tripped");
+            }
+            assert!(failures >= 3, "tripped after only {failures} failures");
+            assert!(b.is_open());
+        });
+    }
+
+    #[test]
+    fn the_failure_rate_needs_a_minimum_of_requests_in_the_window() {
+        failsafe::clock::freeze(|clock| {
+            let gauge = IntGauge::new("g", "g").unwrap();
+            let transitions =
+                IntCounterVec::new(prometheus::Opts::new("t", "t"), &["site", "state"]).unwrap();
+            let settings = BreakerSettings {
+                consecutive_failures: 0,
+                failure_rate: Some((0.5, 6, Duration::from_secs(10))),
+                open_base: Duration::from_secs(1),
+                open_max: Duration::from_secs(1),
+            };
+            let b = Breaker::new("erp".into(), &settings, gauge, transitions);
+            clock.advance(Duration::from_secs(10));
+            // A failure every 3 s: never 6 requests within 10 s.
+            for _ in 0..10 {
+                clock.advance(Duration::from_secs(3));
+                assert!(b.admit().is_some());
+                b.record(Outcome::Failure);
+            }
+        });
+    }
 }

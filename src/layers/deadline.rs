@@ -51,7 +51,7 @@ where
         let limit = request
             .extensions()
             .get::<RouteTarget>()
-            .map(|t| (t.site.name.to_string(), t.site.total_timeout));
+            .map(|t| (t.site.name.clone(), t.site.total_timeout));
         DeadlineFuture {
             sleep: limit
                 .as_ref()
@@ -62,13 +62,58 @@ where
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::layers::retry::RetrySettings;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_answers_ends_at_the_deadline() {
+        let retry = RetrySettings {
+            max_retries: 0,
+            backoff_base: Duration::ZERO,
+            backoff_max: Duration::ZERO,
+            max_retry_after: Duration::ZERO,
+            max_body_bytes: 0,
+            budget: tower::retry::budget::TpsBudget::new(Duration::from_secs(10), 1, 0.1),
+        };
+        let site = crate::routing::test_site(retry, Duration::from_secs(7));
+        let never = tower::service_fn(|_request: Request<Body>| {
+            std::future::pending::<Result<Response<Body>, BoxError>>()
+        });
+        let mut request = Request::new(crate::empty_body());
+        request.extensions_mut().insert(RouteTarget {
+            site,
+            account: crate::routing::ServiceAccount {
+                name: "a".into(),
+                authorization: http::HeaderValue::from_static("token a:b"),
+            },
+        });
+        let start = tokio::time::Instant::now();
+        let err = DeadlineLayer
+            .layer(never)
+            .oneshot(request)
+            .await
+            .expect_err("the deadline answers");
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
+        assert!(matches!(
+            crate::error::find_cause::<GatewayError>(err.as_ref()),
+            Some(GatewayError::UpstreamTimeout { .. })
+        ));
+    }
+}
+
 pin_project! {
     /// The inner future, or 504 when the deadline passes first.
     pub struct DeadlineFuture<F> {
         #[pin]
         future: F,
         sleep: Option<Pin<Box<Sleep>>>,
-        limit: Option<(String, std::time::Duration)>,
+        limit: Option<(std::sync::Arc<str>, std::time::Duration)>,
     }
 }
 
@@ -86,7 +131,7 @@ where
         if let (Some(sleep), Some((site, timeout))) = (this.sleep.as_mut(), this.limit.as_ref()) {
             if sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(GatewayError::UpstreamTimeout {
-                    site: site.clone(),
+                    site: site.to_string(),
                     timeout: *timeout,
                 }
                 .into()));

@@ -285,6 +285,87 @@ mod tests {
         assert!(safe_to_repeat(&Method::GET, None, &read_only));
     }
 
+    /// A retry stack over a scripted site; returns the answer, the attempts made and the
+    /// (paused) time taken.
+    async fn run_script(
+        settings: RetrySettings,
+        script: Vec<(u16, Option<&'static str>)>,
+    ) -> (StatusCode, usize, Duration) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tower::{ServiceBuilder, ServiceExt};
+
+        let site = crate::routing::test_site(settings, Duration::from_secs(60));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let script = Arc::new(script);
+        let inner = tower::service_fn(move |_request: Request<Body>| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            let (code, after) = script[n.min(script.len() - 1)];
+            async move { status(code, after) }
+        });
+        let retries =
+            IntCounterVec::new(prometheus::Opts::new("r", "r"), &["site", "reason"]).unwrap();
+        let service = ServiceBuilder::new()
+            .layer(tower::retry::RetryLayer::new(RetryPolicy::new(retries)))
+            .service(inner);
+        let mut request = Request::new(empty_body());
+        request.extensions_mut().insert(RouteTarget {
+            site,
+            account: crate::routing::ServiceAccount {
+                name: "a".into(),
+                authorization: http::HeaderValue::from_static("token a:b"),
+            },
+        });
+        let start = tokio::time::Instant::now();
+        let response = service.oneshot(request).await.unwrap();
+        (
+            response.status(),
+            calls.load(Ordering::SeqCst),
+            start.elapsed(),
+        )
+    }
+
+    fn settings(max_retries: u32, base_ms: u64, max_ms: u64) -> RetrySettings {
+        RetrySettings {
+            max_retries,
+            backoff_base: Duration::from_millis(base_ms),
+            backoff_max: Duration::from_millis(max_ms),
+            max_retry_after: Duration::from_secs(2),
+            max_body_bytes: 1024,
+            budget: TpsBudget::new(Duration::from_secs(10), 100, 1.0),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_retry_after_is_waited_for_up_to_the_cap() {
+        // 503 with Retry-After: 1, then 200: the retry waits the second (backoff is at most 100 ms).
+        let (status, calls, took) =
+            run_script(settings(2, 100, 100), vec![(503, Some("1")), (200, None)]).await;
+        assert_eq!((status, calls), (StatusCode::OK, 2));
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_millis(1100),
+            "{took:?}"
+        );
+
+        // Retry-After: 5 is over the 2 s cap: the 503 is the answer, at once.
+        let (status, calls, took) =
+            run_script(settings(2, 100, 100), vec![(503, Some("5")), (200, None)]).await;
+        assert_eq!((status, calls), (StatusCode::SERVICE_UNAVAILABLE, 1));
+        assert_eq!(took, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_grows_to_its_cap_and_retries_stop_at_the_maximum() {
+        // Ceilings 100, 200, 300, 300 ms: four retries take at most 900 ms in all.
+        let (status, calls, took) = run_script(settings(4, 100, 300), vec![(502, None)]).await;
+        assert_eq!((status, calls), (StatusCode::BAD_GATEWAY, 5));
+        assert!(took <= Duration::from_millis(900), "{took:?}");
+        // A 4xx is an answer, not a failure.
+        let (status, calls, _) = run_script(settings(4, 100, 300), vec![(404, None)]).await;
+        assert_eq!((status, calls), (StatusCode::NOT_FOUND, 1));
+    }
+
     #[test]
     fn backoff_is_jittered_below_an_exponential_ceiling() {
         let (base, max) = (Duration::from_millis(50), Duration::from_millis(300));
