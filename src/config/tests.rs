@@ -215,3 +215,88 @@ fn the_shipped_gateway_yaml_is_valid() {
         panic!("{e}");
     }
 }
+
+#[test]
+fn resilience_settings_load_with_defaults_and_bad_ones_are_rejected() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    let c = &loaded.config;
+    let erp = &c.sites["erp"];
+    assert!(erp.breaker.enabled);
+    assert_eq!(erp.breaker.consecutive_failures, 5);
+    assert_eq!(erp.retry.max_retries, 2);
+    assert_eq!(erp.timeouts.total, Duration::from_secs(60));
+    assert!(erp
+        .retry
+        .read_only_methods
+        .contains(&"frappe.client.get_list".to_owned()));
+    assert_eq!(c.max_in_flight, 64);
+    assert!(c.rate_limit.is_none());
+    assert_eq!(c.idempotency.ttl, Duration::from_secs(24 * 3600));
+
+    let with = |extra: &str| {
+        valid().replace(
+            "    timeouts: { connect: 500ms, request: 5s }\n",
+            &format!("    timeouts: {{ connect: 500ms, request: 5s }}\n{extra}"),
+        )
+    };
+    let good = with("    breaker: { consecutive_failures: 3, open_base: 1s, open_max: 10s }\n    retry: { max_retries: 1 }\n");
+    assert_ne!(good, valid());
+    let loaded = Config::from_yaml(&good, "t").unwrap();
+    assert_eq!(
+        loaded.config.sites["erp"].breaker.open_max,
+        Duration::from_secs(10)
+    );
+
+    let cases = [
+        (
+            with("    breaker: { open_base: 10s, open_max: 1s }\n"),
+            "sites.erp.breaker",
+            "at most open_max",
+        ),
+        (
+            with("    breaker: { failure_rate: { threshold: 1.5 } }\n"),
+            "sites.erp.breaker.failure_rate",
+            "threshold must be in (0, 1]",
+        ),
+        (
+            with("    retry: { backoff_base: 0ms }\n"),
+            "sites.erp.retry",
+            "backoff_base must be more than 0",
+        ),
+        (
+            with("    retry: { max_retriez: 1 }\n"),
+            "sites.erp.retry",
+            "unknown field",
+        ),
+        (
+            format!(
+                "rate_limit: {{ per_second: 5, per_minute: 5 }}\n{}",
+                valid()
+            ),
+            "rate_limit",
+            "exactly one of per_second and per_minute",
+        ),
+        (
+            valid().replace(
+                "    service_account: sync\n    extra_sites",
+                "    service_account: sync\n    rate_limit: { per_second: 0 }\n    extra_sites",
+            ),
+            "clients.shop.rate_limit",
+            "at least 1",
+        ),
+        (
+            format!("max_in_flight: 0\n{}", valid()),
+            "max_in_flight",
+            "at least 1",
+        ),
+    ];
+    for (yaml, path, want) in cases {
+        assert_ne!(yaml, valid());
+        let p = problems(&yaml);
+        assert!(
+            p.iter()
+                .any(|p| p.path.starts_with(path) && p.message.contains(want)),
+            "{path}: {p:?}"
+        );
+    }
+}
