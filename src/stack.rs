@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! client ─► request id ─► observe ─► error edge ─► body limit ─► authenticate ─► route
-//!        ─► classify + authorize ─► credential swap ─► forward (pooled client) ─► Frappe site
+//!        ─► classify ─► rate limit ─► concurrency ─► authorize ─► idempotency ─► deadline
+//!        ─► retry ─► circuit breaker ─► credential swap ─► forward (pooled client) ─► site
 //! ```
 
 use std::collections::HashMap;

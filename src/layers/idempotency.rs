@@ -122,6 +122,9 @@ impl MemoryStore {
         let records = moka::sync::Cache::builder()
             .time_to_live(ttl)
             .max_capacity(max_bytes)
+            // LRU admits every new record; moka's default (TinyLFU) may turn a new key away
+            // when full, and an unrecorded claim would let a concurrent repeat run too.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .weigher(|key: &RecordKey, record: &Arc<Record>| {
                 let size = 128 + key.key.len() + record.outcome.as_ref().map_or(0, Outcome::weight);
                 u32::try_from(size).unwrap_or(u32::MAX)
