@@ -48,8 +48,9 @@ pub struct Config {
     /// How many failed authentications one source IP may make before it gets 429.
     #[serde(default)]
     pub auth_failures: AuthFailureLimit,
-    /// Default request quota of every client without its own. Default: none (unlimited).
-    #[serde(default)]
+    /// Default request quota of every client without its own. Default 100 per second with a
+    /// burst of 200; `null` for none (unlimited).
+    #[serde(default = "defaults::rate_limit")]
     pub rate_limit: Option<QuotaConfig>,
     /// Default extra quota for writes (create, update, delete, doc methods, methods not known
     /// read-only) of every client without its own. Default: none.
@@ -602,6 +603,13 @@ mod defaults {
     }
     pub fn total_timeout() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn rate_limit() -> Option<QuotaConfig> {
+        Some(QuotaConfig {
+            per_second: Some(100),
+            per_minute: None,
+            burst: Some(200),
+        })
     }
     pub fn max_in_flight() -> u32 {
         64

@@ -157,8 +157,33 @@ pub fn error_response(
     if let Some(GatewayError::TooManyRequests { headers: extra, .. }) = known {
         headers.extend((**extra).clone());
     }
+    if let Some(with) = find_cause::<WithHeaders>(err.as_ref()) {
+        headers.extend(with.headers.clone());
+    }
     response.extensions_mut().insert(ErrorKind(exc_type));
     response
+}
+
+/// An error that passed a layer describing the request in headers (the client's rate-limit
+/// state): its response carries them too, like any other response would.
+#[derive(Debug)]
+pub struct WithHeaders {
+    /// Added to the error response.
+    pub headers: http::HeaderMap,
+    /// The error itself.
+    pub source: BoxError,
+}
+
+impl std::fmt::Display for WithHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
+impl std::error::Error for WithHeaders {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.source.as_ref())
+    }
 }
 
 /// Marks a response the gateway made from an error, for the access log.

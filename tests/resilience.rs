@@ -469,7 +469,7 @@ async fn under_a_failing_site_retries_stay_within_the_budget() {
     // 10 % of requests plus a floor of 1/s over tower's 10 s window (10 retries).
     let yaml = config(
         &up,
-        "",
+        "rate_limit: null",
         "retry: { max_retries: 3, backoff_base: 1ms, backoff_max: 2ms, budget_percent: 10, budget_min_per_second: 1 }\nbreaker: { enabled: false }",
         "",
     );
@@ -542,10 +542,14 @@ async fn a_client_over_quota_gets_429_with_headers_while_another_gets_200() {
     );
     assert_eq!(up.count(), 3);
 
-    // Another client is untouched, and unlimited clients get no rate-limit headers.
+    // Another client is untouched: its own quota (the default, 100/s with a burst of 200).
     let other = get_path(&gw, "/api/resource/ToDo", TODO_READER).await;
     assert_eq!(other.status, StatusCode::OK);
-    assert!(other.header("ratelimit").is_none());
+    assert_eq!(other.header("x-ratelimit-remaining"), Some("199"));
+    assert_eq!(
+        other.header("ratelimit-policy"),
+        Some("\"default\";q=200;w=2")
+    );
     assert_eq!(up.count(), 4);
     let m = gw.metrics().await;
     assert_eq!(
@@ -556,6 +560,43 @@ async fn a_client_over_quota_gets_429_with_headers_while_another_gets_200() {
         ),
         1.0
     );
+}
+
+#[tokio::test]
+async fn every_answer_to_a_limited_client_carries_its_quota_even_errors() {
+    let up = upstream().await;
+    let yaml = config(
+        &up,
+        "",
+        "retry: { max_retries: 0 }\nbreaker: { enabled: false }",
+        "rate_limit: { per_second: 10, burst: 20 }",
+    );
+    let gw = Gateway::start(&yaml).await;
+    // A Frappe answer, an upstream error, a gateway error (broken connection: 502).
+    let not_found = get_path(&gw, "/api/resource/ToDo/nothing", FULL).await;
+    assert_eq!(not_found.status, StatusCode::NOT_FOUND);
+    up.set_behaviour(Behaviour::Fail(500));
+    let failed = get_path(&gw, "/api/resource/ToDo", FULL).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    up.set_behaviour(Behaviour::Drop);
+    let broken = get_path(&gw, "/api/resource/ToDo", FULL).await;
+    assert_eq!(broken.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(broken.json()["exc_type"], "BadGateway");
+    for (reply, remaining) in [(&not_found, "19"), (&failed, "18"), (&broken, "17")] {
+        assert_eq!(reply.header("x-ratelimit-limit"), Some("20"));
+        assert_eq!(reply.header("x-ratelimit-remaining"), Some(remaining));
+        assert_eq!(
+            reply.header("ratelimit-policy"),
+            Some("\"default\";q=20;w=2")
+        );
+    }
+    // A refusal by the access rules costs quota and says so.
+    let yaml = config(&up, "rate_limit: { per_minute: 5 }", "", "");
+    let gw = Gateway::start(&yaml).await;
+    let refused = get_path(&gw, "/api/resource/User", TODO_READER).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.header("x-ratelimit-remaining"), Some("4"));
+    assert_eq!(up.count(), 3);
 }
 
 #[tokio::test]

@@ -230,7 +230,10 @@ fn resilience_settings_load_with_defaults_and_bad_ones_are_rejected() {
         .read_only_methods
         .contains(&"frappe.client.get_list".to_owned()));
     assert_eq!(c.max_in_flight, 64);
-    assert!(c.rate_limit.is_none());
+    let quota = c.rate_limit.as_ref().expect("a default quota");
+    assert_eq!((quota.per_second, quota.burst), (Some(100), Some(200)));
+    let unlimited = Config::from_yaml(&format!("rate_limit: null\n{}", valid()), "t").unwrap();
+    assert!(unlimited.config.rate_limit.is_none());
     assert_eq!(c.idempotency.ttl, Duration::from_secs(24 * 3600));
 
     let with = |extra: &str| {

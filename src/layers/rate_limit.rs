@@ -25,7 +25,7 @@ use pin_project_lite::pin_project;
 use prometheus::IntCounterVec;
 use tower::{Layer, Service};
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, WithHeaders};
 use crate::frappe::FrappeRequest;
 use crate::layers::auth::Client;
 use crate::layers::route::RouteTarget;
@@ -267,9 +267,19 @@ where
                 .take()
                 .map_or_else(|| "polled after completion".into(), Into::into))),
             RateLimitProj::Inner { future, usages } => {
-                let mut response = std::task::ready!(future.poll(cx))?;
-                write_headers(usages, response.headers_mut());
-                Poll::Ready(Ok(response))
+                Poll::Ready(match std::task::ready!(future.poll(cx)) {
+                    Ok(mut response) => {
+                        write_headers(usages, response.headers_mut());
+                        Ok(response)
+                    }
+                    // Error answers (403, 502, 503, 504) describe the quota too.
+                    Err(source) if !usages.is_empty() => {
+                        let mut headers = HeaderMap::new();
+                        write_headers(usages, &mut headers);
+                        Err(Box::new(WithHeaders { headers, source }))
+                    }
+                    Err(source) => Err(source),
+                })
             }
         }
     }
