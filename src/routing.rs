@@ -134,12 +134,12 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// A site on an unused local port with no breaker, for layer unit tests.
+/// A route target on a site on an unused local port with no breaker, for layer unit tests.
 #[cfg(test)]
-pub(crate) fn test_site(
+pub(crate) fn test_target(
     retry: crate::layers::retry::RetrySettings,
     total_timeout: std::time::Duration,
-) -> Arc<Site> {
+) -> crate::layers::route::RouteTarget {
     use std::time::Duration;
     let histogram = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("h", "h"))
         .expect("valid histogram");
@@ -153,7 +153,7 @@ pub(crate) fn test_site(
         histogram,
     )
     .expect("upstream builds");
-    Arc::new(Site {
+    let site = Arc::new(Site {
         name: "erp".into(),
         site_name: HeaderValue::from_static("erp.localhost"),
         host: HeaderValue::from_static("erp.localhost"),
@@ -164,7 +164,14 @@ pub(crate) fn test_site(
         retry,
         read_only_methods: Default::default(),
         total_timeout,
-    })
+    });
+    crate::layers::route::RouteTarget {
+        site,
+        account: ServiceAccount {
+            name: "sync".into(),
+            authorization: HeaderValue::from_static("token key:secret"),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -330,17 +330,30 @@ where
 mod tests {
     use super::*;
 
-    fn breaker(consecutive: u32) -> Breaker {
+    fn breaker_with(settings: &BreakerSettings) -> Breaker {
         let gauge = IntGauge::new("g", "g").unwrap();
         let transitions =
             IntCounterVec::new(prometheus::Opts::new("t", "t"), &["site", "state"]).unwrap();
-        let settings = BreakerSettings {
+        Breaker::new("erp".into(), settings, gauge, transitions)
+    }
+
+    fn breaker(consecutive: u32) -> Breaker {
+        breaker_with(&BreakerSettings {
             consecutive_failures: consecutive,
             failure_rate: None,
             open_base: Duration::from_millis(100),
             open_max: Duration::from_millis(400),
-        };
-        Breaker::new("erp".into(), &settings, gauge, transitions)
+        })
+    }
+
+    /// Only the failure-rate trigger: above 0.5 over 10 s, with at least 6 requests.
+    fn rate_breaker() -> Breaker {
+        breaker_with(&BreakerSettings {
+            consecutive_failures: 0,
+            failure_rate: Some((0.5, 6, Duration::from_secs(10))),
+            open_base: Duration::from_secs(1),
+            open_max: Duration::from_secs(1),
+        })
     }
 
     #[test]
@@ -398,16 +411,7 @@ mod tests {
     #[test]
     fn the_failure_rate_trips_on_mostly_failures_over_the_window_not_on_a_few() {
         failsafe::clock::freeze(|clock| {
-            let gauge = IntGauge::new("g", "g").unwrap();
-            let transitions =
-                IntCounterVec::new(prometheus::Opts::new("t", "t"), &["site", "state"]).unwrap();
-            let settings = BreakerSettings {
-                consecutive_failures: 0,
-                failure_rate: Some((0.5, 6, Duration::from_secs(10))),
-                open_base: Duration::from_secs(1),
-                open_max: Duration::from_secs(1),
-            };
-            let b = Breaker::new("erp".into(), &settings, gauge, transitions);
+            let b = rate_breaker();
             // The rate is judged once a whole window has been seen.
             clock.advance(Duration::from_secs(10));
             // One failure in five, for 20 s: healthy enough.
@@ -436,16 +440,7 @@ mod tests {
     #[test]
     fn the_failure_rate_needs_a_minimum_of_requests_in_the_window() {
         failsafe::clock::freeze(|clock| {
-            let gauge = IntGauge::new("g", "g").unwrap();
-            let transitions =
-                IntCounterVec::new(prometheus::Opts::new("t", "t"), &["site", "state"]).unwrap();
-            let settings = BreakerSettings {
-                consecutive_failures: 0,
-                failure_rate: Some((0.5, 6, Duration::from_secs(10))),
-                open_base: Duration::from_secs(1),
-                open_max: Duration::from_secs(1),
-            };
-            let b = Breaker::new("erp".into(), &settings, gauge, transitions);
+            let b = rate_breaker();
             clock.advance(Duration::from_secs(10));
             // A failure every 3 s: never 6 requests within 10 s.
             for _ in 0..10 {

@@ -81,18 +81,12 @@ mod tests {
             max_body_bytes: 0,
             budget: tower::retry::budget::TpsBudget::new(Duration::from_secs(10), 1, 0.1),
         };
-        let site = crate::routing::test_site(retry, Duration::from_secs(7));
+        let target = crate::routing::test_target(retry, Duration::from_secs(7));
         let never = tower::service_fn(|_request: Request<Body>| {
             std::future::pending::<Result<Response<Body>, BoxError>>()
         });
         let mut request = Request::new(crate::empty_body());
-        request.extensions_mut().insert(RouteTarget {
-            site,
-            account: crate::routing::ServiceAccount {
-                name: "a".into(),
-                authorization: http::HeaderValue::from_static("token a:b"),
-            },
-        });
+        request.extensions_mut().insert(target);
         let start = tokio::time::Instant::now();
         let err = DeadlineLayer
             .layer(never)

@@ -295,7 +295,7 @@ mod tests {
         use std::sync::Arc;
         use tower::{ServiceBuilder, ServiceExt};
 
-        let site = crate::routing::test_site(settings, Duration::from_secs(60));
+        let target = crate::routing::test_target(settings, Duration::from_secs(60));
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let script = Arc::new(script);
@@ -310,13 +310,7 @@ mod tests {
             .layer(tower::retry::RetryLayer::new(RetryPolicy::new(retries)))
             .service(inner);
         let mut request = Request::new(empty_body());
-        request.extensions_mut().insert(RouteTarget {
-            site,
-            account: crate::routing::ServiceAccount {
-                name: "a".into(),
-                authorization: http::HeaderValue::from_static("token a:b"),
-            },
-        });
+        request.extensions_mut().insert(target);
         let start = tokio::time::Instant::now();
         let response = service.oneshot(request).await.unwrap();
         (
