@@ -75,6 +75,9 @@ pub struct Config {
     /// The clients allowed in, by name (the name appears in logs and metrics).
     #[serde(default)]
     pub clients: IndexMap<String, ClientConfig>,
+    /// The response cache. Default: no rules, no caching.
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 
 /// Logging.
@@ -173,6 +176,86 @@ pub struct SiteConfig {
     /// Retries to this site.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Frappe webhooks to `POST /_erpgate/webhooks/frappe/<site>` that purge the cache. Default:
+    /// off (the endpoint answers 404 for this site).
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// The secret Frappe signs this site's webhooks with (the Webhook's "Webhook Secret").
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The secret; use `${ENV}`. Exactly one of `secret` and `secret_file` is required.
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub secret: Option<EnvString>,
+    /// A file holding the secret; trailing newline ignored.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .finish()
+    }
+}
+
+/// The response cache. Opt-in: without rules nothing is cached.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Memory for all entries (bodies, headers and bookkeeping). Default `256MiB`.
+    #[serde(default = "defaults::cache_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Largest response body stored; larger answers pass through uncached. Default `1MiB`.
+    #[serde(default = "defaults::cache_max_entry_bytes")]
+    pub max_entry_bytes: ByteSize,
+    /// What is cached: each rule names a doctype or a read-only method.
+    #[serde(default)]
+    pub rules: Vec<CacheRuleConfig>,
+}
+
+/// One cache rule: GET/HEAD reads of a doctype (v1 `/api/resource/..` and v2
+/// `/api/v2/document/..`), or GET/HEAD calls of a method.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRuleConfig {
+    /// A doctype (matched case-insensitively). Exactly one of `doctype` and `method`.
+    #[serde(default)]
+    pub doctype: Option<String>,
+    /// A method by dotted name, such as `frappe.client.get_count`.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// For a doctype: `list` reads, `document` reads, or both. Default both.
+    #[serde(default = "defaults::cache_reads")]
+    pub reads: Vec<CacheReads>,
+    /// How long an answer is served from the cache.
+    #[serde(deserialize_with = "parse_duration")]
+    pub ttl: Duration,
+    /// After `ttl`, how long an answer may still be served when the site fails (5xx, timeout,
+    /// unreachable, breaker open). Default `0s`.
+    #[serde(default, deserialize_with = "parse_duration")]
+    pub stale_if_error: Duration,
+    /// Store answers even when the site says `Cache-Control: no-store` or `private`. Default
+    /// `false`.
+    #[serde(default)]
+    pub override_upstream_cache_control: bool,
+    /// Only these sites. Default: every site.
+    #[serde(default)]
+    pub sites: Vec<String>,
+}
+
+/// Which reads of a doctype a rule caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheReads {
+    /// `GET /api/resource/<doctype>` (and v2): lists.
+    List,
+    /// `GET /api/resource/<doctype>/<name>` (and v2): one document.
+    Document,
 }
 
 /// A GCRA quota: a sustained rate (`per_second` or `per_minute`) and a burst.
@@ -604,6 +687,15 @@ mod defaults {
     pub fn total_timeout() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn cache_max_bytes() -> ByteSize {
+        ByteSize(256 << 20)
+    }
+    pub fn cache_max_entry_bytes() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+    pub fn cache_reads() -> Vec<super::CacheReads> {
+        vec![super::CacheReads::List, super::CacheReads::Document]
+    }
     pub fn rate_limit() -> Option<QuotaConfig> {
         Some(QuotaConfig {
             per_second: Some(100),
@@ -720,6 +812,16 @@ impl Default for Timeouts {
     }
 }
 
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: defaults::cache_max_bytes(),
+            max_entry_bytes: defaults::cache_max_entry_bytes(),
+            rules: Vec::new(),
+        }
+    }
+}
+
 impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
@@ -816,6 +918,8 @@ pub struct LoadedConfig {
     pub config: Config,
     /// Service-account secrets by (site, account), read from `api_secret` or `api_secret_file`.
     pub secrets: IndexMap<(String, String), Secret>,
+    /// Webhook secrets by site.
+    pub webhook_secrets: IndexMap<String, Secret>,
 }
 
 /// A secret that never prints.
@@ -883,6 +987,7 @@ impl Config {
             });
         };
         let mut secrets = IndexMap::new();
+        let mut webhook_secrets = IndexMap::new();
 
         if self.sites.is_empty() {
             problem("sites".into(), "at least one site is required".into());
@@ -1024,6 +1129,81 @@ impl Config {
                     secrets.insert((site_name.clone(), account_name.clone()), Secret(secret));
                 }
             }
+            if let Some(webhook) = &site.webhook {
+                let at = format!("{at}.webhook");
+                let secret = match (&webhook.secret, &webhook.secret_file) {
+                    (Some(s), None) => Some(s.0.clone()),
+                    (None, Some(file)) => match std::fs::read_to_string(file) {
+                        Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
+                        Err(e) => {
+                            problem(
+                                format!("{at}.secret_file"),
+                                format!("cannot read {}: {e}", file.display()),
+                            );
+                            None
+                        }
+                    },
+                    _ => {
+                        problem(
+                            at.clone(),
+                            "exactly one of secret and secret_file is required".into(),
+                        );
+                        None
+                    }
+                };
+                match secret {
+                    Some(s) if s.is_empty() => problem(at, "the secret is empty".into()),
+                    Some(s) => {
+                        webhook_secrets.insert(site_name.clone(), Secret(s));
+                    }
+                    None => {}
+                }
+            }
+        }
+
+        let cache = &self.cache;
+        if cache.max_entry_bytes.0 == 0 || cache.max_entry_bytes.0 > cache.max_bytes.0 {
+            problem(
+                "cache.max_entry_bytes".into(),
+                "must be more than 0 and at most cache.max_bytes".into(),
+            );
+        }
+        for (i, rule) in cache.rules.iter().enumerate() {
+            let at = format!("cache.rules[{i}]");
+            match (&rule.doctype, &rule.method) {
+                (Some(d), None) if d.trim().is_empty() => {
+                    problem(format!("{at}.doctype"), "is empty".into())
+                }
+                (Some(_), None) => {}
+                (None, Some(m)) => {
+                    let ok = !m.is_empty()
+                        && m.split('.').all(|part| {
+                            !part.is_empty()
+                                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        });
+                    if !ok {
+                        problem(
+                            format!("{at}.method"),
+                            format!("'{m}' is not a method name"),
+                        );
+                    }
+                }
+                _ => problem(at.clone(), "needs exactly one of doctype and method".into()),
+            }
+            if rule.ttl.is_zero() {
+                problem(format!("{at}.ttl"), "must be more than 0".into());
+            }
+            if rule.reads.is_empty() {
+                problem(
+                    format!("{at}.reads"),
+                    "must name list, document or both".into(),
+                );
+            }
+            for site in &rule.sites {
+                if !self.sites.contains_key(site) {
+                    problem(format!("{at}.sites"), format!("unknown site '{site}'"));
+                }
+            }
         }
 
         for (i, route) in self.routes.iter().enumerate() {
@@ -1143,6 +1323,7 @@ impl Config {
             Ok(LoadedConfig {
                 config: self,
                 secrets,
+                webhook_secrets,
             })
         } else {
             Err(problems)

@@ -32,6 +32,9 @@ pub enum GatewayError {
     /// The request itself is unusable (path, body encoding).
     #[error("{0}")]
     BadRequest(String),
+    /// A gateway endpoint for something that does not exist (a webhook for an unknown site).
+    #[error("{0}")]
+    NotFound(String),
     /// The request body is over a configured limit.
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
@@ -71,6 +74,7 @@ impl GatewayError {
                 (StatusCode::FORBIDDEN, "PermissionError")
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "ValidationError"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "DoesNotExistError"),
             Self::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge")
             }

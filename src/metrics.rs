@@ -3,8 +3,8 @@
 //! request text, so cardinality is bounded by the config.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, from a cached answer to a slow report.
@@ -35,6 +35,17 @@ pub struct Metrics {
     /// `erpgate_retries_total{site,reason}`: reason `connect`, `timeout`, `reset`, `status`,
     /// or `budget_exhausted` for a retry the budget refused.
     pub retries: IntCounterVec,
+    /// `erpgate_cache_events_total{site,result}`: `hit`, `miss`, `collapsed` (waited for another
+    /// request's miss), `stale`, `bypass`.
+    pub cache_events: IntCounterVec,
+    /// `erpgate_cache_invalidations_total{site,reason}`: `write`, `webhook`, `purge`.
+    pub cache_invalidations: IntCounterVec,
+    /// `erpgate_cache_evictions_total`: entries pushed out by the byte bound.
+    pub cache_evictions: IntCounter,
+    /// `erpgate_cache_bytes`
+    pub cache_bytes: IntGauge,
+    /// `erpgate_cache_entries`
+    pub cache_entries: IntGauge,
 }
 
 impl Metrics {
@@ -97,6 +108,32 @@ impl Metrics {
             Opts::new("erpgate_retries_total", "Upstream retries, by reason."),
             &["site", "reason"],
         )?;
+        let cache_events = IntCounterVec::new(
+            Opts::new("erpgate_cache_events_total", "Cache lookups, by result."),
+            &["site", "result"],
+        )?;
+        let cache_invalidations = IntCounterVec::new(
+            Opts::new(
+                "erpgate_cache_invalidations_total",
+                "Cache invalidations, by reason.",
+            ),
+            &["site", "reason"],
+        )?;
+        let cache_evictions = IntCounter::new(
+            "erpgate_cache_evictions_total",
+            "Cache entries evicted by the byte bound.",
+        )?;
+        let cache_bytes = IntGauge::new("erpgate_cache_bytes", "Bytes held by the cache.")?;
+        let cache_entries = IntGauge::new("erpgate_cache_entries", "Entries in the cache.")?;
+        for collector in [
+            Box::new(cache_events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_invalidations.clone()),
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_entries.clone()),
+        ] {
+            registry.register(collector)?;
+        }
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
@@ -121,6 +158,11 @@ impl Metrics {
             breaker_state,
             breaker_transitions,
             retries,
+            cache_events,
+            cache_invalidations,
+            cache_evictions,
+            cache_bytes,
+            cache_entries,
         })
     }
 

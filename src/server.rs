@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -21,6 +21,7 @@ use tower::ServiceExt;
 
 use crate::config::LoadedConfig;
 use crate::forwarding::PeerAddr;
+use crate::layers::cache::Cache;
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::stack::{build, BuildError, GatewayService};
@@ -91,7 +92,14 @@ impl RunningGateway {
                 .readyz_requires_closed_breakers
                 .then(|| gateway.router.clone()),
         };
-        let admin = tokio::spawn(serve_admin(admin, metrics.clone(), readiness));
+        let admin = tokio::spawn(serve_admin(
+            admin,
+            Admin {
+                metrics: metrics.clone(),
+                readiness,
+                cache: gateway.cache.clone(),
+            },
+        ));
         tracing::info!(%listen_addr, %admin_addr, sites = config.sites.len(), clients = config.clients.len(), "erpgate listening");
         Ok(Self {
             listen_addr,
@@ -207,17 +215,24 @@ impl Readiness {
     }
 }
 
-async fn serve_admin(listener: TcpListener, metrics: Metrics, readiness: Readiness) {
+/// What the admin listener serves from.
+#[derive(Clone)]
+struct Admin {
+    metrics: Metrics,
+    readiness: Readiness,
+    cache: Option<Arc<Cache>>,
+}
+
+async fn serve_admin(listener: TcpListener, admin: Admin) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
-        let readiness = readiness.clone();
+        let admin = admin.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let response = admin_response(request.uri().path(), &metrics, &readiness);
-            async move { Ok::<_, Infallible>(response) }
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.respond(&request).await) }
         });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
@@ -227,32 +242,78 @@ async fn serve_admin(listener: TcpListener, metrics: Metrics, readiness: Readine
     }
 }
 
-fn admin_response(path: &str, metrics: &Metrics, readiness: &Readiness) -> Response<Body> {
-    let (status, content_type, body) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            full_body(metrics.encode()),
-        ),
-        "/healthz" => (StatusCode::OK, "text/plain", full_body("ok\n")),
-        "/readyz" => match readiness.unready_reason() {
-            Some(reason) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                full_body(format!("{reason}\n")),
+impl Admin {
+    async fn respond(&self, request: &Request<Incoming>) -> Response<Body> {
+        let text = |status, body: String| (status, "text/plain", full_body(body));
+        let (status, content_type, body) = match (request.method(), request.uri().path()) {
+            (_, "/metrics") => {
+                if let Some(cache) = &self.cache {
+                    cache.stats().await;
+                }
+                (
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    full_body(self.metrics.encode()),
+                )
+            }
+            (_, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+            (_, "/readyz") => match self.readiness.unready_reason() {
+                Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+                None => text(StatusCode::OK, "ready\n".into()),
+            },
+            (_, "/cache/stats" | "/cache/purge") if self.cache.is_none() => text(
+                StatusCode::NOT_FOUND,
+                "no cache rules are configured\n".into(),
             ),
-            None => (StatusCode::OK, "text/plain", full_body("ready\n")),
-        },
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            full_body("not found\n"),
-        ),
-    };
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
+            (&Method::GET, "/cache/stats") => {
+                let stats = match &self.cache {
+                    Some(cache) => cache.stats().await,
+                    None => return Response::new(crate::empty_body()),
+                };
+                let body = serde_json::json!({
+                    "entries": stats.entries,
+                    "bytes": stats.bytes,
+                    "max_bytes": stats.max_bytes,
+                });
+                (
+                    StatusCode::OK,
+                    "application/json",
+                    full_body(body.to_string()),
+                )
+            }
+            (&Method::POST, "/cache/purge") => {
+                let param = |name: &str| {
+                    request.uri().query().and_then(|q| {
+                        form_urlencoded::parse(q.as_bytes())
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| v.into_owned())
+                    })
+                };
+                let (site, doctype) = (param("site"), param("doctype"));
+                if doctype.is_some() && site.is_none() {
+                    text(
+                        StatusCode::BAD_REQUEST,
+                        "doctype needs site: POST /cache/purge?site=S&doctype=D\n".into(),
+                    )
+                } else {
+                    if let Some(cache) = &self.cache {
+                        cache.purge(site.as_deref(), doctype.as_deref());
+                    }
+                    tracing::info!(site, doctype, "cache purged");
+                    text(StatusCode::OK, "purged\n".into())
+                }
+            }
+            (_, "/cache/stats" | "/cache/purge") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET /cache/stats, POST /cache/purge\n".into(),
+            ),
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+    }
 }

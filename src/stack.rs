@@ -25,6 +25,8 @@ use crate::layers::auth::{AuthFailureLimiter, AuthLayer, Client, ClientTable};
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::{Breaker, BreakerLayer, BreakerSettings};
+use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
+use crate::layers::cache::{Cache, CacheLayer};
 use crate::layers::classify::ClassifyLayer;
 use crate::layers::concurrency::ConcurrencyLayer;
 use crate::layers::credential_swap::CredentialSwapLayer;
@@ -37,6 +39,7 @@ use crate::layers::rate_limit::{ClientQuotas, QuotaPolicy, RateLimitLayer};
 use crate::layers::request_id::RequestIdLayer;
 use crate::layers::retry::{RetryPolicy, RetrySettings};
 use crate::layers::route::RouteLayer;
+use crate::layers::webhook::WebhookLayer;
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router, ServiceAccount, Site};
 use crate::upstream::{Upstream, UpstreamBuildError};
@@ -65,6 +68,8 @@ pub struct Gateway {
     pub service: GatewayService,
     /// Sites and routes.
     pub router: Arc<Router>,
+    /// The response cache, when rules are configured.
+    pub cache: Option<Arc<Cache>>,
 }
 
 /// Builds the gateway from a validated config.
@@ -84,6 +89,16 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         config.idempotency.max_bytes.0,
     ));
 
+    let cache = build_cache(config, metrics);
+    let webhooks = cache.as_ref().map(|cache| {
+        let secrets = loaded
+            .webhook_secrets
+            .iter()
+            .map(|(site, secret)| (site.clone(), secret.0.as_bytes().to_vec()))
+            .collect();
+        WebhookLayer::new(cache.clone(), secrets)
+    });
+
     let service = ServiceBuilder::new()
         // Outermost: every log line, error envelope and upstream request carries the same id.
         .layer(RequestIdLayer)
@@ -93,6 +108,8 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         .layer(ErrorResponseLayer::new(max_body))
         // Before any work is spent on an oversized request.
         .layer(BodyLimitLayer::new(max_body))
+        // Frappe's cache-purging webhooks carry a signature, not a gateway key: before auth.
+        .option_layer(webhooks)
         // Identity first: routing, access rules and per-client limits all need the client.
         .layer(AuthLayer::new(
             clients,
@@ -110,8 +127,11 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         .layer(RateLimitLayer::new(metrics.rate_limited.clone()))
         // Per-client requests in flight, held until the response body is sent.
         .layer(ConcurrencyLayer::new(metrics.rate_limited.clone()))
-        // Whether this client may do it; 403 before anything is sent, recorded or retried.
+        // Whether this client may do it; 403 before anything is sent, recorded, cached or retried.
         .layer(AuthorizeLayer)
+        // After the rules (a client only reads what it may), outside retries and the breaker
+        // (cached answers survive an outage); writes passing through invalidate.
+        .option_layer(cache.clone().map(CacheLayer::new))
         // Replays answer without touching the site; only permitted requests are recorded.
         .layer(IdempotencyLayer::new(
             idempotency,
@@ -130,7 +150,44 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
     Ok(Gateway {
         service: BoxCloneService::new(service),
         router,
+        cache,
     })
+}
+
+/// The cache, unless no rule is configured.
+fn build_cache(config: &Config, metrics: &Metrics) -> Option<Arc<Cache>> {
+    let c = &config.cache;
+    if c.rules.is_empty() {
+        return None;
+    }
+    let rules = c
+        .rules
+        .iter()
+        .map(|r| CacheRule {
+            subject: match (&r.doctype, &r.method) {
+                (Some(doctype), _) => Subject::Doctype {
+                    doctype: doctype.clone(),
+                    lists: r.reads.contains(&crate::config::CacheReads::List),
+                    documents: r.reads.contains(&crate::config::CacheReads::Document),
+                },
+                (None, method) => Subject::Method(
+                    MethodName::new(method.as_deref().unwrap_or_default())
+                        .as_str()
+                        .to_owned(),
+                ),
+            },
+            ttl: r.ttl,
+            stale_if_error: r.stale_if_error,
+            override_upstream_cache_control: r.override_upstream_cache_control,
+            sites: (!r.sites.is_empty()).then(|| r.sites.clone()),
+        })
+        .collect();
+    Some(Arc::new(Cache::new(
+        CacheRules(rules),
+        c.max_bytes.0,
+        c.max_entry_bytes.0,
+        metrics.clone(),
+    )))
 }
 
 fn header(value: &str, what: &str) -> Result<HeaderValue, BuildError> {

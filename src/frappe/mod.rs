@@ -9,6 +9,8 @@ pub mod envelope;
 pub mod form_dict;
 pub mod headers;
 pub mod path;
+pub mod webhook;
+pub mod writes;
 
 pub use acl::{AccessRules, Denied};
 pub use classify::{ApiVersion, FrappeRequest, MethodName, Operation, RequestKind};

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod authorize;
 pub mod body_limit;
 pub mod breaker;
+pub mod cache;
 pub mod classify;
 pub mod concurrency;
 pub mod credential_swap;
@@ -16,6 +17,7 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod retry;
 pub mod route;
+pub mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -185,6 +185,13 @@ impl FrappeUpstream {
         self.state.body_progress.load(Ordering::SeqCst)
     }
 
+    /// Changes a ToDo behind the gateway's back, as an edit in the ERPNext desk would.
+    pub fn edit_todo(&self, name: &str, field: &str, value: &str) {
+        let mut todos = self.state.todos.lock().unwrap();
+        let doc = todos.get_mut(name).expect("no such ToDo");
+        doc[field] = Value::String(value.to_owned());
+    }
+
     /// Forgets what was received.
     pub fn clear(&self) {
         self.state.received.lock().unwrap().clear();
@@ -332,6 +339,20 @@ impl FrappeUpstream {
             let ms: u64 = query.get("ms").and_then(|m| m.parse().ok()).unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             return ok(json!({"message": "slow done"}));
+        }
+        if path == "/api/method/test.big" {
+            // `size` bytes of JSON, distinct per `i`; `cc` becomes Cache-Control.
+            let size: usize = query
+                .get("size")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1000);
+            let i = query.get("i").cloned().unwrap_or_default();
+            let filler = "x".repeat(size.saturating_sub(40 + i.len()));
+            let mut r = ok(json!({"message": {"i": i, "filler": filler}}));
+            if let Some(cc) = query.get("cc") {
+                r.headers_mut().insert("cache-control", cc.parse().unwrap());
+            }
+            return r;
         }
         if path == "/api/method/frappe.auth.get_logged_user" {
             return ok(json!({"message": user}));
