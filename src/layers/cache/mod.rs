@@ -30,6 +30,7 @@ use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -269,10 +270,17 @@ impl Cache {
             return self.write_through(inner, request, &site, &classified).await;
         }
         let query = request.uri().query();
+        // Frappe reads `form_dict` from a GET's body too, and the key holds no body: a read
+        // with a body is never cached.
+        let has_body = !request.body().is_end_stream()
+            || request
+                .extensions()
+                .get::<ReplayableBody>()
+                .is_some_and(|b| !b.0.is_empty());
         let matched = self
             .rules
             .find(&site, &classified, query)
-            .filter(|_| !directive(request.headers(), "no-store"));
+            .filter(|_| !has_body && !directive(request.headers(), "no-store"));
         let Some(matched) = matched else {
             self.count(&site, Outcome::Bypass);
             let mut response = inner.oneshot(request).await?;
@@ -280,15 +288,16 @@ impl Cache {
             return Ok(response);
         };
         let rule = matched.rule;
+        // HEAD is answered from the GET entry; a HEAD miss is passed on and stores nothing.
+        let head = request.method() == Method::HEAD;
         let key = CacheKey::of(&KeyParts {
             site: &site,
             account: &target.account.name,
-            method: request.method(),
+            method: &Method::GET,
             path: request.uri().path(),
             query,
             headers: request.headers(),
         });
-        let head = request.method() == Method::HEAD;
         let if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
         // `Cache-Control: no-cache` from the client: fetch again (and store the answer).
         let revalidate = directive(request.headers(), "no-cache")
@@ -309,6 +318,16 @@ impl Cache {
             self.count(&site, Outcome::Hit);
             return Ok(serve(entry, Outcome::Hit, if_none_match.as_ref(), head));
         }
+        if head {
+            let outcome = Outcome::Miss {
+                stored: false,
+                collapsed: false,
+            };
+            self.count(&site, outcome);
+            let mut response = inner.oneshot(request).await?;
+            mark(response.headers_mut(), outcome, None);
+            return Ok(response);
+        }
 
         // A miss (or a stale entry): one fetch per key, whoever comes first runs it.
         let fill = Fill {
@@ -327,9 +346,9 @@ impl Cache {
                 let (give, take) = oneshot::channel();
                 let cache = self.clone();
                 let task = tokio::spawn(async move {
-                    let fetched = cache.fetch(inner, request, fill, give).await;
-                    cache.in_flight.remove(&key);
-                    Arc::new(fetched)
+                    // However the fill ends, later requests must not join it.
+                    let _done = FlightDone(&cache, key);
+                    Arc::new(cache.fetch(inner, request, fill, give).await)
                 });
                 let flight: Flight = async move {
                     task.await.unwrap_or_else(|e| {
@@ -346,31 +365,26 @@ impl Cache {
         };
         let collapsed = waiter.is_some();
         let fetched = flight.await;
-        let stale = cached.filter(|e| e.may_serve_stale());
-        let outcome = match &*fetched {
-            Fetched::Stored(entry) => {
-                let outcome = Outcome::Miss {
-                    stored: true,
-                    collapsed,
-                };
-                self.count(&site, outcome);
-                return Ok(serve(entry, outcome, if_none_match.as_ref(), head));
-            }
-            Fetched::Passed { status, .. } if status.is_server_error() => Err(Some(*status)),
-            Fetched::Failed(_) => Err(None),
-            Fetched::Passed { .. } | Fetched::TooLarge => Ok(()),
+        // The site failed: a copy within its stale-if-error window answers instead.
+        let failed = match &*fetched {
+            Fetched::Passed { status, .. } if status.is_server_error() => Some(Some(*status)),
+            Fetched::Failed(_) => Some(None),
+            _ => None,
         };
-        if let (Err(upstream_status), Some(entry)) = (outcome, &stale) {
+        if let (Some(upstream_status), Some(entry)) =
+            (failed, cached.filter(|e| e.may_serve_stale()))
+        {
             let outcome = Outcome::Stale { upstream_status };
             self.count(&site, outcome);
-            return Ok(serve(entry, outcome, if_none_match.as_ref(), head));
+            return Ok(serve(&entry, outcome, if_none_match.as_ref(), head));
         }
-        let outcome = Outcome::Miss {
-            stored: false,
-            collapsed,
-        };
+        let stored = matches!(&*fetched, Fetched::Stored(_));
+        let outcome = Outcome::Miss { stored, collapsed };
         self.count(&site, outcome);
         let mut response = match &*fetched {
+            Fetched::Stored(entry) => {
+                return Ok(serve(entry, outcome, if_none_match.as_ref(), head))
+            }
             Fetched::Passed {
                 status,
                 headers,
@@ -389,7 +403,6 @@ impl Cache {
                 (None, Some((inner, request))) => inner.oneshot(request).await?,
                 (None, None) => return Err("cache fill lost its request".into()),
             },
-            Fetched::Stored(_) => unreachable_stored(),
         };
         mark(response.headers_mut(), outcome, None);
         Ok(response)
@@ -407,7 +420,6 @@ impl Cache {
     where
         S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
     {
-        let head = request.method() == Method::HEAD;
         let response = match inner.oneshot(request).await {
             Ok(response) => response,
             Err(e) => return Fetched::Failed(Arc::new(e)),
@@ -455,7 +467,7 @@ impl Cache {
                 body,
             };
         }
-        let digest = Sha256::digest(if head { &b""[..] } else { &body[..] });
+        let digest = Sha256::digest(&body);
         let etag = HeaderValue::try_from(format!("\"{}\"", hex::encode(&digest[..16])))
             .unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
         let entry = Arc::new(Entry {
@@ -500,6 +512,15 @@ impl Cache {
     }
 }
 
+/// Takes a finished fill out of the in-flight map, even if it panicked.
+struct FlightDone<'a>(&'a Cache, CacheKey);
+
+impl Drop for FlightDone<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.remove(&self.1);
+    }
+}
+
 /// What a fetch stores its entry with.
 #[derive(Debug, Clone, Copy)]
 struct Fill {
@@ -509,13 +530,6 @@ struct Fill {
     rule_ttl: std::time::Duration,
     stale_if_error: std::time::Duration,
     override_cache_control: bool,
-}
-
-fn unreachable_stored() -> Response<Body> {
-    // Handled before: a stored entry is always served from the entry.
-    let mut response = Response::new(empty_body());
-    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    response
 }
 
 /// True when a request or response `Cache-Control` carries `name`.
