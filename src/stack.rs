@@ -2,9 +2,10 @@
 //! layers in request order and the reason for each position next to it.
 //!
 //! ```text
-//! client ─► request id ─► observe ─► error edge ─► body limit ─► authenticate ─► route
-//!        ─► classify ─► rate limit ─► concurrency ─► authorize ─► idempotency ─► deadline
-//!        ─► retry ─► circuit breaker ─► credential swap ─► forward (pooled client) ─► site
+//! client ─► request id ─► observe ─► error edge ─► body limit ─► webhooks ─► authenticate
+//!        ─► route ─► classify ─► rate limit ─► concurrency ─► authorize ─► cache
+//!        ─► idempotency ─► deadline ─► retry ─► circuit breaker ─► credential swap
+//!        ─► forward (pooled client) ─► site
 //! ```
 
 use std::collections::HashMap;

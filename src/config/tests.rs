@@ -303,3 +303,104 @@ fn resilience_settings_load_with_defaults_and_bad_ones_are_rejected() {
         );
     }
 }
+
+#[test]
+fn cache_and_webhook_settings_load_and_bad_ones_are_rejected() {
+    let cache = "cache:\n  max_bytes: 64MiB\n  rules:\n    - { doctype: Item, reads: [list], ttl: 60s, stale_if_error: 5m }\n    - { method: frappe.client.get_count, ttl: 30s, sites: [erp] }\n";
+    let webhook = "    webhook: { secret: whs }\n";
+    let with = |cache: &str, webhook: &str| {
+        valid().replace(
+            "    timeouts: { connect: 500ms, request: 5s }\n",
+            &format!("    timeouts: {{ connect: 500ms, request: 5s }}\n{webhook}"),
+        ) + cache
+    };
+    let loaded = Config::from_yaml(&with(cache, webhook), "t").unwrap();
+    let c = &loaded.config.cache;
+    assert_eq!(c.max_bytes, ByteSize(64 << 20));
+    assert_eq!(c.max_entry_bytes, ByteSize(1 << 20));
+    assert_eq!(c.rules[0].reads, vec![CacheReads::List]);
+    assert_eq!(c.rules[0].stale_if_error, Duration::from_secs(300));
+    assert_eq!(
+        c.rules[1].reads,
+        vec![CacheReads::List, CacheReads::Document]
+    );
+    assert_eq!(loaded.webhook_secrets["erp"].0, "whs");
+    // The secret never prints.
+    let debug = format!("{:?}", loaded.config.sites["erp"].webhook);
+    assert!(!debug.contains("whs"), "{debug}");
+    // No cache section: no rules.
+    assert!(Config::from_yaml(&valid(), "t")
+        .unwrap()
+        .config
+        .cache
+        .rules
+        .is_empty());
+
+    let cases = [
+        (
+            with("cache:\n  rules:\n    - { ttl: 60s }\n", ""),
+            "cache.rules[0]",
+            "exactly one of doctype and method",
+        ),
+        (
+            with(
+                "cache:\n  rules:\n    - { doctype: Item, method: x.y, ttl: 60s }\n",
+                "",
+            ),
+            "cache.rules[0]",
+            "exactly one",
+        ),
+        (
+            with("cache:\n  rules:\n    - { doctype: Item, ttl: 0s }\n", ""),
+            "cache.rules[0].ttl",
+            "more than 0",
+        ),
+        (
+            with(
+                "cache:\n  rules:\n    - { doctype: Item, ttl: 1s, sites: [nope] }\n",
+                "",
+            ),
+            "cache.rules[0].sites",
+            "unknown site 'nope'",
+        ),
+        (
+            with(
+                "cache:\n  rules:\n    - { method: \"x..y\", ttl: 1s }\n",
+                "",
+            ),
+            "cache.rules[0].method",
+            "not a method name",
+        ),
+        (
+            with(
+                "cache:\n  rules:\n    - { doctype: Item, ttl: 1s, reads: [all] }\n",
+                "",
+            ),
+            "cache.rules[0]",
+            "unknown variant",
+        ),
+        (
+            with("cache:\n  max_bytes: 1MiB\n  max_entry_bytes: 2MiB\n", ""),
+            "cache.max_entry_bytes",
+            "at most cache.max_bytes",
+        ),
+        (
+            with("", "    webhook: { secret: a, secret_file: /x }\n"),
+            "sites.erp.webhook",
+            "exactly one of secret and secret_file",
+        ),
+        (
+            with("", "    webhook: { secret: \"\" }\n"),
+            "sites.erp.webhook",
+            "empty",
+        ),
+    ];
+    for (yaml, path, want) in cases {
+        let p = problems(&yaml);
+        assert!(
+            p.iter()
+                .any(|p| p.path.starts_with(path) && p.message.contains(want)),
+            "{path}: {p:?}"
+        );
+    }
+}
