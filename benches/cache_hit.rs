@@ -46,7 +46,8 @@ async fn throughput(url: &str) -> f64 {
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..CONCURRENCY {
-        let (client, done, url, auth) = (client.clone(), done.clone(), url.to_owned(), auth.clone());
+        let (client, done, url, auth) =
+            (client.clone(), done.clone(), url.to_owned(), auth.clone());
         workers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let request = Request::get(&url)
@@ -76,7 +77,10 @@ fn main() {
         // No rate limit, a generous cap: the bench measures the path, not the quotas.
         let base = base_config(&up)
             .replace("level: warn", "level: error")
-            .replace("clients:\n", "rate_limit: null\nmax_in_flight: 1024\nclients:\n");
+            .replace(
+                "clients:\n",
+                "rate_limit: null\nmax_in_flight: 1024\nclients:\n",
+            );
         let uncached = Gateway::start(&base).await;
         let cached = Gateway::start(&format!(
             "{base}cache:\n  rules:\n    - {{ method: test.slow, ttl: 600s }}\n"
