@@ -25,22 +25,29 @@ use support::*;
 const CONCURRENCY: usize = 32;
 const DURATION: Duration = Duration::from_secs(5);
 
+type BenchClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// One GET that must answer 200, body read.
+async fn get_ok(client: &BenchClient, url: &str, auth: &str) {
+    let request = Request::get(url)
+        .header("authorization", auth)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+}
+
 /// Requests per second over `DURATION` with `CONCURRENCY` clients looping on `url`.
 async fn throughput(url: &str) -> f64 {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+    let client: BenchClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(CONCURRENCY)
         .build_http();
     let done = Arc::new(AtomicU64::new(0));
     let auth = token(FULL);
     // Warm up connections and the cache.
     for _ in 0..CONCURRENCY {
-        let request = Request::get(url)
-            .header("authorization", &auth)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = client.request(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        response.into_body().collect().await.unwrap();
+        get_ok(&client, url, &auth).await;
     }
     let deadline = Instant::now() + DURATION;
     let start = Instant::now();
@@ -50,13 +57,7 @@ async fn throughput(url: &str) -> f64 {
             (client.clone(), done.clone(), url.to_owned(), auth.clone());
         workers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                let request = Request::get(&url)
-                    .header("authorization", &auth)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
-                let response = client.request(request).await.unwrap();
-                assert_eq!(response.status(), StatusCode::OK);
-                response.into_body().collect().await.unwrap();
+                get_ok(&client, &url, &auth).await;
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }));

@@ -875,6 +875,31 @@ impl QuotaConfig {
     }
 }
 
+/// A secret given inline or as a file (trailing newline ignored), exactly one of them, at `at`;
+/// else the key path and message of the problem.
+fn inline_or_file(
+    at: &str,
+    (inline_key, inline): (&str, Option<&EnvString>),
+    (file_key, file): (&str, Option<&std::path::Path>),
+) -> Result<String, (String, String)> {
+    let problem = |path: String, message: String| (path, message);
+    match (inline, file) {
+        (Some(s), None) => Ok(s.0.clone()),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|e| {
+                problem(
+                    format!("{at}.{file_key}"),
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            }),
+        _ => Err(problem(
+            at.to_owned(),
+            format!("exactly one of {inline_key} and {file_key} is required"),
+        )),
+    }
+}
+
 // === errors ===
 
 /// One problem in a config file.
@@ -1088,27 +1113,18 @@ impl Config {
             }
             for (account_name, account) in &site.service_accounts {
                 let at = format!("{at}.service_accounts.{account_name}");
-                let secret = match (&account.api_secret, &account.api_secret_file) {
-                    (Some(s), None) => Some(s.0.clone()),
-                    (None, Some(file)) => match std::fs::read_to_string(file) {
-                        Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
-                        Err(e) => {
-                            problem(
-                                format!("{at}.api_secret_file"),
-                                format!("cannot read {}: {e}", file.display()),
-                            );
-                            None
-                        }
-                    },
-                    _ => {
-                        problem(
-                            at.clone(),
-                            "exactly one of api_secret and api_secret_file is required".into(),
-                        );
-                        None
+                let secret = inline_or_file(
+                    &at,
+                    ("api_secret", account.api_secret.as_ref()),
+                    ("api_secret_file", account.api_secret_file.as_deref()),
+                );
+                let secret = match secret {
+                    Ok(secret) => secret,
+                    Err((path, message)) => {
+                        problem(path, message);
+                        continue;
                     }
                 };
-                let Some(secret) = secret else { continue };
                 let key_ok =
                     !account.api_key.0.is_empty() && !account.api_key.0.contains([':', ' ']);
                 if !key_ok {
@@ -1131,32 +1147,17 @@ impl Config {
             }
             if let Some(webhook) = &site.webhook {
                 let at = format!("{at}.webhook");
-                let secret = match (&webhook.secret, &webhook.secret_file) {
-                    (Some(s), None) => Some(s.0.clone()),
-                    (None, Some(file)) => match std::fs::read_to_string(file) {
-                        Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
-                        Err(e) => {
-                            problem(
-                                format!("{at}.secret_file"),
-                                format!("cannot read {}: {e}", file.display()),
-                            );
-                            None
-                        }
-                    },
-                    _ => {
-                        problem(
-                            at.clone(),
-                            "exactly one of secret and secret_file is required".into(),
-                        );
-                        None
-                    }
-                };
+                let secret = inline_or_file(
+                    &at,
+                    ("secret", webhook.secret.as_ref()),
+                    ("secret_file", webhook.secret_file.as_deref()),
+                );
                 match secret {
-                    Some(s) if s.is_empty() => problem(at, "the secret is empty".into()),
-                    Some(s) => {
+                    Ok(s) if s.is_empty() => problem(at, "the secret is empty".into()),
+                    Ok(s) => {
                         webhook_secrets.insert(site_name.clone(), Secret(s));
                     }
-                    None => {}
+                    Err((path, message)) => problem(path, message),
                 }
             }
         }
