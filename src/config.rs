@@ -78,6 +78,48 @@ pub struct Config {
     /// The response cache. Default: no rules, no caching.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// TLS on the public listener (HTTP/2 by ALPN). Default: off, plain HTTP (h2c by prior
+    /// knowledge), as a sidecar on localhost wants.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Reloading the configuration while serving (SIGHUP always reloads).
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+/// TLS on the public listener; the files are read again on every reload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// Reloading the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Also reload when the file's content changes (polled; works with Kubernetes ConfigMap
+    /// mounts, which swap a symlink). Default `false`.
+    #[serde(default)]
+    pub watch: bool,
+    /// How often the file is checked. Default `2s`.
+    #[serde(
+        default = "defaults::reload_interval",
+        deserialize_with = "parse_duration"
+    )]
+    pub interval: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: false,
+            interval: defaults::reload_interval(),
+        }
+    }
 }
 
 /// Logging.
@@ -129,6 +171,11 @@ pub struct Limits {
         deserialize_with = "parse_duration"
     )]
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long the listener keeps accepting (while `/readyz` already answers 503)
+    /// so Kubernetes can take the endpoint out of its Service first. Default `0s`; the shipped
+    /// Kubernetes manifests use `5s`.
+    #[serde(default, deserialize_with = "parse_duration")]
+    pub drain_delay: Duration,
 }
 
 /// Failed-authentication limit per source IP (a GCRA quota).
@@ -687,6 +734,9 @@ mod defaults {
     pub fn total_timeout() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn reload_interval() -> Duration {
+        Duration::from_secs(2)
+    }
     pub fn cache_max_bytes() -> ByteSize {
         ByteSize(256 << 20)
     }
@@ -789,6 +839,7 @@ impl Default for Limits {
             max_inspected_body_bytes: defaults::max_inspected_body_bytes(),
             header_read_timeout: defaults::header_read_timeout(),
             shutdown_grace: defaults::shutdown_grace(),
+            drain_delay: Duration::ZERO,
         }
     }
 }
@@ -945,6 +996,9 @@ pub struct LoadedConfig {
     pub secrets: IndexMap<(String, String), Secret>,
     /// Webhook secrets by site.
     pub webhook_secrets: IndexMap<String, Secret>,
+    /// SHA-256 (hex, first 16 digits) of the configuration text, exported as a metric label
+    /// so that every replica can be seen to run the same configuration.
+    pub hash: String,
 }
 
 /// A secret that never prints.
@@ -997,7 +1051,10 @@ impl Config {
             }])
         })?;
         let lines = YamlLines::index(text);
-        config.validate(&lines).map_err(fail)
+        let mut loaded = config.validate(&lines).map_err(fail)?;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
+        loaded.hash = hex::encode(&digest[..8]);
+        Ok(loaded)
     }
 
     /// Checks everything serde cannot, collecting every problem.
@@ -1162,6 +1219,16 @@ impl Config {
             }
         }
 
+        if let Some(tls) = &self.tls {
+            for (key, file) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if let Err(e) = std::fs::metadata(file) {
+                    problem(
+                        format!("tls.{key}"),
+                        format!("cannot read {}: {e}", file.display()),
+                    );
+                }
+            }
+        }
         let cache = &self.cache;
         if cache.max_entry_bytes.0 == 0 || cache.max_entry_bytes.0 > cache.max_bytes.0 {
             problem(
@@ -1325,6 +1392,7 @@ impl Config {
                 config: self,
                 secrets,
                 webhook_secrets,
+                hash: String::new(),
             })
         } else {
             Err(problems)

@@ -13,6 +13,10 @@ use crate::frappe::headers::X_FORWARDED_FOR;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// Marks a request that arrived over TLS (a request extension set by the server).
+#[derive(Debug, Clone, Copy)]
+pub struct ArrivedOverTls;
+
 /// Peers whose `X-Forwarded-For` is believed.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);

@@ -14,6 +14,7 @@ pub mod routing;
 pub mod server;
 pub mod stack;
 pub mod tags;
+pub mod tls;
 pub mod upstream;
 
 use std::pin::Pin;

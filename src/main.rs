@@ -1,7 +1,8 @@
 //! The `erpgate` command: run, check, keygen.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
@@ -119,7 +120,7 @@ fn run(path: PathBuf) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        shutdown_signal().await;
+        serve_until_shutdown(&gateway, &path).await;
         tracing::info!("shutdown requested");
         gateway.begin_shutdown();
         gateway.wait().await;
@@ -128,20 +129,41 @@ fn run(path: PathBuf) -> ExitCode {
     })
 }
 
-/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+/// Serves until SIGTERM (Kubernetes) or SIGINT (Ctrl-C); meanwhile SIGHUP, and a change of the
+/// config file when `reload.watch` is on, reload the configuration.
+async fn serve_until_shutdown(gateway: &RunningGateway, path: &Path) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        let mut seen = file_digest(path);
+        loop {
+            // The interval follows the configuration in force; off, the file is not read.
+            let watch = gateway.watch_interval();
+            let tick = tokio::time::sleep(watch.unwrap_or(Duration::from_secs(3600)));
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    gateway.reload_file(path).await;
+                    seen = file_digest(path);
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ = tick, if watch.is_some() => {
+                    let now = file_digest(path);
+                    if now != seen {
+                        tracing::info!("configuration file changed: reloading");
+                        gateway.reload_file(path).await;
+                        seen = now;
+                    }
+                }
             }
         }
     }
@@ -149,4 +171,11 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// A digest of the file's content (`None` while it cannot be read).
+fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| Sha256::digest(&bytes).into())
 }

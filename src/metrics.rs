@@ -46,6 +46,10 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     /// `erpgate_cache_entries`
     pub cache_entries: IntGauge,
+    /// `erpgate_config_reloads_total{result}`: `success` or `failure`.
+    pub config_reloads: IntCounterVec,
+    /// `erpgate_config_info{hash}`: 1 for the configuration in force.
+    pub config_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -125,8 +129,24 @@ impl Metrics {
         )?;
         let cache_bytes = IntGauge::new("erpgate_cache_bytes", "Bytes held by the cache.")?;
         let cache_entries = IntGauge::new("erpgate_cache_entries", "Entries in the cache.")?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "erpgate_config_reloads_total",
+                "Configuration reloads, by result.",
+            ),
+            &["result"],
+        )?;
+        let config_info = IntGaugeVec::new(
+            Opts::new(
+                "erpgate_config_info",
+                "The configuration in force, by the hash of its text.",
+            ),
+            &["hash"],
+        )?;
         for collector in [
-            Box::new(cache_events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_info.clone()),
+            Box::new(cache_events.clone()),
             Box::new(cache_invalidations.clone()),
             Box::new(cache_evictions.clone()),
             Box::new(cache_bytes.clone()),
@@ -163,6 +183,8 @@ impl Metrics {
             cache_evictions,
             cache_bytes,
             cache_entries,
+            config_reloads,
+            config_info,
         })
     }
 

@@ -19,13 +19,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
+use arc_swap::ArcSwap;
+
 use crate::config::LoadedConfig;
-use crate::forwarding::PeerAddr;
-use crate::layers::cache::Cache;
+use crate::forwarding::{ArrivedOverTls, PeerAddr};
 use crate::metrics::Metrics;
-use crate::routing::Router;
-use crate::stack::{build, BuildError, GatewayService};
-use crate::{full_body, Body};
+use crate::stack::{build, BuildError, Gateway};
+use crate::{full_body, Body, BoxError};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,12 @@ pub struct RunningGateway {
     pub admin_addr: SocketAddr,
     /// The metrics registry.
     pub metrics: Metrics,
+    /// The stack in force; a reload swaps it, requests already running keep theirs.
+    live: Arc<ArcSwap<Gateway>>,
+    /// The addresses the listeners were bound for (a reload cannot move them).
+    bound: (SocketAddr, SocketAddr),
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
     draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     public: JoinHandle<()>,
@@ -59,7 +65,7 @@ impl RunningGateway {
     /// Builds the stack from `loaded`, binds both listeners and starts serving.
     pub async fn start(loaded: LoadedConfig) -> Result<Self, StartError> {
         let metrics = Metrics::new()?;
-        let gateway = build(&loaded, &metrics)?;
+        let gateway = build(&loaded, &metrics, None)?;
         let config = &loaded.config;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -76,35 +82,31 @@ impl RunningGateway {
             addr: config.admin_listen,
             source,
         })?;
+        metrics
+            .config_info
+            .with_label_values(&[&gateway.config_hash])
+            .set(1);
+        let live = Arc::new(ArcSwap::from_pointee(gateway));
         let draining = Arc::new(AtomicBool::new(false));
         let (stop, stopped) = watch::channel(false);
 
-        let public = tokio::spawn(serve_public(
-            public,
-            gateway.service,
-            config.limits.header_read_timeout,
-            config.limits.shutdown_grace,
-            stopped,
-        ));
-        let readiness = Readiness {
-            draining: draining.clone(),
-            breakers: config
-                .readyz_requires_closed_breakers
-                .then(|| gateway.router.clone()),
-        };
+        let public = tokio::spawn(serve_public(public, live.clone(), stopped));
         let admin = tokio::spawn(serve_admin(
             admin,
             Admin {
                 metrics: metrics.clone(),
-                readiness,
-                cache: gateway.cache.clone(),
+                draining: draining.clone(),
+                live: live.clone(),
             },
         ));
-        tracing::info!(%listen_addr, %admin_addr, sites = config.sites.len(), clients = config.clients.len(), "erpgate listening");
+        tracing::info!(%listen_addr, %admin_addr, tls = config.tls.is_some(), sites = config.sites.len(), clients = config.clients.len(), "erpgate listening");
         Ok(Self {
             listen_addr,
             admin_addr,
             metrics,
+            live,
+            bound: (config.listen, config.admin_listen),
+            reloading: tokio::sync::Mutex::new(()),
             draining,
             stop,
             public,
@@ -112,11 +114,73 @@ impl RunningGateway {
         })
     }
 
-    /// Starts draining: `/readyz` answers 503, no new connections are accepted, and in-flight
-    /// requests finish within the grace period.
+    /// Puts `loaded` in force for new requests; requests already running finish on the old
+    /// configuration and no connection is dropped. Clients whose limits did not change keep
+    /// their rate-limit state. On error the old configuration stays.
+    pub async fn reload(&self, loaded: LoadedConfig) -> Result<(), BuildError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.live.load_full();
+        let result = build(&loaded, &self.metrics, Some(&current));
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[outcome])
+            .inc();
+        let gateway = result?;
+        let config = &loaded.config;
+        if (config.listen, config.admin_listen) != self.bound {
+            tracing::warn!(
+                "listen and admin_listen changes take effect only on a restart; keeping the listeners"
+            );
+        }
+        self.metrics.config_info.reset();
+        self.metrics
+            .config_info
+            .with_label_values(&[&gateway.config_hash])
+            .set(1);
+        tracing::info!(hash = %gateway.config_hash, sites = config.sites.len(), clients = config.clients.len(), "configuration reloaded");
+        self.live.store(Arc::new(gateway));
+        Ok(())
+    }
+
+    /// Reads `path` and reloads; a config that does not load or build is logged, counted, and
+    /// leaves the old one serving. True when the new one is in force.
+    pub async fn reload_file(&self, path: &std::path::Path) -> bool {
+        match crate::config::Config::load(path) {
+            Ok(loaded) => match self.reload(loaded).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused; the previous configuration keeps serving");
+                    false
+                }
+            },
+            Err(e) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                tracing::error!(error = %e, "reload refused; the previous configuration keeps serving");
+                false
+            }
+        }
+    }
+
+    /// Whether the configuration in force asks for the file to be watched, and how often.
+    pub fn watch_interval(&self) -> Option<Duration> {
+        let live = self.live.load();
+        live.reload.watch.then_some(live.reload.interval)
+    }
+
+    /// Starts draining: `/readyz` answers 503 at once; after `limits.drain_delay` the listener
+    /// stops accepting, and in-flight requests get `limits.shutdown_grace` to finish.
     pub fn begin_shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        let _ = self.stop.send(true);
+        let delay = self.live.load().server.drain_delay;
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = stop.send(true);
+        });
     }
 
     /// Waits until the public listener has drained (or the grace period ran out), then stops the
@@ -131,18 +195,9 @@ impl RunningGateway {
 
 async fn serve_public(
     listener: TcpListener,
-    service: GatewayService,
-    header_read_timeout: Duration,
-    grace: Duration,
+    live: Arc<ArcSwap<Gateway>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -157,26 +212,60 @@ async fn serve_public(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = service.clone();
-                let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let mut request = request.map(Body::new);
-                    request.extensions_mut().insert(PeerAddr(peer));
-                    let future = service.clone().oneshot(request);
-                    // The stack renders its own errors; one escaping means a broken layer, and
-                    // the client still gets an answer rather than a dropped connection.
-                    async move {
-                        Ok::<_, Infallible>(future.await.unwrap_or_else(|e| {
-                            tracing::error!(error = %e, "unhandled error reached the listener");
-                            let mut response = Response::new(full_body("internal gateway error\n"));
-                            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                            response
-                        }))
-                    }
-                });
-                let connection = builder.serve_connection(TokioIo::new(stream), hyper_service).into_owned();
-                let connection = graceful.watch(connection);
+                let current = live.load();
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(current.server.header_read_timeout)
+                    .keep_alive(true);
+                builder.http2().timer(TokioTimer::new());
+                let tls = current.tls.clone();
+                let live = live.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
+                    let over_tls = tls.is_some();
+                    // Every request takes the stack in force when it arrives.
+                    let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let mut request = request.map(Body::new);
+                        request.extensions_mut().insert(PeerAddr(peer));
+                        if over_tls {
+                            request.extensions_mut().insert(ArrivedOverTls);
+                        }
+                        let future = live.load().service.clone().oneshot(request);
+                        // The stack renders its own errors; one escaping means a broken layer,
+                        // and the client still gets an answer rather than a dropped connection.
+                        async move {
+                            Ok::<_, Infallible>(future.await.unwrap_or_else(|e| {
+                                tracing::error!(error = %e, "unhandled error reached the listener");
+                                let mut response = Response::new(full_body("internal gateway error\n"));
+                                *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                response
+                            }))
+                        }
+                    });
+                    let result: Result<(), BoxError> = match tls {
+                        None => {
+                            let connection = builder.serve_connection(TokioIo::new(stream), hyper_service);
+                            watcher.watch(connection.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            // The handshake is bounded like a header read.
+                            let handshake = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                acceptor.accept(stream),
+                            );
+                            match handshake.await {
+                                Ok(Ok(stream)) => {
+                                    let connection = builder.serve_connection(TokioIo::new(stream), hyper_service);
+                                    watcher.watch(connection.into_owned()).await
+                                }
+                                Ok(Err(e)) => Err(e.into()),
+                                Err(_) => Err("TLS handshake timed out".into()),
+                            }
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -185,6 +274,7 @@ async fn serve_public(
         }
     }
     drop(listener);
+    let grace = live.load().server.shutdown_grace;
     tracing::info!(grace = ?grace, "draining: no longer accepting connections");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("drained: all connections closed"),
@@ -192,35 +282,29 @@ async fn serve_public(
     }
 }
 
-/// What `/readyz` looks at.
-#[derive(Clone)]
-struct Readiness {
-    draining: Arc<AtomicBool>,
-    /// When set, an open breaker on any of these sites makes the gateway unready.
-    breakers: Option<Arc<Router>>,
-}
-
-impl Readiness {
-    fn unready_reason(&self) -> Option<String> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Some("draining".into());
-        }
-        let router = self.breakers.as_ref()?;
-        let open: Vec<&str> = router
-            .sites()
-            .filter(|s| s.breaker.as_ref().is_some_and(|b| b.is_open()))
-            .map(|s| s.name.as_ref())
-            .collect();
-        (!open.is_empty()).then(|| format!("circuit open: {}", open.join(", ")))
+/// Why `/readyz` should say no: draining, or (when the config asks) an open breaker.
+fn unready_reason(draining: &AtomicBool, gateway: &Gateway) -> Option<String> {
+    if draining.load(Ordering::SeqCst) {
+        return Some("draining".into());
     }
+    if !gateway.readyz_requires_closed_breakers {
+        return None;
+    }
+    let open: Vec<&str> = gateway
+        .router
+        .sites()
+        .filter(|s| s.breaker.as_ref().is_some_and(|b| b.is_open()))
+        .map(|s| s.name.as_ref())
+        .collect();
+    (!open.is_empty()).then(|| format!("circuit open: {}", open.join(", ")))
 }
 
 /// What the admin listener serves from.
 #[derive(Clone)]
 struct Admin {
     metrics: Metrics,
-    readiness: Readiness,
-    cache: Option<Arc<Cache>>,
+    draining: Arc<AtomicBool>,
+    live: Arc<ArcSwap<Gateway>>,
 }
 
 async fn serve_admin(listener: TcpListener, admin: Admin) {
@@ -244,10 +328,12 @@ async fn serve_admin(listener: TcpListener, admin: Admin) {
 
 impl Admin {
     async fn respond(&self, request: &Request<Incoming>) -> Response<Body> {
+        let live = self.live.load_full();
+        let cache = &live.cache;
         let text = |status, body: String| (status, "text/plain", full_body(body));
         let (status, content_type, body) = match (request.method(), request.uri().path()) {
             (_, "/metrics") => {
-                if let Some(cache) = &self.cache {
+                if let Some(cache) = cache {
                     cache.stats().await;
                 }
                 (
@@ -257,16 +343,16 @@ impl Admin {
                 )
             }
             (_, "/healthz") => text(StatusCode::OK, "ok\n".into()),
-            (_, "/readyz") => match self.readiness.unready_reason() {
+            (_, "/readyz") => match unready_reason(&self.draining, &live) {
                 Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
                 None => text(StatusCode::OK, "ready\n".into()),
             },
-            (_, "/cache/stats" | "/cache/purge") if self.cache.is_none() => text(
+            (_, "/cache/stats" | "/cache/purge") if cache.is_none() => text(
                 StatusCode::NOT_FOUND,
                 "no cache rules are configured\n".into(),
             ),
             (&Method::GET, "/cache/stats") => {
-                let stats = match &self.cache {
+                let stats = match cache {
                     Some(cache) => cache.stats().await,
                     None => return Response::new(crate::empty_body()),
                 };
@@ -296,7 +382,7 @@ impl Admin {
                         "doctype needs site: POST /cache/purge?site=S&doctype=D\n".into(),
                     )
                 } else {
-                    if let Some(cache) = &self.cache {
+                    if let Some(cache) = cache {
                         cache.purge(site.as_deref(), doctype.as_deref());
                     }
                     tracing::info!(site, doctype, "cache purged");

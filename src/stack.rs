@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
 use crate::config::{Config, LoadedConfig};
@@ -49,7 +49,18 @@ use tower::retry::budget::TpsBudget;
 use tower::retry::RetryLayer;
 
 /// The assembled request path.
-pub type GatewayService = BoxCloneService<Request<Body>, Response<Body>, BoxError>;
+pub type GatewayService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
+
+/// Listener settings a reload changes for new connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    /// Time a client has to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Time in-flight requests get on shutdown.
+    pub shutdown_grace: Duration,
+    /// Time the listener keeps accepting after SIGTERM.
+    pub drain_delay: Duration,
+}
 
 /// Why the stack could not be built from a validated config.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +72,8 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Everything built from one config.
@@ -71,27 +84,71 @@ pub struct Gateway {
     pub router: Arc<Router>,
     /// The response cache, when rules are configured.
     pub cache: Option<Arc<Cache>>,
+    /// TLS for the public listener, when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `/readyz` follows the breakers.
+    pub readyz_requires_closed_breakers: bool,
+    /// The configuration's hash.
+    pub config_hash: String,
+    /// Listener settings.
+    pub server: ServerSettings,
+    /// File watching.
+    pub reload: crate::config::ReloadConfig,
+    /// State a reload keeps when its settings did not change.
+    kept: Kept,
 }
 
-/// Builds the gateway from a validated config.
-pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildError> {
-    let config = &loaded.config;
-    let router = Arc::new(build_router(loaded, metrics)?);
-    let clients = Arc::new(build_clients(config)?);
-    let trusted = TrustedProxies::new(config.trusted_proxies.iter().map(|p| p.0).collect());
-    let one = NonZeroU32::MIN;
-    let failures = Arc::new(AuthFailureLimiter::new(
-        NonZeroU32::new(config.auth_failures.per_minute).unwrap_or(one),
-        NonZeroU32::new(config.auth_failures.burst).unwrap_or(one),
-    ));
-    let max_body = config.limits.max_body_bytes.0;
-    let idempotency: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::new(
-        config.idempotency.ttl,
-        config.idempotency.max_bytes.0,
-    ));
+/// Stateful parts a reload carries over when their configuration is unchanged: the clients'
+/// limiters (by client), the auth-failure limiter, the idempotency records and the cache.
+struct Kept {
+    clients: Arc<ClientTable>,
+    failures: (String, Arc<AuthFailureLimiter>),
+    idempotency: (String, Arc<dyn IdempotencyStore>),
+    cache: (String, Option<Arc<Cache>>),
+}
 
-    let cache = build_cache(config, metrics);
-    let webhooks = cache.as_ref().map(|cache| {
+/// Builds the gateway from a validated config; on a reload, `previous` is the gateway being
+/// replaced, whose state is kept where its settings did not change.
+pub fn build(
+    loaded: &LoadedConfig,
+    metrics: &Metrics,
+    previous: Option<&Gateway>,
+) -> Result<Gateway, BuildError> {
+    let config = &loaded.config;
+    let kept = previous.map(|p| &p.kept);
+    let router = Arc::new(build_router(loaded, metrics)?);
+    let clients = Arc::new(build_clients(config, kept.map(|k| &*k.clients))?);
+    let trusted = TrustedProxies::new(config.trusted_proxies.iter().map(|p| p.0).collect());
+    let failures = reuse(
+        kept.map(|k| &k.failures),
+        format!("{:?}", config.auth_failures),
+        || {
+            let one = NonZeroU32::MIN;
+            Arc::new(AuthFailureLimiter::new(
+                NonZeroU32::new(config.auth_failures.per_minute).unwrap_or(one),
+                NonZeroU32::new(config.auth_failures.burst).unwrap_or(one),
+            ))
+        },
+    );
+    let max_body = config.limits.max_body_bytes.0;
+    let idempotency = reuse(
+        kept.map(|k| &k.idempotency),
+        format!("{:?}", config.idempotency),
+        || -> Arc<dyn IdempotencyStore> {
+            Arc::new(MemoryStore::new(
+                config.idempotency.ttl,
+                config.idempotency.max_bytes.0,
+            ))
+        },
+    );
+    let cache = reuse(
+        kept.map(|k| &k.cache),
+        format!("{:?}", config.cache),
+        || build_cache(config, metrics),
+    );
+    let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+
+    let webhooks = cache.1.as_ref().map(|cache| {
         let secrets = loaded
             .webhook_secrets
             .iter()
@@ -113,8 +170,8 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         .option_layer(webhooks)
         // Identity first: routing, access rules and per-client limits all need the client.
         .layer(AuthLayer::new(
-            clients,
-            failures,
+            clients.clone(),
+            failures.1.clone(),
             trusted.clone(),
             metrics.auth_failures.clone(),
         ))
@@ -132,10 +189,10 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         .layer(AuthorizeLayer)
         // After the rules (a client only reads what it may), outside retries and the breaker
         // (cached answers survive an outage); writes passing through invalidate.
-        .option_layer(cache.clone().map(CacheLayer::new))
+        .option_layer(cache.1.clone().map(CacheLayer::new))
         // Replays answer without touching the site; only permitted requests are recorded.
         .layer(IdempotencyLayer::new(
-            idempotency,
+            idempotency.1.clone(),
             config.limits.max_inspected_body_bytes.0,
             config.idempotency.max_response_bytes.0,
         ))
@@ -149,10 +206,37 @@ pub fn build(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Gateway, BuildE
         .layer(CredentialSwapLayer::new(trusted))
         .service(Forward);
     Ok(Gateway {
-        service: BoxCloneService::new(service),
+        service: BoxCloneSyncService::new(service),
         router,
-        cache,
+        cache: cache.1.clone(),
+        tls,
+        readyz_requires_closed_breakers: config.readyz_requires_closed_breakers,
+        config_hash: loaded.hash.clone(),
+        server: ServerSettings {
+            header_read_timeout: config.limits.header_read_timeout,
+            shutdown_grace: config.limits.shutdown_grace,
+            drain_delay: config.limits.drain_delay,
+        },
+        reload: config.reload.clone(),
+        kept: Kept {
+            clients,
+            failures,
+            idempotency,
+            cache,
+        },
     })
+}
+
+/// The previous value when it was made from the same settings (`fingerprint`), else a new one.
+fn reuse<T: Clone>(
+    previous: Option<&(String, T)>,
+    fingerprint: String,
+    make: impl FnOnce() -> T,
+) -> (String, T) {
+    match previous {
+        Some((was, value)) if *was == fingerprint => (fingerprint, value.clone()),
+        _ => (fingerprint, make()),
+    }
 }
 
 /// The cache, unless no rule is configured.
@@ -315,19 +399,42 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
 fn quota_policy(
     name: &'static str,
     quota: Option<&crate::config::QuotaConfig>,
-) -> Result<Option<QuotaPolicy>, BuildError> {
+) -> Result<Option<Arc<QuotaPolicy>>, BuildError> {
     quota
         .map(|q| {
             q.quota()
-                .map(|quota| QuotaPolicy::new(name, quota))
+                .map(|quota| Arc::new(QuotaPolicy::new(name, quota)))
                 .map_err(BuildError::Invalid)
         })
         .transpose()
 }
 
-fn build_clients(config: &Config) -> Result<ClientTable, BuildError> {
+fn build_clients(
+    config: &Config,
+    previous: Option<&ClientTable>,
+) -> Result<ClientTable, BuildError> {
     let mut table = Vec::new();
     for (name, client) in &config.clients {
+        let requests = client.rate_limit.as_ref().or(config.rate_limit.as_ref());
+        let writes = client
+            .write_rate_limit
+            .as_ref()
+            .or(config.write_rate_limit.as_ref());
+        let max_in_flight = client.max_in_flight.unwrap_or(config.max_in_flight);
+        let limits_fingerprint = format!("{requests:?} {writes:?} {max_in_flight}");
+        // A client whose limits did not change keeps its limiters and in-flight slots.
+        let (quotas, in_flight) = match previous.and_then(|p| p.by_name(name)) {
+            Some(was) if was.limits_fingerprint == limits_fingerprint => {
+                (was.quotas.clone(), was.in_flight.clone())
+            }
+            _ => (
+                ClientQuotas {
+                    requests: quota_policy("default", requests)?,
+                    writes: quota_policy("writes", writes)?,
+                },
+                Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize)),
+            ),
+        };
         let mut secret_sha256 = [0u8; 32];
         hex::decode_to_slice(&client.secret_sha256.0, &mut secret_sha256).map_err(|_| {
             BuildError::Invalid(format!("clients.{name}.secret_sha256 is not 64 hex digits"))
@@ -364,22 +471,9 @@ fn build_clients(config: &Config) -> Result<ClientTable, BuildError> {
                     .map(|(s, a)| (s.clone(), a.clone()))
                     .collect(),
                 rules,
-                quotas: ClientQuotas {
-                    requests: quota_policy(
-                        "default",
-                        client.rate_limit.as_ref().or(config.rate_limit.as_ref()),
-                    )?,
-                    writes: quota_policy(
-                        "writes",
-                        client
-                            .write_rate_limit
-                            .as_ref()
-                            .or(config.write_rate_limit.as_ref()),
-                    )?,
-                },
-                in_flight: Arc::new(tokio::sync::Semaphore::new(
-                    client.max_in_flight.unwrap_or(config.max_in_flight) as usize,
-                )),
+                quotas,
+                in_flight,
+                limits_fingerprint,
             },
         ));
     }

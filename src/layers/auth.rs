@@ -54,6 +54,9 @@ pub struct Client {
     pub quotas: crate::layers::rate_limit::ClientQuotas,
     /// Slots for requests in flight.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// What `quotas` and `in_flight` were made from: a reload that leaves it alone keeps them,
+    /// and with them the client's rate-limit state.
+    pub limits_fingerprint: String,
 }
 
 impl Client {
@@ -79,6 +82,11 @@ impl ClientTable {
         Self {
             by_key_id: clients.into_iter().map(|(k, c)| (k, Arc::new(c))).collect(),
         }
+    }
+
+    /// The client configured as `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Client>> {
+        self.by_key_id.values().find(|c| &*c.name == name)
     }
 }
 

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
 
 use crate::error::GatewayError;
-use crate::forwarding::{PeerAddr, TrustedProxies};
+use crate::forwarding::{ArrivedOverTls, PeerAddr, TrustedProxies};
 use crate::frappe::envelope::scrub_tracebacks;
 use crate::frappe::headers::{
     remove_client_identity, remove_hop_by_hop, X_FORWARDED_FOR, X_FORWARDED_PROTO,
@@ -68,6 +68,10 @@ impl<S> CredentialSwap<S> {
             .get::<PeerAddr>()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
         let from_proxy = self.trusted.contains(peer);
+        let proto = match request.extensions().get::<ArrivedOverTls>() {
+            Some(_) => HeaderValue::from_static("https"),
+            None => HeaderValue::from_static("http"),
+        };
         let headers = request.headers_mut();
         remove_hop_by_hop(headers);
         remove_client_identity(headers);
@@ -94,7 +98,7 @@ impl<S> CredentialSwap<S> {
             headers.insert(X_FORWARDED_FOR.clone(), value);
         }
         if !(from_proxy && headers.contains_key(&X_FORWARDED_PROTO)) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO.clone(), proto);
         }
     }
 }

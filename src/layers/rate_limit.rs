@@ -104,13 +104,13 @@ impl QuotaPolicy {
     }
 }
 
-/// A client's quotas.
-#[derive(Debug, Default)]
+/// A client's quotas; shared, so a reload that leaves a client's limits alone keeps its state.
+#[derive(Debug, Default, Clone)]
 pub struct ClientQuotas {
     /// Every request.
-    pub requests: Option<QuotaPolicy>,
+    pub requests: Option<Arc<QuotaPolicy>>,
     /// Requests that may change data.
-    pub writes: Option<QuotaPolicy>,
+    pub writes: Option<Arc<QuotaPolicy>>,
 }
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
