@@ -176,6 +176,10 @@ impl RunningGateway {
     pub fn begin_shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         let delay = self.live.load().server.drain_delay;
+        if delay.is_zero() {
+            let _ = self.stop.send(true);
+            return;
+        }
         let stop = self.stop.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;

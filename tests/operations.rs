@@ -1,0 +1,399 @@
+//! Operations: hot reload (SIGHUP and file watch) with the real binary under load, an invalid
+//! reload rejected, rate-limit state kept across reloads, TLS termination over HTTP/1.1 and
+//! HTTP/2, and the drain delay on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_erpgate");
+
+/// A third client, added by a reload.
+const LATE: Credential = ("ek_late", "late-client-secret");
+
+/// The erpgate binary running `config`, with its public and admin addresses.
+struct Binary {
+    child: Child,
+    base: String,
+    admin: String,
+}
+
+impl Binary {
+    fn start(config_path: &std::path::Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config", config_path.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        // Built first, so that a failed start still kills and reaps the child (Drop).
+        let mut binary = Self {
+            child,
+            base: String::new(),
+            admin: String::new(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("gateway did not start");
+            let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if log["message"] == "erpgate listening" {
+                binary.base = format!("http://{}", log["listen_addr"].as_str().unwrap());
+                binary.admin = format!("http://{}", log["admin_addr"].as_str().unwrap());
+                return binary;
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        // The shell's kill builtin: no dependency on a kill binary being installed.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{name} {}", self.child.id())])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn metrics(&self) -> String {
+        let reply = send(
+            Method::GET,
+            &format!("{}/metrics", self.admin),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        reply.text()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json_logs(config: &str) -> String {
+    config.replace(
+        "log: { format: pretty, level: warn }",
+        "log: { format: json, level: info }",
+    )
+}
+
+/// `config` with the ToDo-reader client replaced by `LATE`.
+fn with_late_client_instead_of_reader(config: &str) -> String {
+    config
+        .replace(TODO_READER.0, LATE.0)
+        .replace(&sha256_hex(TODO_READER.1), &sha256_hex(LATE.1))
+        .replace("todo-reader:", "late:")
+}
+
+async fn wait_for(mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
+#[tokio::test]
+async fn sighup_under_load_adds_a_client_and_revokes_another_with_no_failed_request() {
+    let up = upstream().await;
+    let config = json_logs(&base_config(&up)).replace("clients:\n", "rate_limit: null\nclients:\n");
+    let path = scratch_file("sighup.yaml", &config);
+    let gw = Arc::new(Binary::start(&path));
+    assert_eq!(
+        get(&format!("{}/api/resource/ToDo", gw.base), TODO_READER)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&format!("{}/api/resource/ToDo", gw.base), LATE)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Steady load from the client that stays, on keep-alive connections, throughout.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (gw, stop, sent, failed) = (gw.clone(), stop.clone(), sent.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let url = format!("{}/api/resource/ToDo", gw.base);
+            while !stop.load(Ordering::SeqCst) {
+                if get(&url, FULL).await.status != StatusCode::OK {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    wait_for(async || sent.load(Ordering::SeqCst) >= 100).await;
+
+    std::fs::write(&path, with_late_client_instead_of_reader(&config)).unwrap();
+    gw.signal("HUP");
+    let url = format!("{}/api/resource/ToDo", gw.base);
+    wait_for(async || get(&url, LATE).await.status == StatusCode::OK).await;
+    assert_eq!(
+        get(&url, TODO_READER).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let after = sent.load(Ordering::SeqCst);
+    wait_for(async || sent.load(Ordering::SeqCst) >= after + 100).await;
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert!(sent.load(Ordering::SeqCst) >= 200);
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed across the reload"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "erpgate_config_reloads_total", &[("result", "success")]),
+        1.0
+    );
+    assert_eq!(
+        m.lines()
+            .filter(|l| l.starts_with("erpgate_config_info{"))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_config_on_reload_is_rejected_and_the_old_one_keeps_serving() {
+    let up = upstream().await;
+    let config = json_logs(&base_config(&up));
+    let path = scratch_file("invalid-reload.yaml", &config);
+    let gw = Binary::start(&path);
+    let info_before: Vec<String> = gw
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("erpgate_config_info{"))
+        .map(str::to_owned)
+        .collect();
+    for broken in [
+        config.replace("site: erp\n", "site: nowhere\n"),
+        config.replace("sites:", "sites: [\n"),
+    ] {
+        std::fs::write(&path, broken).unwrap();
+        gw.signal("HUP");
+    }
+    wait_for(async || {
+        metric_value(
+            &gw.metrics().await,
+            "erpgate_config_reloads_total",
+            &[("result", "failure")],
+        ) == 2.0
+    })
+    .await;
+    let reply = get(&format!("{}/api/resource/ToDo", gw.base), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let m = gw.metrics().await;
+    let info_after: Vec<String> = m
+        .lines()
+        .filter(|l| l.starts_with("erpgate_config_info{"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(info_before, info_after);
+    assert_eq!(
+        metric_value(&m, "erpgate_config_reloads_total", &[("result", "success")]),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_watched_config_file_reloads_when_it_changes() {
+    let up = upstream().await;
+    let config = json_logs(&base_config(&up)).replace(
+        "clients:\n",
+        "reload: { watch: true, interval: 100ms }\nclients:\n",
+    );
+    let path = scratch_file("watched.yaml", &config);
+    let gw = Binary::start(&path);
+    let url = format!("{}/api/resource/ToDo", gw.base);
+    assert_eq!(get(&url, LATE).await.status, StatusCode::UNAUTHORIZED);
+    std::fs::write(&path, with_late_client_instead_of_reader(&config)).unwrap();
+    wait_for(async || get(&url, LATE).await.status == StatusCode::OK).await;
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_rate_limit_state_of_unchanged_clients() {
+    let up = upstream().await;
+    let config = base_config(&up).replace(
+        "    service_account: sync\n  todo-reader:",
+        "    service_account: sync\n    rate_limit: { per_minute: 3 }\n  todo-reader:",
+    );
+    let gw = Gateway::start(&config).await;
+    let url = gw.url("/api/resource/ToDo");
+    for _ in 0..2 {
+        assert_eq!(get(&url, FULL).await.status, StatusCode::OK);
+    }
+    // Another client changes; `full` does not: its spent quota stays spent.
+    let changed = config.replace(
+        "resources: { ToDo: [read] }",
+        "resources: { ToDo: [read, create] }",
+    );
+    gw.running
+        .reload(erpgate::config::Config::from_yaml(&changed, "t").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(get(&url, FULL).await.status, StatusCode::OK);
+    let refused = get(&url, FULL).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    // The other client's new rule is in force.
+    let created = send_json(Method::POST, &url, TODO_READER, "{}").await;
+    assert_eq!(created.status, StatusCode::OK);
+
+    // Changing `full`'s own quota starts it afresh.
+    let raised = changed.replace("per_minute: 3", "per_minute: 5");
+    gw.running
+        .reload(erpgate::config::Config::from_yaml(&raised, "t").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(get(&url, FULL).await.status, StatusCode::OK);
+}
+
+fn tls_client(
+    ca_pem: &str,
+    http2: bool,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // ALPN offers only the protocol under test.
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if http2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector)
+}
+
+#[tokio::test]
+async fn tls_clients_reach_the_gateway_over_http1_and_http2() {
+    let up = upstream().await;
+    let (ca, cert, key) = test_certificates();
+    let cert_file = scratch_file("tls-cert.pem", &cert);
+    let key_file = scratch_file("tls-key.pem", &key);
+    let config = base_config(&up).replace(
+        "clients:\n",
+        &format!(
+            "tls: {{ cert_file: {}, key_file: {} }}\nclients:\n",
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    let gw = Gateway::start(&config).await;
+    let url = format!(
+        "https://{}/api/method/frappe.auth.get_logged_user",
+        gw.running.listen_addr
+    );
+    for (http2, version) in [(false, Version::HTTP_11), (true, Version::HTTP_2)] {
+        let request = Request::get(&url)
+            .header("authorization", token(FULL))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = tls_client(&ca, http2).request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.version(), version);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("sync@example.com"));
+    }
+    // Frappe is told the client came over HTTPS.
+    for seen in up.received() {
+        assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    }
+    assert_eq!(up.count(), 2);
+    // Plain HTTP to a TLS listener gets nowhere.
+    let plain = Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>()
+        .request(
+            Request::get(format!(
+                "http://{}/api/resource/ToDo",
+                gw.running.listen_addr
+            ))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        )
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != StatusCode::OK);
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn sigterm_turns_readyz_503_at_once_and_keeps_accepting_for_the_drain_delay() {
+    let up = upstream().await;
+    let config = json_logs(&base_config(&up)).replace(
+        "limits: { max_body_bytes: 64MiB, max_inspected_body_bytes: 1MiB }",
+        "limits: { max_body_bytes: 64MiB, max_inspected_body_bytes: 1MiB, drain_delay: 1s, shutdown_grace: 5s }",
+    );
+    let path = scratch_file("drain.yaml", &config);
+    let mut gw = Binary::start(&path);
+    let slow = tokio::spawn({
+        let url = format!("{}/api/method/test.slow?ms=1500", gw.base);
+        async move { get(&url, FULL).await }
+    });
+    wait_for(async || up.count() == 1).await;
+    gw.signal("TERM");
+    let readyz = format!("{}/readyz", gw.admin);
+    wait_for(async || {
+        send(Method::GET, &readyz, &[], Bytes::new()).await.status
+            == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    // Within the drain delay a new connection is still served (Kubernetes may still send some).
+    let late = get(&format!("{}/api/resource/ToDo", gw.base), FULL).await;
+    assert_eq!(late.status, StatusCode::OK);
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+    let status = tokio::task::spawn_blocking(move || gw.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
