@@ -45,11 +45,19 @@ enum Command {
         #[arg(long, default_value = "ek_")]
         prefix: String,
     },
+    /// Ask a running gateway's admin listener whether it is alive (`GET /healthz`); exits 0 if
+    /// so, 1 if not. For container HEALTHCHECKs in images without curl.
+    Health {
+        /// The admin address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config } => run(config),
+        Command::Health { admin } => health(admin),
         Command::Check { file } => match Config::load(&file) {
             Ok(loaded) => {
                 println!(
@@ -85,6 +93,30 @@ fn keygen(prefix: &str) {
     println!("# Put these in gateway.yaml under clients.<name>:");
     println!("    key_id: {key_id}");
     println!("    secret_sha256: \"{hash}\"");
+}
+
+/// `GET /healthz` over a plain TCP connection, answered within 3 s with a 200.
+fn health(admin: std::net::SocketAddr) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(3);
+    let answer = std::net::TcpStream::connect_timeout(&admin, timeout).and_then(|mut stream| {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: erpgate\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(head)
+    });
+    match answer {
+        Ok(head) if head.starts_with(b"HTTP/1.") && &head[9..12] == b"200" => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("{admin}: not healthy");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(path: PathBuf) -> ExitCode {

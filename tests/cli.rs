@@ -134,6 +134,22 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let (listen, admin) = addrs.unwrap();
     let base = format!("http://{listen}");
 
+    // The container health check: alive, and a dead address is not.
+    let health = |addr: &str| {
+        Command::new(BIN)
+            .args(["health", "--admin", addr])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(health(&admin), Some(0));
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert_eq!(health(&dead.to_string()), Some(1));
+
     let slow = tokio::spawn({
         let url = format!("{base}/api/method/test.slow?ms=1500");
         async move { get(&url, FULL).await }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need when it is missing, then runs every test and
+# the deploy/ checks.
+#   - prometheus + promtool (Debian package `prometheus`): tests/prometheus.rs starts a real
+#     Prometheus; deploy/validate.sh runs promtool;
+#   - kubernetes-validate (PyPI): deploy/validate.sh checks the Kubernetes manifests offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "== installing prometheus (Debian package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "== installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet kubernetes-validate
+fi
+
+echo "== cargo test"
+cargo test --locked
+
+echo "== deploy/ checks"
+ERPGATE=target/debug/erpgate bash deploy/validate.sh
