@@ -404,3 +404,34 @@ fn cache_and_webhook_settings_load_and_bad_ones_are_rejected() {
         );
     }
 }
+
+#[test]
+fn operations_settings_load_and_bad_ones_are_rejected() {
+    let c = Config::from_yaml(&valid(), "t").unwrap().config;
+    assert!(c.tls.is_none());
+    assert!(!c.reload.watch);
+    assert_eq!(c.reload.interval, Duration::from_secs(2));
+    assert_eq!(c.limits.drain_delay, Duration::ZERO);
+    let yaml = format!(
+        "reload: {{ watch: true, interval: 500ms }}\nlimits: {{ drain_delay: 5s }}\n{}",
+        valid()
+    );
+    let loaded = Config::from_yaml(&yaml, "t").unwrap();
+    assert!(loaded.config.reload.watch);
+    assert_eq!(loaded.config.limits.drain_delay, Duration::from_secs(5));
+    // The hash follows the text.
+    assert_eq!(loaded.hash.len(), 16);
+    assert_ne!(loaded.hash, Config::from_yaml(&valid(), "t").unwrap().hash);
+
+    let p = problems(&format!(
+        "tls: {{ cert_file: /nonexistent/cert.pem, key_file: /nonexistent/key.pem }}\n{}",
+        valid()
+    ));
+    assert!(p.iter().any(|p| p.path == "tls.cert_file"), "{p:?}");
+    assert!(p.iter().any(|p| p.path == "tls.key_file"), "{p:?}");
+    let p = problems(&format!("reload: {{ watch: true, every: 1s }}\n{}", valid()));
+    assert!(
+        p.iter().any(|p| p.message.contains("unknown field")),
+        "{p:?}"
+    );
+}
