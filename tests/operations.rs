@@ -137,16 +137,29 @@ async fn sighup_under_load_adds_a_client_and_revokes_another_with_no_failed_requ
         StatusCode::UNAUTHORIZED
     );
 
-    // Steady load from the client that stays, on keep-alive connections, throughout.
+    // Steady load from the client that stays, on keep-alive connections, throughout: each
+    // worker keeps its pooled connection across the reload, and any error counts as a failure.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut workers = Vec::new();
     for _ in 0..8 {
         let (gw, stop, sent, failed) = (gw.clone(), stop.clone(), sent.clone(), failed.clone());
         workers.push(tokio::spawn(async move {
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
             let url = format!("{}/api/resource/ToDo", gw.base);
             while !stop.load(Ordering::SeqCst) {
-                if get(&url, FULL).await.status != StatusCode::OK {
+                let request = Request::get(&url)
+                    .header("authorization", token(FULL))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let ok = match client.request(request).await {
+                    Ok(response) => {
+                        let status = response.status();
+                        response.into_body().collect().await.is_ok() && status == StatusCode::OK
+                    }
+                    Err(_) => false,
+                };
+                if !ok {
                     failed.fetch_add(1, Ordering::SeqCst);
                 }
                 sent.fetch_add(1, Ordering::SeqCst);
@@ -396,4 +409,45 @@ async fn sigterm_turns_readyz_503_at_once_and_keeps_accepting_for_the_drain_dela
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_reload_picks_up_a_renewed_certificate() {
+    let up = upstream().await;
+    let tls_config = |name: &str| {
+        let (ca, cert, key) = test_certificates();
+        let cert_file = scratch_file(&format!("{name}-cert.pem"), &cert);
+        let key_file = scratch_file(&format!("{name}-key.pem"), &key);
+        let yaml = base_config(&up).replace(
+            "clients:\n",
+            &format!(
+                "tls: {{ cert_file: {}, key_file: {} }}\nclients:\n",
+                cert_file.display(),
+                key_file.display()
+            ),
+        );
+        (ca, yaml)
+    };
+    let (old_ca, old_yaml) = tls_config("old");
+    let (new_ca, new_yaml) = tls_config("new");
+    let gw = Gateway::start(&old_yaml).await;
+    let url = format!("https://{}/api/method/ping", gw.running.listen_addr);
+    let ping = |ca: String| {
+        let url = url.clone();
+        async move {
+            let request = Request::get(&url)
+                .header("authorization", token(FULL))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            tls_client(&ca, false).request(request).await.is_ok()
+        }
+    };
+    assert!(ping(old_ca.clone()).await);
+    assert!(!ping(new_ca.clone()).await);
+    gw.running
+        .reload(erpgate::config::Config::from_yaml(&new_yaml, "t").unwrap())
+        .await
+        .unwrap();
+    assert!(ping(new_ca).await);
+    assert!(!ping(old_ca).await);
 }

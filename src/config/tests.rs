@@ -429,7 +429,10 @@ fn operations_settings_load_and_bad_ones_are_rejected() {
     ));
     assert!(p.iter().any(|p| p.path == "tls.cert_file"), "{p:?}");
     assert!(p.iter().any(|p| p.path == "tls.key_file"), "{p:?}");
-    let p = problems(&format!("reload: {{ watch: true, every: 1s }}\n{}", valid()));
+    let p = problems(&format!(
+        "reload: {{ watch: true, every: 1s }}\n{}",
+        valid()
+    ));
     assert!(
         p.iter().any(|p| p.message.contains("unknown field")),
         "{p:?}"
