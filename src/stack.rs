@@ -114,6 +114,25 @@ pub fn build(
     metrics: &Metrics,
     previous: Option<&Gateway>,
 ) -> Result<Gateway, BuildError> {
+    build_with(loaded, metrics, previous, Forward)
+}
+
+/// [`build`] with `upstream` in place of the network client: the benchmarks measure the stack
+/// alone with a service that answers at once.
+pub fn build_with<U>(
+    loaded: &LoadedConfig,
+    metrics: &Metrics,
+    previous: Option<&Gateway>,
+    upstream: U,
+) -> Result<Gateway, BuildError>
+where
+    U: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    U::Future: Send + 'static,
+{
     let config = &loaded.config;
     let kept = previous.map(|p| &p.kept);
     let router = Arc::new(build_router(loaded, metrics)?);
@@ -204,7 +223,7 @@ pub fn build(
         .layer(BreakerLayer)
         // Last before the network: no layer above ever holds an ERPNext secret.
         .layer(CredentialSwapLayer::new(trusted))
-        .service(Forward);
+        .service(upstream);
     Ok(Gateway {
         service: BoxCloneSyncService::new(service),
         router,
