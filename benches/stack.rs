@@ -128,11 +128,20 @@ fn benches(c: &mut Criterion) {
 
     let metrics = Metrics::new().unwrap();
     let loaded = Config::from_yaml(&config(false), "bench").unwrap();
-    let gateway = build_with(&loaded, &metrics, None, upstream(body.clone(), captured.clone()))
-        .unwrap();
+    let gateway = build_with(
+        &loaded,
+        &metrics,
+        None,
+        upstream(body.clone(), captured.clone()),
+    )
+    .unwrap();
     let stack = gateway.service.clone();
     runtime.block_on(call(&stack, request(None)));
-    let extensions = captured.lock().unwrap().take().expect("the stack reached the upstream");
+    let extensions = captured
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the stack reached the upstream");
 
     let cached_metrics = Metrics::new().unwrap();
     let cached_loaded = Config::from_yaml(&config(true), "bench").unwrap();
@@ -146,7 +155,8 @@ fn benches(c: &mut Criterion) {
         b.to_async(&runtime).iter(|| call(&stack, request(None)))
     });
     group.bench_function("full_stack_cache_hit", |b| {
-        b.to_async(&runtime).iter(|| call(&cached_stack, request(None)))
+        b.to_async(&runtime)
+            .iter(|| call(&cached_stack, request(None)))
     });
     group.finish();
 
@@ -167,8 +177,14 @@ fn benches(c: &mut Criterion) {
     let m = Metrics::new().unwrap();
     layer!("request_id", layers::request_id::RequestIdLayer);
     layer!("observe", layers::observe::ObserveLayer::new(m.clone()));
-    layer!("error_response", layers::error_response::ErrorResponseLayer::new(1 << 20));
-    layer!("body_limit", layers::body_limit::BodyLimitLayer::new(1 << 20));
+    layer!(
+        "error_response",
+        layers::error_response::ErrorResponseLayer::new(1 << 20)
+    );
+    layer!(
+        "body_limit",
+        layers::body_limit::BodyLimitLayer::new(1 << 20)
+    );
     let one = NonZeroU32::new(1_000_000).unwrap();
     let quota = governor::Quota::per_second(one).allow_burst(one);
     let clients = ClientTable::new([(
@@ -197,10 +213,19 @@ fn benches(c: &mut Criterion) {
             m.auth_failures.clone(),
         )
     );
-    layer!("route", layers::route::RouteLayer::new(gateway.router.clone()));
+    layer!(
+        "route",
+        layers::route::RouteLayer::new(gateway.router.clone())
+    );
     layer!("classify", layers::classify::ClassifyLayer::new(1 << 20));
-    layer!("rate_limit", layers::rate_limit::RateLimitLayer::new(m.rate_limited.clone()));
-    layer!("concurrency", layers::concurrency::ConcurrencyLayer::new(m.rate_limited.clone()));
+    layer!(
+        "rate_limit",
+        layers::rate_limit::RateLimitLayer::new(m.rate_limited.clone())
+    );
+    layer!(
+        "concurrency",
+        layers::concurrency::ConcurrencyLayer::new(m.rate_limited.clone())
+    );
     layer!("authorize", layers::authorize::AuthorizeLayer);
     if let Some(cache) = cached.cache.clone() {
         layer!("cache_hit", layers::cache::CacheLayer::new(cache));
@@ -208,7 +233,10 @@ fn benches(c: &mut Criterion) {
     layer!(
         "idempotency_without_key",
         layers::idempotency::IdempotencyLayer::new(
-            Arc::new(layers::idempotency::MemoryStore::new(Duration::from_secs(60), 1 << 20)),
+            Arc::new(layers::idempotency::MemoryStore::new(
+                Duration::from_secs(60),
+                1 << 20
+            )),
             1 << 20,
             1 << 20,
         )

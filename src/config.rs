@@ -85,6 +85,20 @@ pub struct Config {
     /// Reloading the configuration while serving (SIGHUP always reloads).
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Threads serving the public listener, each with its own event loop, its own listening
+    /// socket (`SO_REUSEPORT`) and its own upstream connection pools, so a request never
+    /// wakes another thread. Default: the number of CPUs. Takes effect on restart.
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+impl Config {
+    /// The number of serving workers.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .clamp(1, 1024)
+    }
 }
 
 /// TLS on the public listener; the files are read again on every reload.

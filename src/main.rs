@@ -10,6 +10,11 @@ use sha2::{Digest, Sha256};
 use tracing_subscriber::EnvFilter;
 
 use erpgate::config::{Config, LogFormat};
+
+// glibc's malloc takes arena locks and consolidates on the request path; mimalloc's per-thread
+// heaps cut the allocator out of the profile (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use erpgate::server::RunningGateway;
 
 /// erpgate: the API gateway in front of ERPNext / Frappe sites.
@@ -134,7 +139,9 @@ fn run(path: PathBuf) -> ExitCode {
         LogFormat::Json => subscriber.json().flatten_event(true).init(),
         LogFormat::Pretty => subscriber.init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This thread runs the admin listener, signals and reloads; the serving workers run their
+    // own event loops (see `server`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

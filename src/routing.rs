@@ -145,6 +145,7 @@ pub(crate) fn test_target(
         .expect("valid histogram");
     let backend: http::Uri = "http://127.0.0.1:9".parse().expect("valid uri");
     let upstream = Upstream::new(
+        1,
         "erp".into(),
         &[backend],
         Duration::from_secs(1),

@@ -57,7 +57,8 @@ pub struct RunningGateway {
     reloading: tokio::sync::Mutex<()>,
     draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
-    public: JoinHandle<()>,
+    /// One per serving worker, completed when it has drained.
+    workers: Vec<tokio::sync::oneshot::Receiver<()>>,
     admin: JoinHandle<()>,
 }
 
@@ -67,17 +68,14 @@ impl RunningGateway {
         let metrics = Metrics::new()?;
         let gateway = build(&loaded, &metrics, None)?;
         let config = &loaded.config;
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })
-        };
-        let public = bind(config.listen).await?;
-        let admin = bind(config.admin_listen).await?;
-        let listen_addr = public.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let bind_error = |addr: SocketAddr| move |source| StartError::Bind { addr, source };
+        // The first public socket fixes the address (port 0 picks one); the other workers bind
+        // the same address, and the kernel spreads connections over them (SO_REUSEPORT).
+        let public = reuseport_listener(config.listen).map_err(bind_error(config.listen))?;
+        let listen_addr = public.local_addr().map_err(bind_error(config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(bind_error(config.admin_listen))?;
         let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
             addr: config.admin_listen,
             source,
@@ -90,7 +88,22 @@ impl RunningGateway {
         let draining = Arc::new(AtomicBool::new(false));
         let (stop, stopped) = watch::channel(false);
 
-        let public = tokio::spawn(serve_public(public, live.clone(), stopped));
+        let count = config.workers();
+        let mut workers = Vec::with_capacity(count);
+        let mut first = Some(public);
+        for index in 0..count {
+            let listener = match first.take() {
+                Some(listener) => listener,
+                None => reuseport_listener(listen_addr).map_err(bind_error(listen_addr))?,
+            };
+            let (done, drained) = tokio::sync::oneshot::channel();
+            let (live, stopped) = (live.clone(), stopped.clone());
+            std::thread::Builder::new()
+                .name(format!("erpgate-worker-{index}"))
+                .spawn(move || serve_worker(index, listener, live, stopped, done))
+                .map_err(bind_error(listen_addr))?;
+            workers.push(drained);
+        }
         let admin = tokio::spawn(serve_admin(
             admin,
             Admin {
@@ -109,7 +122,7 @@ impl RunningGateway {
             reloading: tokio::sync::Mutex::new(()),
             draining,
             stop,
-            public,
+            workers,
             admin,
         })
     }
@@ -187,14 +200,64 @@ impl RunningGateway {
         });
     }
 
-    /// Waits until the public listener has drained (or the grace period ran out), then stops the
-    /// admin listener.
-    pub async fn wait(self) {
-        if let Err(e) = self.public.await {
-            tracing::error!(error = %e, "public listener task failed");
+    /// Waits until every worker has drained (or the grace period ran out), then stops the admin
+    /// listener.
+    pub async fn wait(mut self) {
+        for drained in std::mem::take(&mut self.workers) {
+            let _ = drained.await;
         }
         self.admin.abort();
     }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        // Dropped without a shutdown (tests): the workers stop accepting and drain.
+        let _ = self.stop.send(true);
+        self.admin.abort();
+    }
+}
+
+/// A non-blocking listening socket on `addr` that other workers may bind too. Called on a
+/// runtime; the socket is handed over to a worker's runtime as a std listener.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)?.into_std()
+}
+
+/// One serving worker: its own single-threaded event loop on its own listening socket.
+fn serve_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    live: Arc<ArcSwap<Gateway>>,
+    stopped: watch::Receiver<bool>,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    crate::upstream::set_worker_index(index);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, "cannot start a worker's event loop");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => serve_public(listener, live, stopped).await,
+            Err(e) => tracing::error!(worker = index, error = %e, "cannot register the listener"),
+        }
+    });
+    let _ = done.send(());
 }
 
 async fn serve_public(

@@ -330,6 +330,7 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
         let host = site.host.as_ref().map_or(site_name, |h| &h.0);
         let backends: Vec<_> = site.backends.iter().map(|b| b.0.clone()).collect();
         let upstream = Upstream::new(
+            config.workers(),
             name.as_str().into(),
             &backends,
             site.timeouts.connect,

@@ -23,6 +23,17 @@ use prometheus::Histogram;
 use crate::error::{find_cause, GatewayError};
 use crate::{full_body, Body, BoxError};
 
+thread_local! {
+    /// Which serving worker this thread is (see `server`): it picks that worker's pool.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as serving worker `index`: its requests use that worker's connection
+/// pools, so a request and its upstream connection never wake another thread.
+pub fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
 /// How long a backend that refused a connection is skipped.
 const BACKEND_COOL_DOWN: Duration = Duration::from_secs(2);
 
@@ -56,7 +67,8 @@ struct Backend {
 #[derive(Debug)]
 pub struct Upstream {
     site: Arc<str>,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// One pooled client per serving worker.
+    clients: Vec<Client<HttpsConnector<HttpConnector>, Body>>,
     backends: Vec<Backend>,
     next: AtomicUsize,
     request_timeout: Duration,
@@ -65,8 +77,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the client for `backends` (base URLs already validated by the config).
+    /// Builds the clients for `backends` (base URLs already validated by the config), one per
+    /// serving worker.
     pub fn new(
+        workers: usize,
         site: Arc<str>,
         backends: &[Uri],
         connect_timeout: Duration,
@@ -89,10 +103,14 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let clients = (0..workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build(connector.clone())
+            })
+            .collect();
         let backends = backends
             .iter()
             .filter_map(|uri| {
@@ -105,13 +123,19 @@ impl Upstream {
             .collect();
         Ok(Self {
             site,
-            client,
+            clients,
             backends,
             next: AtomicUsize::new(0),
             request_timeout,
             epoch: Instant::now(),
             duration,
         })
+    }
+
+    /// This worker's client.
+    fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Body> {
+        let index = WORKER.with(std::cell::Cell::get);
+        &self.clients[index % self.clients.len()]
     }
 
     fn now_ms(&self) -> u64 {
@@ -168,7 +192,7 @@ impl Upstream {
             *request.headers_mut() = parts.headers.clone();
             let started = Instant::now();
             let result =
-                tokio::time::timeout(self.request_timeout, self.client.request(request)).await;
+                tokio::time::timeout(self.request_timeout, self.client().request(request)).await;
             self.duration.observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(Ok(response)) => return Ok(response.map(Body::new)),

@@ -21,16 +21,30 @@ use crate::metrics::Metrics;
 use crate::tags::RequestTags;
 use crate::{Body, BoxError};
 
+/// The handles this layer reports into, shared: one reference count per request, not one per
+/// metric.
+struct Handles {
+    requests: prometheus::IntCounterVec,
+    request_duration: prometheus::HistogramVec,
+    inflight: prometheus::IntGauge,
+}
+
 /// Observes requests.
 #[derive(Clone)]
 pub struct ObserveLayer {
-    metrics: Metrics,
+    handles: Arc<Handles>,
 }
 
 impl ObserveLayer {
     /// Reports into `metrics`.
     pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+        Self {
+            handles: Arc::new(Handles {
+                requests: metrics.requests,
+                request_duration: metrics.request_duration,
+                inflight: metrics.inflight,
+            }),
+        }
     }
 }
 
@@ -39,7 +53,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
             inner,
-            metrics: self.metrics.clone(),
+            handles: self.handles.clone(),
         }
     }
 }
@@ -48,7 +62,7 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    metrics: Metrics,
+    handles: Arc<Handles>,
 }
 
 impl<S> Service<Request<Body>> for Observe<S>
@@ -66,20 +80,15 @@ where
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let tags = Arc::new(RequestTags::default());
         request.extensions_mut().insert(tags.clone());
-        self.metrics.inflight.inc();
+        self.handles.inflight.inc();
         let record = Record {
-            metrics: self.metrics.clone(),
+            handles: self.handles.clone(),
             tags,
             started: Instant::now(),
             method: request.method().clone(),
-            // The path only, never the query: it may carry `sid` or other secrets.
-            path: request.uri().path().to_owned(),
-            request_id: request
-                .headers()
-                .get(&X_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
+            // Shared, not copied; only the path is logged, never the query (it may carry `sid`).
+            uri: request.uri().clone(),
+            request_id: request.headers().get(&X_REQUEST_ID).cloned(),
             done: false,
         };
         ObserveFuture {
@@ -91,41 +100,45 @@ where
 
 /// What is reported when the response head is ready, or when the request is dropped.
 struct Record {
-    metrics: Metrics,
+    handles: Arc<Handles>,
     tags: Arc<RequestTags>,
     started: Instant,
     method: Method,
-    path: String,
-    request_id: String,
+    uri: http::Uri,
+    request_id: Option<http::HeaderValue>,
     done: bool,
 }
 
 impl Record {
     fn finish(&mut self, status: u16, error: Option<&str>) {
         self.done = true;
-        self.metrics.inflight.dec();
-        let none: Arc<str> = Arc::from("none");
-        let client = self.tags.client.get().unwrap_or(&none);
-        let site = self.tags.site.get().unwrap_or(&none);
+        self.handles.inflight.dec();
+        let client = self.tags.client.get().map_or("none", |c| c.as_ref());
+        let site = self.tags.site.get().map_or("none", |s| s.as_ref());
         let kind = self.tags.kind.get().copied().unwrap_or("unclassified");
         let elapsed = self.started.elapsed();
         let mut code = itoa::Buffer::new();
-        self.metrics
+        self.handles
             .requests
-            .with_label_values(&[site.as_ref(), client.as_ref(), kind, code.format(status)])
+            .with_label_values(&[site, client, kind, code.format(status)])
             .inc();
-        self.metrics
+        self.handles
             .request_duration
-            .with_label_values(&[site.as_ref(), kind])
+            .with_label_values(&[site, kind])
             .observe(elapsed.as_secs_f64());
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         tracing::info!(
             target: "erpgate::access",
-            request_id = %self.request_id,
-            client = %client,
-            site = %site,
+            request_id,
+            client,
+            site,
             kind,
             method = %self.method,
-            path = %self.path,
+            path = self.uri.path(),
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             error = error.unwrap_or(""),

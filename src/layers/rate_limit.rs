@@ -39,6 +39,8 @@ pub struct QuotaPolicy {
     limiter: DirectLimiter,
     burst: u32,
     interval: Duration,
+    /// `"name";q=..;w=..`, made once: it never changes.
+    policy: HeaderValue,
 }
 
 impl std::fmt::Debug for QuotaPolicy {
@@ -51,9 +53,10 @@ impl std::fmt::Debug for QuotaPolicy {
 }
 
 /// Where one policy stands after a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Usage {
     name: &'static str,
+    policy: HeaderValue,
     limit: u32,
     remaining: u32,
     reset_secs: u64,
@@ -67,11 +70,17 @@ fn ceil_secs(d: Duration) -> u64 {
 impl QuotaPolicy {
     /// A policy named `name` (`default` or `writes`) enforcing `quota`.
     pub fn new(name: &'static str, quota: Quota) -> Self {
+        let burst = quota.burst_size().get();
+        let interval = quota.replenish_interval();
+        let window_secs = ceil_secs(interval * burst);
+        let policy = HeaderValue::try_from(format!("\"{name}\";q={burst};w={window_secs}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"default\""));
         Self {
             name,
             limiter: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
-            burst: quota.burst_size().get(),
-            interval: quota.replenish_interval(),
+            burst,
+            interval,
+            policy,
         }
     }
 
@@ -83,6 +92,7 @@ impl QuotaPolicy {
                 let remaining = snapshot.remaining_burst_capacity();
                 Ok(Usage {
                     name: self.name,
+                    policy: self.policy.clone(),
                     limit: self.burst,
                     remaining,
                     reset_secs: ceil_secs(self.interval * (self.burst - remaining)),
@@ -93,6 +103,7 @@ impl QuotaPolicy {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 let usage = Usage {
                     name: self.name,
+                    policy: self.policy.clone(),
                     limit: self.burst,
                     remaining: 0,
                     reset_secs: ceil_secs(wait).max(1),
@@ -124,13 +135,35 @@ pub fn write_headers(usages: &[Usage], headers: &mut HeaderMap) {
     let Some(tightest) = usages.iter().min_by_key(|u| u.remaining) else {
         return;
     };
-    let join = |f: &dyn Fn(&Usage) -> String| usages.iter().map(f).collect::<Vec<_>>().join(", ");
-    let policy = join(&|u| format!("\"{}\";q={};w={}", u.name, u.limit, u.window_secs));
-    let state = join(&|u| format!("\"{}\";r={};t={}", u.name, u.remaining, u.reset_secs));
-    for (name, value) in [(&RATELIMIT_POLICY, policy), (&RATELIMIT, state)] {
-        if let Ok(value) = HeaderValue::try_from(value) {
-            headers.insert(name.clone(), value);
+    // On every response: no `format!`, one allocation for the state, the policy made once.
+    let mut state = String::with_capacity(40 * usages.len());
+    let mut number = itoa::Buffer::new();
+    for (i, u) in usages.iter().enumerate() {
+        if i > 0 {
+            state.push_str(", ");
         }
+        state.push('"');
+        state.push_str(u.name);
+        state.push_str("\";r=");
+        state.push_str(number.format(u.remaining));
+        state.push_str(";t=");
+        state.push_str(number.format(u.reset_secs));
+    }
+    let policy = match usages {
+        [one] => Some(one.policy.clone()),
+        _ => {
+            let joined: Vec<&str> = usages
+                .iter()
+                .filter_map(|u| u.policy.to_str().ok())
+                .collect();
+            HeaderValue::try_from(joined.join(", ")).ok()
+        }
+    };
+    if let Some(policy) = policy {
+        headers.insert(RATELIMIT_POLICY.clone(), policy);
+    }
+    if let Ok(state) = HeaderValue::try_from(state) {
+        headers.insert(RATELIMIT.clone(), state);
     }
     headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(tightest.limit));
     headers.insert(
@@ -180,7 +213,7 @@ impl<S> RateLimit<S> {
             return Ok(Vec::new());
         };
         let quotas = &client.quotas;
-        let mut usages = Vec::with_capacity(2);
+        let mut usages = Vec::new();
         let reject = |usages: &mut Vec<Usage>, usage, wait, reason: &'static str| {
             usages.push(usage);
             self.rejected
@@ -312,6 +345,7 @@ mod tests {
         let usages = [
             Usage {
                 name: "default",
+                policy: HeaderValue::from_static("\"default\";q=40;w=2"),
                 limit: 40,
                 remaining: 39,
                 reset_secs: 1,
@@ -319,6 +353,7 @@ mod tests {
             },
             Usage {
                 name: "writes",
+                policy: HeaderValue::from_static("\"writes\";q=5;w=5"),
                 limit: 5,
                 remaining: 2,
                 reset_secs: 3,

@@ -115,11 +115,29 @@ fn jittered_backoff(base: Duration, max: Duration, retry: u32) -> Duration {
     ceiling.mul_f64(rand::random::<f64>())
 }
 
+/// Copies the per-connection facts the credential swap reads (peer address, TLS) and the held
+/// body into a retry's copy.
+fn for_each_forwarded_extension(from: &http::Extensions, to: &mut http::Extensions) {
+    if let Some(peer) = from.get::<crate::forwarding::PeerAddr>() {
+        to.insert(*peer);
+    }
+    if let Some(tls) = from.get::<crate::forwarding::ArrivedOverTls>() {
+        to.insert(*tls);
+    }
+    if let Some(body) = from.get::<ReplayableBody>() {
+        to.insert(body.clone());
+    }
+}
+
 /// The retry policy; tower clones it per request, so `attempts` counts this request's retries.
 #[derive(Clone)]
 pub struct RetryPolicy {
     attempts: u32,
+    /// Set on the first `clone_request`, which sees the original request.
     deposited: bool,
+    /// Whether sending it again cannot change data, judged from the original request (the
+    /// copies kept for retries carry only what the layers below need).
+    safe: bool,
     retries: IntCounterVec,
 }
 
@@ -129,6 +147,7 @@ impl RetryPolicy {
         Self {
             attempts: 0,
             deposited: false,
+            safe: false,
             retries,
         }
     }
@@ -147,12 +166,7 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
         if self.attempts >= settings.max_retries {
             return None;
         }
-        let safe = safe_to_repeat(
-            request.method(),
-            request.extensions().get::<FrappeRequest>(),
-            &site.read_only_methods,
-        );
-        let (reason, retry_after) = retryable(result, safe)?;
+        let (reason, retry_after) = retryable(result, self.safe)?;
         if retry_after > settings.max_retry_after {
             return None;
         }
@@ -178,6 +192,11 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
         if !self.deposited {
             settings.budget.deposit();
             self.deposited = true;
+            self.safe = safe_to_repeat(
+                request.method(),
+                request.extensions().get::<FrappeRequest>(),
+                &site.read_only_methods,
+            );
         }
         if self.attempts >= settings.max_retries {
             return None;
@@ -195,7 +214,12 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
         *copy.uri_mut() = request.uri().clone();
         *copy.version_mut() = request.version();
         *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
+        // Only what the layers below read: cloning every extension (the classified request,
+        // the client, ...) would cost allocations on every request, retried or not.
+        copy.extensions_mut().insert(RouteTarget::clone(
+            request.extensions().get::<RouteTarget>()?,
+        ));
+        for_each_forwarded_extension(request.extensions(), copy.extensions_mut());
         Some(copy)
     }
 }
