@@ -111,10 +111,11 @@ async fn clean_response(
     let headers = response.headers_mut();
     headers.remove(header::SET_COOKIE);
     remove_hop_by_hop(headers);
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    let is_json = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+    });
     let status = response.status();
     if expose_tracebacks || !is_json || !(status.is_client_error() || status.is_server_error()) {
         return Ok(response);
@@ -156,7 +157,7 @@ where
         };
         self.sign(&mut request, &target);
         let expose = target.site.expose_tracebacks;
-        let future: BoxResponseFuture = Box::pin(self.inner.call(request));
+        let future = self.inner.call(request);
         Box::pin(async move { clean_response(future.await?, expose).await })
     }
 }

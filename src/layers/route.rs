@@ -83,13 +83,17 @@ impl<S> Route<S> {
             .ok_or_else(|| GatewayError::SiteNotAllowed(site.name.to_string()))?
             .clone();
 
-        let encoded = match request.uri().query() {
-            Some(query) => format!("{}?{query}", path.encode()),
-            None => path.encode(),
-        };
-        let path_and_query = PathAndQuery::try_from(encoded)
-            .map_err(|e| GatewayError::BadRequest(format!("invalid path: {e}")))?;
-        *request.uri_mut() = http::Uri::from(path_and_query);
+        // Already canonical (the usual case): the URI stays as it came, nothing to rebuild.
+        let encoded = path.encode();
+        if encoded != request.uri().path() || request.uri().authority().is_some() {
+            let encoded = match request.uri().query() {
+                Some(query) => format!("{encoded}?{query}"),
+                None => encoded,
+            };
+            let path_and_query = PathAndQuery::try_from(encoded)
+                .map_err(|e| GatewayError::BadRequest(format!("invalid path: {e}")))?;
+            *request.uri_mut() = http::Uri::from(path_and_query);
+        }
         if let Some(tags) = RequestTags::of(request) {
             let _ = tags.site.set(site.name.clone());
             let _ = tags.api.set(ApiVersion::of(&path));
