@@ -260,6 +260,44 @@ fn serve_worker(
     let _ = done.send(());
 }
 
+/// The per-connection service: every request takes the stack in force when it arrives.
+fn connection_service(
+    live: Arc<ArcSwap<Gateway>>,
+    peer: SocketAddr,
+    over_tls: bool,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
+       + Send {
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(PeerAddr(peer));
+        if over_tls {
+            request.extensions_mut().insert(ArrivedOverTls);
+        }
+        let future = live.load().service.clone().oneshot(request);
+        // The stack renders its own errors; one escaping means a broken layer, and the client
+        // still gets an answer rather than a dropped connection.
+        async move {
+            Ok::<_, Infallible>(future.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "unhandled error reached the listener");
+                let mut response = Response::new(full_body("internal gateway error\n"));
+                *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                response
+            }))
+        }
+    })
+}
+
+fn log_end(peer: SocketAddr, result: Result<(), BoxError>) {
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
 async fn serve_public(
     listener: TcpListener,
     live: Arc<ArcSwap<Gateway>>,
@@ -288,54 +326,33 @@ async fn serve_public(
                     .keep_alive(true);
                 builder.http2().timer(TokioTimer::new());
                 let tls = current.tls.clone();
-                let live = live.clone();
                 let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let over_tls = tls.is_some();
-                    // Every request takes the stack in force when it arrives.
-                    let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                        let mut request = request.map(Body::new);
-                        request.extensions_mut().insert(PeerAddr(peer));
-                        if over_tls {
-                            request.extensions_mut().insert(ArrivedOverTls);
-                        }
-                        let future = live.load().service.clone().oneshot(request);
-                        // The stack renders its own errors; one escaping means a broken layer,
-                        // and the client still gets an answer rather than a dropped connection.
-                        async move {
-                            Ok::<_, Infallible>(future.await.unwrap_or_else(|e| {
-                                tracing::error!(error = %e, "unhandled error reached the listener");
-                                let mut response = Response::new(full_body("internal gateway error\n"));
-                                *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                                response
-                            }))
-                        }
-                    });
-                    let result: Result<(), BoxError> = match tls {
-                        None => {
-                            let connection = builder.serve_connection(TokioIo::new(stream), hyper_service);
-                            watcher.watch(connection.into_owned()).await
-                        }
-                        Some(acceptor) => {
+                let service = connection_service(live.clone(), peer, tls.is_some());
+                // Plain and TLS connections are separate tasks: a plain connection's task does
+                // not carry room for a TLS session.
+                match tls {
+                    None => {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        tokio::spawn(async move {
+                            log_end(peer, watcher.watch(connection).await);
+                        });
+                    }
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
                             // The handshake is bounded like a header read.
-                            let handshake = tokio::time::timeout(
-                                Duration::from_secs(10),
-                                acceptor.accept(stream),
-                            );
-                            match handshake.await {
+                            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                            let result = match handshake.await {
                                 Ok(Ok(stream)) => {
-                                    let connection = builder.serve_connection(TokioIo::new(stream), hyper_service);
-                                    watcher.watch(connection.into_owned()).await
+                                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                                    watcher.watch(connection).await
                                 }
                                 Ok(Err(e)) => Err(e.into()),
                                 Err(_) => Err("TLS handshake timed out".into()),
-                            }
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                            };
+                            log_end(peer, result);
+                        });
                     }
-                });
+                }
             }
             _ = stop.changed() => break,
         }
