@@ -11,10 +11,6 @@ use tracing_subscriber::EnvFilter;
 
 use erpgate::config::{Config, LogFormat};
 
-// glibc's malloc takes arena locks and consolidates on the request path; mimalloc's per-thread
-// heaps cut the allocator out of the profile (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use erpgate::server::RunningGateway;
 
 /// erpgate: the API gateway in front of ERPNext / Frappe sites.
@@ -125,6 +121,8 @@ fn health(admin: std::net::SocketAddr) -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
+    // Taken before the load: a change made while starting is then seen as a change.
+    let loaded_digest = file_digest(&path);
     let loaded = match Config::load(&path) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -159,7 +157,7 @@ fn run(path: PathBuf) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        serve_until_shutdown(&gateway, &path).await;
+        serve_until_shutdown(&gateway, &path, loaded_digest).await;
         tracing::info!("shutdown requested");
         gateway.begin_shutdown();
         gateway.wait().await;
@@ -170,7 +168,11 @@ fn run(path: PathBuf) -> ExitCode {
 
 /// Serves until SIGTERM (Kubernetes) or SIGINT (Ctrl-C); meanwhile SIGHUP, and a change of the
 /// config file when `reload.watch` is on, reload the configuration.
-async fn serve_until_shutdown(gateway: &RunningGateway, path: &Path) {
+async fn serve_until_shutdown(
+    gateway: &RunningGateway,
+    path: &Path,
+    loaded_digest: Option<[u8; 32]>,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -182,7 +184,7 @@ async fn serve_until_shutdown(gateway: &RunningGateway, path: &Path) {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };
-        let mut seen = file_digest(path);
+        let mut seen = loaded_digest;
         loop {
             // The interval follows the configuration in force; off, the file is not read.
             let watch = gateway.watch_interval();

@@ -260,6 +260,18 @@ fn serve_worker(
     let _ = done.send(());
 }
 
+/// HTTP/1.1 with keep-alive and the slowloris guard, and HTTP/2 by prior knowledge.
+fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
 /// The per-connection service: every request takes the stack in force when it arrives.
 fn connection_service(
     live: Arc<ArcSwap<Gateway>>,
@@ -304,6 +316,8 @@ async fn serve_public(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let mut header_read_timeout = live.load().server.header_read_timeout;
+    let mut builder = connection_builder(header_read_timeout);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -318,13 +332,11 @@ async fn serve_public(
                 };
                 let _ = stream.set_nodelay(true);
                 let current = live.load();
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(current.server.header_read_timeout)
-                    .keep_alive(true);
-                builder.http2().timer(TokioTimer::new());
+                // One builder per worker, made again only when a reload changed its setting.
+                if current.server.header_read_timeout != header_read_timeout {
+                    header_read_timeout = current.server.header_read_timeout;
+                    builder = connection_builder(header_read_timeout);
+                }
                 let tls = current.tls.clone();
                 let watcher = graceful.watcher();
                 let service = connection_service(live.clone(), peer, tls.is_some());
@@ -338,6 +350,7 @@ async fn serve_public(
                         });
                     }
                     Some(acceptor) => {
+                        let builder = builder.clone();
                         tokio::spawn(async move {
                             // The handshake is bounded like a header read.
                             let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
