@@ -7,7 +7,7 @@
 # promtool, and a built erpgate (tests/run.sh sees to all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ERPGATE="${ERPGATE:-target/debug/erpgate}"
+ERPGATE="${ERPGATE:-${CARGO_TARGET_DIR:-target}/debug/erpgate}"
 
 echo "== kubernetes-validate (strict)"
 manifests=$(find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml | sort)

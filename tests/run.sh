@@ -23,4 +23,4 @@ echo "== cargo test"
 cargo test --locked
 
 echo "== deploy/ checks"
-ERPGATE=target/debug/erpgate bash deploy/validate.sh
+ERPGATE="${CARGO_TARGET_DIR:-target}/debug/erpgate" bash deploy/validate.sh
