@@ -338,7 +338,7 @@ async fn stale_is_served_while_the_site_is_down_and_fresh_again_after() {
     let rules = "cache:\n  rules:\n    - { doctype: ToDo, ttl: 1s, stale_if_error: 60s }\n";
     let yaml = cached_config(&up, rules).replace(
         "    retry: { max_retries: 0 }\n",
-        "    retry: { max_retries: 0 }\n    breaker: { consecutive_failures: 2, open_base: 1s }\n",
+        "    retry: { max_retries: 0 }\n    breaker: { consecutive_failures: 2, open_base: 3s }\n",
     );
     let gw = Gateway::start(&yaml).await;
     let name = create_todo(&gw, "kept").await;
@@ -369,7 +369,7 @@ async fn stale_is_served_while_the_site_is_down_and_fresh_again_after() {
     // The site comes back; once the breaker lets its probe through, the answer is fresh again.
     up.set_behaviour(Behaviour::Normal);
     up.edit_todo(&name, "description", "newer");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let fresh = get(&gw.url(&path), FULL).await;
     assert_eq!(fresh.status, StatusCode::OK);
     assert_eq!(fresh.header("x-cache"), Some("MISS"));
