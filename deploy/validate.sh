@@ -4,7 +4,7 @@
 # resources each kustomization names, the ServiceMonitor's shape, the gateway.yaml inside every
 # ConfigMap (with `erpgate check`), the Prometheus config and alerting rules (promtool), the
 # Grafana dashboard, and the Dockerfile's basics. Needs: python3 with kubernetes-validate,
-# promtool, and a built erpgate (tests/run.sh sees to all three).
+# promtool, and a built erpgate (tests/setup.sh and cargo test see to all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ERPGATE="${ERPGATE:-${CARGO_TARGET_DIR:-target}/debug/erpgate}"

@@ -1,4 +1,4 @@
-//! A real Prometheus server (the Debian `prometheus` package; `tests/run.sh` installs it)
+//! A real Prometheus server (the Debian `prometheus` package; `tests/setup.sh` installs it)
 //! scrapes a running gateway, and its HTTP API shows that `erpgate_requests_total` arrived.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -52,7 +52,7 @@ async fn a_real_prometheus_scrapes_the_gateway() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("the prometheus binary: run tests/run.sh, which installs it (apt-get install prometheus)");
+        .expect("the prometheus binary: run tests/setup.sh, which installs it (apt-get install prometheus)");
     let _prometheus = Prometheus(child);
 
     let query = format!(

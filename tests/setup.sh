@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need when it is missing, then runs every test and
-# the deploy/ checks.
+# Installs what the tests need when it is missing (part of the README's test command):
 #   - prometheus + promtool (Debian package `prometheus`): tests/prometheus.rs starts a real
 #     Prometheus; deploy/validate.sh runs promtool;
 #   - kubernetes-validate (PyPI): deploy/validate.sh checks the Kubernetes manifests offline.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -18,9 +16,3 @@ if ! command -v kubernetes-validate >/dev/null; then
   echo "== installing kubernetes-validate (PyPI)"
   python3 -m pip install --quiet kubernetes-validate
 fi
-
-echo "== cargo test"
-cargo test --locked
-
-echo "== deploy/ checks"
-ERPGATE="${CARGO_TARGET_DIR:-target}/debug/erpgate" bash deploy/validate.sh
