@@ -259,15 +259,18 @@ impl Cache {
         S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Send + 'static,
         S::Future: Send,
     {
+        // Borrowed, not cloned: only the site and account names outlive the request here.
         let (Some(target), Some(classified)) = (
-            request.extensions().get::<RouteTarget>().cloned(),
-            request.extensions().get::<FrappeRequest>().cloned(),
+            request.extensions().get::<RouteTarget>(),
+            request.extensions().get::<FrappeRequest>(),
         ) else {
             return inner.oneshot(request).await;
         };
         let site = target.site.name.clone();
+        let account = target.account.name.clone();
         if request.method() != Method::GET && request.method() != Method::HEAD {
-            return self.write_through(inner, request, &site, &classified).await;
+            let doctypes = written_doctypes(&request, classified);
+            return self.write_through(inner, request, &site, doctypes).await;
         }
         let query = request.uri().query();
         // Frappe reads `form_dict` from a GET's body too, and the key holds no body: a read
@@ -279,7 +282,7 @@ impl Cache {
                 .is_some_and(|b| !b.0.is_empty());
         let matched = self
             .rules
-            .find(&site, &classified, query)
+            .find(&site, classified, query)
             .filter(|_| !has_body && !directive(request.headers(), "no-store"));
         let Some(matched) = matched else {
             self.count(&site, Outcome::Bypass);
@@ -292,7 +295,7 @@ impl Cache {
         let head = request.method() == Method::HEAD;
         let key = CacheKey::of(&KeyParts {
             site: &site,
-            account: &target.account.name,
+            account: &account,
             method: &Method::GET,
             path: request.uri().path(),
             query,
@@ -484,32 +487,37 @@ impl Cache {
         Fetched::Stored(entry)
     }
 
+    /// Passes a write on; when it succeeds, drops what the cache holds of `doctypes`.
     async fn write_through<S>(
         &self,
         inner: S,
         request: Request<Body>,
         site: &str,
-        classified: &FrappeRequest,
+        doctypes: Vec<String>,
     ) -> Result<Response<Body>, BoxError>
     where
         S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
     {
-        let query = request.uri().query().map(str::to_owned);
-        let body = request
-            .extensions()
-            .get::<ReplayableBody>()
-            .map(|b| b.0.clone());
-        let json = BodyFormat::from_content_type(request.headers().get(header::CONTENT_TYPE))
-            == BodyFormat::Json;
         let response = inner.oneshot(request).await?;
         if response.status().is_success() {
-            let body = body.as_deref().map(|b| (b, json));
-            for doctype in doctypes_written(classified, query.as_deref(), body) {
-                self.invalidate_doctype(site, &doctype, "write");
+            for doctype in &doctypes {
+                self.invalidate_doctype(site, doctype, "write");
             }
         }
         Ok(response)
     }
+}
+
+/// The doctypes a write names (read before it is sent, from the query and the body the
+/// classifier already holds; nothing is copied).
+fn written_doctypes(request: &Request<Body>, classified: &FrappeRequest) -> Vec<String> {
+    let json = BodyFormat::from_content_type(request.headers().get(header::CONTENT_TYPE))
+        == BodyFormat::Json;
+    let body = request
+        .extensions()
+        .get::<ReplayableBody>()
+        .map(|b| (&b.0[..], json));
+    doctypes_written(classified, request.uri().query(), body)
 }
 
 /// Takes a finished fill out of the in-flight map, even if it panicked.
