@@ -41,12 +41,12 @@ pub enum GatewayError {
     /// No backend of the site accepted a connection.
     #[error("site {site} is unreachable")]
     UpstreamUnreachable { site: String },
-    /// A client quota or concurrency cap is exhausted; `headers` describe the quota.
+    /// A client quota or concurrency cap is exhausted (the quota's headers travel with it in
+    /// a [`WithHeaders`]).
     #[error("{message}")]
     TooManyRequests {
         message: &'static str,
         retry_after: Duration,
-        headers: Box<http::HeaderMap>,
     },
     /// The site's circuit breaker is open: answered without touching the network.
     #[error("site {site} is unavailable; retry later")]
@@ -157,9 +157,6 @@ pub fn error_response(
         // Whole seconds, rounded up: a client waiting this long will be let in.
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    }
-    if let Some(GatewayError::TooManyRequests { headers: extra, .. }) = known {
-        headers.extend((**extra).clone());
     }
     if let Some(with) = find_cause::<WithHeaders>(err.as_ref()) {
         headers.extend(with.headers.clone());

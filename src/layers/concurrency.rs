@@ -105,7 +105,6 @@ where
             ConcurrencyProj::Rejected => Poll::Ready(Err(GatewayError::TooManyRequests {
                 message: "too many requests in flight",
                 retry_after: Duration::from_secs(1),
-                headers: Box::default(),
             }
             .into())),
             ConcurrencyProj::Inner { future, permit } => {

@@ -208,7 +208,7 @@ pub struct RateLimit<S> {
 
 impl<S> RateLimit<S> {
     /// Charges the request to its client's quotas; the usages to report, or the rejection.
-    fn charge(&self, request: &Request<Body>) -> Result<Vec<Usage>, GatewayError> {
+    fn charge(&self, request: &Request<Body>) -> Result<Vec<Usage>, BoxError> {
         let Some(client) = request.extensions().get::<Arc<Client>>() else {
             return Ok(Vec::new());
         };
@@ -221,11 +221,15 @@ impl<S> RateLimit<S> {
                 .inc();
             let mut headers = HeaderMap::new();
             write_headers(usages, &mut headers);
-            GatewayError::TooManyRequests {
+            let source = GatewayError::TooManyRequests {
                 message: "rate limit exceeded",
                 retry_after: wait,
-                headers: Box::new(headers),
-            }
+            };
+            let error: BoxError = Box::new(WithHeaders {
+                headers,
+                source: source.into(),
+            });
+            error
         };
         if let Some(policy) = &quotas.requests {
             match policy.check() {
@@ -283,7 +287,7 @@ pin_project! {
     /// Adds the rate-limit headers to the inner response, or answers 429.
     #[project = RateLimitProj]
     pub enum RateLimitFuture<F> {
-        Ready { error: Option<GatewayError> },
+        Ready { error: Option<BoxError> },
         Inner { #[pin] future: F, usages: Vec<Usage> },
     }
 }
@@ -298,7 +302,7 @@ where
         match self.project() {
             RateLimitProj::Ready { error } => Poll::Ready(Err(error
                 .take()
-                .map_or_else(|| "polled after completion".into(), Into::into))),
+                .unwrap_or_else(|| "polled after completion".into()))),
             RateLimitProj::Inner { future, usages } => {
                 Poll::Ready(match std::task::ready!(future.poll(cx)) {
                     Ok(mut response) => {
