@@ -465,13 +465,8 @@ impl Admin {
                 )
             }
             (&Method::POST, "/cache/purge") => {
-                let param = |name: &str| {
-                    request.uri().query().and_then(|q| {
-                        form_urlencoded::parse(q.as_bytes())
-                            .find(|(k, _)| k == name)
-                            .map(|(_, v)| v.into_owned())
-                    })
-                };
+                let param =
+                    |name| crate::frappe::form_dict::query_value(request.uri().query(), name);
                 let (site, doctype) = (param("site"), param("doctype"));
                 if doctype.is_some() && site.is_none() {
                     text(

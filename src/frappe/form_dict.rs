@@ -106,6 +106,13 @@ impl FormKeys {
 /// value, as Python's `json.loads` does.
 type JsonObject<'a> = indexmap::IndexMap<String, &'a RawValue>;
 
+/// The first value of `name` in a query string, decoded.
+pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 /// Removes every `sid` pair from an urlencoded string, keeping the rest as sent.
 pub fn strip_sid_urlencoded(input: &str) -> String {
     input

@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
 
 use crate::error::{find_cause, GatewayError};
+use crate::frappe::form_dict::query_value;
 use crate::frappe::webhook::{signature_valid, target, SIGNATURE_HEADER};
 use crate::layers::cache::Cache;
 use crate::layers::BoxResponseFuture;
@@ -89,11 +90,7 @@ impl WebhookLayer {
             .into());
         };
         let signature = request.headers().get(SIGNATURE_HEADER).cloned();
-        let url_doctype = request.uri().query().and_then(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "doctype")
-                .map(|(_, v)| v.into_owned())
-        });
+        let url_doctype = query_value(request.uri().query(), "doctype");
         let body = match Limited::new(request.into_body(), MAX_WEBHOOK_BYTES)
             .collect()
             .await

@@ -114,11 +114,7 @@ impl CacheRules {
                 {
                     // A method over a doctype (get_count, get_list, get_value) goes with its
                     // lists; one without is only dropped by site or whole purges.
-                    let doctype = query.and_then(|q| {
-                        form_urlencoded::parse(q.as_bytes())
-                            .find(|(k, _)| k == "doctype")
-                            .map(|(_, v)| v.into_owned())
-                    });
+                    let doctype = crate::frappe::form_dict::query_value(query, "doctype");
                     let tags = match doctype {
                         Some(d) => [site_tag(site), doctype_tag(site, &d), lists_tag(site, &d)],
                         None => [site_tag(site), 0, 0],
