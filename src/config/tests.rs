@@ -36,6 +36,14 @@ clients:
     )
 }
 
+/// `valid()` with `lines` added to the `erp` site.
+fn with_site_lines(lines: &str) -> String {
+    valid().replace(
+        "    timeouts: { connect: 500ms, request: 5s }\n",
+        &format!("    timeouts: {{ connect: 500ms, request: 5s }}\n{lines}"),
+    )
+}
+
 fn problems(yaml: &str) -> Vec<Problem> {
     match Config::from_yaml(yaml, "test.yaml") {
         Ok(_) => panic!("expected the config to be rejected"),
@@ -236,12 +244,7 @@ fn resilience_settings_load_with_defaults_and_bad_ones_are_rejected() {
     assert!(unlimited.config.rate_limit.is_none());
     assert_eq!(c.idempotency.ttl, Duration::from_secs(24 * 3600));
 
-    let with = |extra: &str| {
-        valid().replace(
-            "    timeouts: { connect: 500ms, request: 5s }\n",
-            &format!("    timeouts: {{ connect: 500ms, request: 5s }}\n{extra}"),
-        )
-    };
+    let with = with_site_lines;
     let good = with("    breaker: { consecutive_failures: 3, open_base: 1s, open_max: 10s }\n    retry: { max_retries: 1 }\n");
     assert_ne!(good, valid());
     let loaded = Config::from_yaml(&good, "t").unwrap();
@@ -308,12 +311,7 @@ fn resilience_settings_load_with_defaults_and_bad_ones_are_rejected() {
 fn cache_and_webhook_settings_load_and_bad_ones_are_rejected() {
     let cache = "cache:\n  max_bytes: 64MiB\n  rules:\n    - { doctype: Item, reads: [list], ttl: 60s, stale_if_error: 5m }\n    - { method: frappe.client.get_count, ttl: 30s, sites: [erp] }\n";
     let webhook = "    webhook: { secret: whs }\n";
-    let with = |cache: &str, webhook: &str| {
-        valid().replace(
-            "    timeouts: { connect: 500ms, request: 5s }\n",
-            &format!("    timeouts: {{ connect: 500ms, request: 5s }}\n{webhook}"),
-        ) + cache
-    };
+    let with = |cache: &str, webhook: &str| with_site_lines(webhook) + cache;
     let loaded = Config::from_yaml(&with(cache, webhook), "t").unwrap();
     let c = &loaded.config.cache;
     assert_eq!(c.max_bytes, ByteSize(64 << 20));
