@@ -204,7 +204,11 @@ impl Upstream {
                     tracing::warn!(site = %self.site, backend = %backend.authority, attempt, error = %e, "backend refused connection");
                 }
                 Ok(Err(e)) => {
-                    if find_cause::<http_body_util::LengthLimitError>(&e).is_some() {
+                    // The client's body failed (over a limit, refused mid-stream by the
+                    // access rules, malformed): the client's doing, not the site's.
+                    if find_cause::<http_body_util::LengthLimitError>(&e).is_some()
+                        || find_cause::<GatewayError>(&e).is_some()
+                    {
                         return Err(e.into());
                     }
                     tracing::warn!(site = %self.site, backend = %backend.authority, error = %e, "upstream exchange failed");

@@ -7,6 +7,12 @@
 use std::collections::HashSet;
 
 use super::classify::{FrappeRequest, MethodName, Operation, RequestKind};
+use super::form_dict::FormKey;
+use super::query_args::{self, RefusedArgument};
+
+/// `frappe.client.get_value` reads the columns named by `fieldname` (`frappe/client.py`); other
+/// methods use `fieldname` for other things (`set_value` takes a dict of values).
+const GET_VALUE: &str = "frappe.client.get_value";
 
 /// What a restricted client may do.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +25,9 @@ pub struct AccessRules {
     method_prefixes: Vec<String>,
     files: bool,
     other: bool,
+    /// Judge `fields`, `filters`, `or_filters`, `order_by`, `group_by` (and `fieldname` of
+    /// `get_value`) with [`query_args`]. On unless the client's config turns it off.
+    unchecked_query_arguments: bool,
 }
 
 /// Why a request was refused; said to the client, so it names only what the client sent.
@@ -37,8 +46,8 @@ pub enum Denied {
     Login,
     #[error("not allowed to access this path")]
     Other,
-    #[error("multipart form bodies are only accepted under /api/")]
-    UnreadForm,
+    #[error(transparent)]
+    QueryArgument(#[from] RefusedArgument),
 }
 
 /// An unknown operation name in a rule.
@@ -98,17 +107,39 @@ impl AccessRules {
         self.other = yes;
     }
 
-    /// Decides a request.
+    /// Leaves list arguments (`fields`, `filters`, ...) unjudged: for clients whose own methods
+    /// take arguments of those names in other shapes, at the price of the protection.
+    pub fn leave_query_arguments_unchecked(&mut self, yes: bool) {
+        self.unchecked_query_arguments = yes;
+    }
+
+    /// Whether the rules let this client read `doctype`.
+    pub fn may_read(&self, doctype: &str) -> bool {
+        let key = doctype.to_lowercase();
+        self.resources
+            .iter()
+            .filter(|(d, _)| *d == key || d == "*")
+            .any(|(_, ops)| ops.contains(&Operation::Read))
+    }
+
+    /// Decides a request: what its path asks, every embedded method, and its list arguments.
     pub fn check(&self, request: &FrappeRequest) -> Result<(), Denied> {
-        if request.unread_form {
-            return Err(Denied::UnreadForm);
-        }
         self.check_kind(&request.kind)?;
         for method in &request.embedded_methods {
             if method.as_str() == "login" {
                 return Err(Denied::Login);
             }
             self.check_method(method)?;
+        }
+        if self.unchecked_query_arguments {
+            return Ok(());
+        }
+        let readable = |doctype: &str| self.may_read(doctype);
+        query_args::check(&request.form, &readable)?;
+        if request.methods().any(|m| m.as_str() == GET_VALUE) {
+            for value in request.form.values(FormKey::Fieldname) {
+                query_args::check_fieldname(value, &readable)?;
+            }
         }
         Ok(())
     }
@@ -154,7 +185,7 @@ impl AccessRules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frappe::form_dict::FormKeys;
+    use crate::frappe::form_dict::FormDict;
     use crate::frappe::path::CanonicalPath;
     use http::Method;
 
@@ -162,7 +193,7 @@ mod tests {
         FrappeRequest::classify(
             &method,
             &CanonicalPath::parse(path).unwrap(),
-            &FormKeys::from_urlencoded(query.as_bytes()),
+            &FormDict::from_urlencoded(query.as_bytes()),
         )
     }
 

@@ -3,12 +3,13 @@
 //!
 //! The routes are Frappe v15's (`frappe/api/v1.py`, `frappe/api/v2.py`, `frappe/app.py`):
 //! v1 at `/api/` and `/api/v1/`, v2 at `/api/v2/`. Classification works on the canonical path
-//! (see [`super::path`]) plus the `form_dict` keys from the query and an inspected body, so that
-//! `cmd` on any path and `?run_method=` on a document are seen.
+//! (see [`super::path`]) plus the `form_dict` keys from the query and the body (see
+//! [`super::form_dict`]), so that `cmd` in any carrier on any path, `run_method` on a document
+//! and `method` on `upload_file` are seen.
 
 use http::Method;
 
-use super::form_dict::FormKeys;
+use super::form_dict::{FormDict, FormKey};
 use super::path::CanonicalPath;
 
 /// Which Frappe REST API a path belongs to; decides the error envelope.
@@ -126,23 +127,26 @@ impl RequestKind {
 }
 
 /// A request as Frappe will understand it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FrappeRequest {
     /// The REST API version, if the path is under `/api/`.
     pub api: Option<ApiVersion>,
     /// What the path (or, off `/api/`, the `cmd`) asks for.
     pub kind: RequestKind,
-    /// Every other `cmd` in the query or body. Frappe v15 ignores `cmd` under `/api/`, older
-    /// versions run it instead of the path: a request is allowed only if each of these is too.
+    /// Every other method the request makes Frappe run: each `cmd` in any carrier (Frappe 15's
+    /// `app.py` runs `form_dict.cmd` *instead of* any path, `/api/` included, so which one it
+    /// picks does not matter: all must be allowed) and `upload_file`'s `method` argument
+    /// (`handler.py` `upload_file` calls it after saving the file).
     pub embedded_methods: Vec<MethodName>,
-    /// The body is a form the gateway did not read (multipart off `/api/`), so it could carry a
-    /// `cmd`: a restricted client is refused.
-    pub unread_form: bool,
+    /// The `form_dict` keys erpgate acts on, from every carrier: the access rules judge the
+    /// list arguments in it.
+    pub form: FormDict,
 }
 
 impl FrappeRequest {
-    /// Classifies a request from its method, canonical path and the `form_dict` keys found.
-    pub fn classify(method: &Method, path: &CanonicalPath, keys: &FormKeys) -> Self {
+    /// Classifies a request from its method, canonical path and the `form_dict` it carries.
+    pub fn classify(method: &Method, path: &CanonicalPath, form: &FormDict) -> Self {
+        let keys = form;
         let segments: Vec<&str> = path.segments().iter().map(String::as_str).collect();
         let (api, kind) = match segments.as_slice() {
             ["api", "v2", rest @ ..] => (Some(ApiVersion::V2), classify_v2(method, rest, keys)),
@@ -152,8 +156,8 @@ impl FrappeRequest {
             ["files", _, ..] | ["private", "files", _, ..] => (None, RequestKind::FileDownload),
             _ => (None, RequestKind::Other),
         };
-        let mut cmds = keys.cmds.iter().map(|c| method_kind(c));
-        let (kind, embedded) = match (api, kind) {
+        let mut cmds = keys.values(FormKey::Cmd).map(|c| method_kind(&c.text()));
+        let (kind, mut embedded): (RequestKind, Vec<RequestKind>) = match (api, kind) {
             // Off `/api/`, `cmd` *is* the request (`/?cmd=...`, the Python frappe-client).
             (None, RequestKind::Other) => match cmds.next() {
                 Some(first) => (first, cmds.collect()),
@@ -161,6 +165,13 @@ impl FrappeRequest {
             },
             (_, kind) => (kind, cmds.collect()),
         };
+        let uploads = std::iter::once(&kind)
+            .chain(&embedded)
+            .any(|k| *k == RequestKind::FileUpload);
+        if uploads {
+            let called = keys.values(FormKey::Method).map(|m| method_kind(&m.text()));
+            embedded.extend(called.collect::<Vec<_>>());
+        }
         let embedded_methods = embedded
             .into_iter()
             .map(|k| match k {
@@ -173,12 +184,21 @@ impl FrappeRequest {
             api,
             kind,
             embedded_methods,
-            unread_form: false,
+            form: form.clone(),
         }
     }
 }
 
 impl FrappeRequest {
+    /// Every method the request makes Frappe run: its kind's and the embedded ones.
+    pub fn methods(&self) -> impl Iterator<Item = &MethodName> {
+        let own = match &self.kind {
+            RequestKind::Method(m) => Some(m),
+            _ => None,
+        };
+        own.into_iter().chain(&self.embedded_methods)
+    }
+
     /// Whether the request may change data. Frappe decides nothing by HTTP verb for methods (a
     /// whitelisted method accepts GET, POST, PUT and DELETE alike), so methods are read-only
     /// only when `read_only` (canonical names) lists them; resources by their operation.
@@ -217,7 +237,7 @@ fn resource(doctype: &str, name: Option<String>, operation: Operation) -> Reques
     }
 }
 
-fn classify_v1(method: &Method, rest: &[&str], keys: &FormKeys) -> RequestKind {
+fn classify_v1(method: &Method, rest: &[&str], keys: &FormDict) -> RequestKind {
     match rest {
         // `handle_rpc_call` keeps only what precedes the first '/'.
         ["method", name, ..] => method_kind(name),
@@ -231,7 +251,7 @@ fn classify_v1(method: &Method, rest: &[&str], keys: &FormKeys) -> RequestKind {
         }
         ["resource", doctype, name @ ..] => {
             let op = match *method {
-                _ if is_read(method) && keys.run_method => Operation::DocMethod,
+                _ if is_read(method) && keys.has(FormKey::RunMethod) => Operation::DocMethod,
                 _ if is_read(method) => Operation::Read,
                 Method::PUT => Operation::Update,
                 Method::DELETE => Operation::Delete,
@@ -244,7 +264,7 @@ fn classify_v1(method: &Method, rest: &[&str], keys: &FormKeys) -> RequestKind {
     }
 }
 
-fn classify_v2(method: &Method, rest: &[&str], keys: &FormKeys) -> RequestKind {
+fn classify_v2(method: &Method, rest: &[&str], keys: &FormDict) -> RequestKind {
     match rest {
         ["method", name] => method_kind(name),
         // A doctype controller's whitelisted method.
@@ -264,7 +284,7 @@ fn classify_v2(method: &Method, rest: &[&str], keys: &FormKeys) -> RequestKind {
         }
         ["document", doctype, name @ ..] => {
             let op = match *method {
-                _ if is_read(method) && keys.run_method => Operation::DocMethod,
+                _ if is_read(method) && keys.has(FormKey::RunMethod) => Operation::DocMethod,
                 _ if is_read(method) => Operation::Read,
                 Method::PUT | Method::PATCH => Operation::Update,
                 Method::DELETE => Operation::Delete,
@@ -286,7 +306,7 @@ mod tests {
 
     fn classify(method: Method, path: &str, query: &str) -> FrappeRequest {
         let path = CanonicalPath::parse(path).unwrap();
-        FrappeRequest::classify(&method, &path, &FormKeys::from_urlencoded(query.as_bytes()))
+        FrappeRequest::classify(&method, &path, &FormDict::from_urlencoded(query.as_bytes()))
     }
 
     fn res(doctype: &str, name: Option<&str>, operation: Operation) -> RequestKind {

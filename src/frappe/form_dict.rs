@@ -1,110 +1,239 @@
-//! What ends up in Frappe's `frappe.form_dict`, as far as the gateway must care.
+//! What ends up in Frappe's `frappe.form_dict`, derived the way Frappe 15 derives it.
 //!
-//! Frappe builds `form_dict` from the JSON body when the request is JSON, else from the query
-//! string merged with the form body (urlencoded or multipart). Two keys matter to a gateway:
-//! `cmd`, which turns a request on any path into an RPC call (and `cmd=login` into a login), and
-//! `sid`, which makes Frappe resume a session instead of using the token the gateway signs with.
-//! `run_method` turns a document read into a document method call. The gateway reads every place
-//! such a key could come from, and checks all of them, rather than guessing which one Frappe
-//! would pick.
+//! `frappe/app.py` `make_form_dict`:
+//!
+//! ```python
+//! request_data = request.get_data(as_text=True)
+//! if request_data and request.is_json:
+//!     args = json.loads(request_data)
+//! else:
+//!     args = {}
+//!     args.update(request.args or {})
+//!     args.update(request.form or {})
+//! ```
+//!
+//! So `form_dict` is the JSON body alone when the body is non-empty and werkzeug's `is_json`
+//! holds, else the query string overlaid with `request.form` — werkzeug fills that from
+//! urlencoded *and* multipart bodies (`formparser.FormDataParser.parse_functions`). erpgate
+//! reads every carrier and keeps every occurrence of the keys it acts on; it never needs to guess
+//! which one Frappe keeps, because a restricted request is allowed only if all of them are.
+//!
+//! The keys (see [`FormKey`]): `cmd` (`app.py` `application()` tests `form_dict.cmd` before it
+//! routes `/api/`, so a `cmd` in any carrier on any path is an RPC call), `sid`
+//! (`frappe/auth.py` `HTTPRequest` / `sessions.py` resume the session it names, and an API key
+//! does not override it), `run_method` (`api/v1.py` `read_doc` runs it as a document method),
+//! `method` (`frappe/handler.py` `upload_file` calls it), and the query arguments of lists
+//! (`fields`, `filters`, `or_filters`, `order_by`, `group_by`, and `fieldname` of
+//! `frappe.client.get_value`), which reach SQL through `frappe/model/db_query.py`.
 
-use bytes::Bytes;
+use std::borrow::Cow;
+
 use http::HeaderValue;
-use serde_json::value::RawValue;
 
-/// How a request body is encoded, as far as `form_dict` is concerned.
+use super::python_json::{self, Member, PyJson, PyJsonError};
+
+/// How a request body is encoded, as werkzeug reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
-    /// `application/x-www-form-urlencoded`
+    /// `application/x-www-form-urlencoded` or werkzeug's alias `application/x-url-encoded`.
     Form,
-    /// `application/json` or `application/*+json` (werkzeug's `is_json`)
+    /// `application/json` or `application/*+json` (werkzeug's `is_json`).
     Json,
     /// `multipart/form-data`
     Multipart,
-    /// Anything else: never read into `form_dict`.
+    /// Anything else: werkzeug fills neither `request.form` nor `is_json`, so the body never
+    /// reaches `form_dict`.
     Opaque,
 }
 
+/// A `Content-Type` erpgate cannot read exactly as werkzeug would.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the Content-Type header must be printable ASCII")]
+pub struct UnreadableContentType;
+
 impl BodyFormat {
-    /// Reads the format from a `Content-Type` header, case-insensitively as werkzeug does.
-    pub fn from_content_type(value: Option<&HeaderValue>) -> Self {
-        let Some(value) = value.and_then(|v| v.to_str().ok()) else {
-            return Self::Opaque;
+    /// The format werkzeug gives a `Content-Type`: `Request.mimetype` is the part before the
+    /// first `;`, stripped and lower-cased (`sansio/request.py`, `http.parse_options_header`);
+    /// `is_json` is `application/json` or `application/*+json`; the form parsers are keyed by
+    /// mimetype (`formparser.FormDataParser.parse_functions`). A value with bytes outside
+    /// printable ASCII is refused: gunicorn passes it on as latin-1 and werkzeug would still
+    /// read its mimetype, so erpgate must not treat it as unreadable-and-opaque.
+    pub fn from_content_type(value: Option<&HeaderValue>) -> Result<Self, UnreadableContentType> {
+        let Some(value) = value else {
+            return Ok(Self::Opaque);
         };
-        let mime = value
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        match mime.as_str() {
-            "application/x-www-form-urlencoded" => Self::Form,
-            "multipart/form-data" => Self::Multipart,
-            "application/json" => Self::Json,
-            m if m.starts_with("application/") && m.ends_with("+json") => Self::Json,
-            _ => Self::Opaque,
+        let bytes = value.as_bytes();
+        if !bytes
+            .iter()
+            .all(|b| (b' '..=b'~').contains(b) || *b == b'\t')
+        {
+            return Err(UnreadableContentType);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| UnreadableContentType)?;
+        let mime = text.split(';').next().unwrap_or_default().trim();
+        let is = |name: &str| mime.eq_ignore_ascii_case(name);
+        Ok(
+            if is("application/x-www-form-urlencoded") || is("application/x-url-encoded") {
+                Self::Form
+            } else if is("multipart/form-data") {
+                Self::Multipart
+            } else if is("application/json")
+                || (mime.len() >= "application/+json".len()
+                    && mime[..12].eq_ignore_ascii_case("application/")
+                    && mime[mime.len() - 5..].eq_ignore_ascii_case("+json"))
+            {
+                Self::Json
+            } else {
+                Self::Opaque
+            },
+        )
+    }
+}
+
+/// The `form_dict` keys erpgate acts on. Every other key is left to Frappe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FormKey {
+    /// Runs a whitelisted method instead of the path (`app.py` `application()`).
+    Cmd,
+    /// Resumes a session (`auth.py`, `sessions.py`): removed for every client.
+    Sid,
+    /// Runs a document method on a document read (`api/v1.py` `read_doc`).
+    RunMethod,
+    /// `upload_file` calls this whitelisted method (`handler.py` `upload_file`).
+    Method,
+    /// Columns of a list (`db_query.py` `DatabaseQuery.parse_args`).
+    Fields,
+    /// Conditions of a list.
+    Filters,
+    /// Alternative conditions of a list.
+    OrFilters,
+    /// SQL `ORDER BY` of a list.
+    OrderBy,
+    /// SQL `GROUP BY` of a list.
+    GroupBy,
+    /// The columns `frappe.client.get_value` reads.
+    Fieldname,
+}
+
+impl FormKey {
+    /// The key for a `form_dict` name, if erpgate acts on it.
+    pub fn of(name: &str) -> Option<Self> {
+        Some(match name {
+            "cmd" => Self::Cmd,
+            "sid" => Self::Sid,
+            "run_method" => Self::RunMethod,
+            "method" => Self::Method,
+            "fields" => Self::Fields,
+            "filters" => Self::Filters,
+            "or_filters" => Self::OrFilters,
+            "order_by" => Self::OrderBy,
+            "group_by" => Self::GroupBy,
+            "fieldname" => Self::Fieldname,
+            _ => return None,
+        })
+    }
+
+    /// The name as Frappe spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cmd => "cmd",
+            Self::Sid => "sid",
+            Self::RunMethod => "run_method",
+            Self::Method => "method",
+            Self::Fields => "fields",
+            Self::Filters => "filters",
+            Self::OrFilters => "or_filters",
+            Self::OrderBy => "order_by",
+            Self::GroupBy => "group_by",
+            Self::Fieldname => "fieldname",
         }
     }
 }
 
-/// The `form_dict` keys the gateway acts on, gathered from one source.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct FormKeys {
-    /// Every `cmd` value seen, in order.
-    pub cmds: Vec<String>,
-    /// A `run_method` key is present.
-    pub run_method: bool,
-    /// A `sid` key is present.
-    pub sid: bool,
+/// A `form_dict` value: a string from the query, a urlencoded or a multipart field, or a
+/// JSON value from a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FormValue {
+    /// From the query, an urlencoded body or a multipart field.
+    Text(String),
+    /// A member of a JSON body.
+    Json(PyJson),
 }
 
-impl FormKeys {
-    /// Merges the keys of another source into this one.
-    pub fn merge(&mut self, other: FormKeys) {
-        self.cmds.extend(other.cmds);
-        self.run_method |= other.run_method;
-        self.sid |= other.sid;
+impl FormValue {
+    /// The value as a string, when it is one; anything else (a JSON number, list, ...) is
+    /// rendered so that it can never equal a method or column name.
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            Self::Text(s) | Self::Json(PyJson::Str(s)) => Cow::Borrowed(s),
+            Self::Json(other) => Cow::Owned(format!("<JSON {other:?}>")),
+        }
     }
+}
 
-    fn see(&mut self, key: &str, value: impl FnOnce() -> String) {
-        match key {
-            "cmd" => self.cmds.push(value()),
-            "run_method" => self.run_method = true,
-            "sid" => self.sid = true,
-            _ => {}
+/// The part of `form_dict` erpgate acts on: every occurrence of every [`FormKey`], from every
+/// carrier, in order.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct FormDict {
+    entries: Vec<(FormKey, FormValue)>,
+}
+
+impl FormDict {
+    /// Adds one `name = value` pair.
+    pub fn push(&mut self, name: &str, value: impl FnOnce() -> FormValue) {
+        if let Some(key) = FormKey::of(name) {
+            self.entries.push((key, value()));
         }
     }
 
-    /// Reads an urlencoded query string or form body.
+    /// Adds every entry of `other`.
+    pub fn merge(&mut self, other: FormDict) {
+        self.entries.extend(other.entries);
+    }
+
+    /// Every value of `key`.
+    pub fn values(&self, key: FormKey) -> impl Iterator<Item = &FormValue> {
+        self.entries
+            .iter()
+            .filter(move |(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    /// Whether `key` occurs at all.
+    pub fn has(&self, key: FormKey) -> bool {
+        self.entries.iter().any(|(k, _)| *k == key)
+    }
+
+    /// Every entry, in order.
+    pub fn entries(&self) -> &[(FormKey, FormValue)] {
+        &self.entries
+    }
+
+    /// Reads an urlencoded query string or form body as werkzeug does (`parse_qsl` with
+    /// `keep_blank_values`: split on `&` only, `+` is a space, percent-decoding, invalid UTF-8
+    /// replaced).
     pub fn from_urlencoded(input: &[u8]) -> Self {
-        let mut keys = Self::default();
+        let mut form = Self::default();
         for (key, value) in form_urlencoded::parse(input) {
-            keys.see(&key, || value.into_owned());
+            form.push(&key, || FormValue::Text(value.into_owned()));
         }
-        keys
+        form
     }
 
-    /// Reads the top level of a JSON body. A body that is not a JSON object has no keys (Frappe
-    /// files a list under `data`).
-    pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
-        let mut keys = Self::default();
-        let top: &RawValue = serde_json::from_slice(body)?;
-        if top.get().starts_with('{') {
-            for (key, value) in serde_json::from_str::<JsonObject>(top.get())? {
-                keys.see(&key, || match serde_json::from_str::<String>(value.get()) {
-                    Ok(s) => s,
-                    Err(_) => value.get().to_owned(),
-                });
-            }
+    /// Reads a JSON body as `json.loads` does. A body that is a list becomes
+    /// `form_dict["data"]` and a scalar is refused by Frappe: neither has keys erpgate acts on.
+    pub fn from_json(body: &str) -> Result<(Self, Vec<Member>), PyJsonError> {
+        let mut form = Self::default();
+        let members = match python_json::loads(body)? {
+            PyJson::Object(members) => members,
+            _ => Vec::new(),
+        };
+        for member in &members {
+            form.push(&member.key, || FormValue::Json(member.value.clone()));
         }
-        Ok(keys)
+        Ok((form, members))
     }
 }
-
-/// The top level of a JSON object body, in order, with every value kept as raw text so that
-/// rewriting the object changes nothing but the keys removed. A repeated key keeps its last
-/// value, as Python's `json.loads` does.
-type JsonObject<'a> = indexmap::IndexMap<String, &'a RawValue>;
 
 /// The first value of `name` in a query string, decoded.
 pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
@@ -128,53 +257,78 @@ pub fn strip_sid_urlencoded(input: &str) -> String {
         .join("&")
 }
 
-/// Removes a top-level `sid` key from a JSON object body.
-pub fn strip_sid_json(body: &[u8]) -> Result<Bytes, serde_json::Error> {
-    let mut map: JsonObject<'_> = serde_json::from_slice(body)?;
-    map.shift_remove("sid");
-    Ok(Bytes::from(serde_json::to_vec(&map)?))
+/// Removes every top-level `sid` member from a JSON object body, the rest kept byte for byte.
+pub fn strip_sid_json(body: &str, members: &[Member]) -> String {
+    python_json::without_members(body, members, |key| key == "sid")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn texts(form: &FormDict, key: FormKey) -> Vec<String> {
+        form.values(key).map(|v| v.text().into_owned()).collect()
+    }
+
     #[test]
-    fn content_types() {
+    fn content_types_as_werkzeug_reads_them() {
         let f = |s: &'static str| BodyFormat::from_content_type(Some(&HeaderValue::from_static(s)));
         assert_eq!(
             f("application/x-www-form-urlencoded; charset=utf-8"),
-            BodyFormat::Form
+            Ok(BodyFormat::Form)
         );
-        assert_eq!(f("Application/JSON"), BodyFormat::Json);
-        assert_eq!(f("application/vnd.api+json"), BodyFormat::Json);
-        assert_eq!(f("multipart/form-data; boundary=x"), BodyFormat::Multipart);
-        assert_eq!(f("text/plain"), BodyFormat::Opaque);
-        assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Opaque);
+        assert_eq!(f("application/x-url-encoded"), Ok(BodyFormat::Form));
+        assert_eq!(f("Application/JSON"), Ok(BodyFormat::Json));
+        assert_eq!(f(" application/json ; x=1"), Ok(BodyFormat::Json));
+        assert_eq!(f("application/vnd.api+json"), Ok(BodyFormat::Json));
+        assert_eq!(f("application/+json"), Ok(BodyFormat::Json));
+        assert_eq!(
+            f("multipart/form-data; boundary=x"),
+            Ok(BodyFormat::Multipart)
+        );
+        assert_eq!(f("text/plain"), Ok(BodyFormat::Opaque));
+        assert_eq!(BodyFormat::from_content_type(None), Ok(BodyFormat::Opaque));
+        let high = HeaderValue::from_bytes(b"application/json; x=\xff").unwrap();
+        assert_eq!(
+            BodyFormat::from_content_type(Some(&high)),
+            Err(UnreadableContentType)
+        );
     }
 
     #[test]
     fn urlencoded_keys_are_decoded() {
-        let keys =
-            FormKeys::from_urlencoded(b"c%6Dd=frappe.client.insert&cmd=a+b&sid=x&run_method=y");
-        assert_eq!(keys.cmds, vec!["frappe.client.insert", "a b"]);
-        assert!(keys.sid && keys.run_method);
+        let form =
+            FormDict::from_urlencoded(b"c%6Dd=frappe.client.insert&cmd=a+b&sid=x&run_method=y&z=1");
+        assert_eq!(
+            texts(&form, FormKey::Cmd),
+            vec!["frappe.client.insert", "a b"]
+        );
+        assert!(form.has(FormKey::Sid) && form.has(FormKey::RunMethod));
+        assert_eq!(form.entries().len(), 4);
     }
 
     #[test]
-    fn json_keys() {
-        let keys =
-            FormKeys::from_json(br#"{"cmd":"frappe.client.insert","sid":"s","n":1}"#).unwrap();
-        assert_eq!(keys.cmds, vec!["frappe.client.insert"]);
-        assert!(keys.sid);
-        assert_eq!(FormKeys::from_json(b"[1,2]").unwrap(), FormKeys::default());
-        assert!(FormKeys::from_json(b"{nope").is_err());
+    fn json_keys_and_values() {
+        let (form, _) =
+            FormDict::from_json(r#"{"cmd":"frappe.client.insert","sid":"s","n":NaN,"cmd":7}"#)
+                .unwrap();
+        assert_eq!(
+            texts(&form, FormKey::Cmd),
+            vec!["frappe.client.insert", "<JSON Number(\"7\")>"]
+        );
+        assert!(form.has(FormKey::Sid));
+        assert_eq!(FormDict::from_json("[1,2]").unwrap().0, FormDict::default());
+        assert!(FormDict::from_json("{nope").is_err());
     }
 
     #[test]
     fn sid_is_stripped_and_nothing_else_changes() {
         assert_eq!(strip_sid_urlencoded("a=1&sid=x&s%69d=y&b=2"), "a=1&b=2");
-        let out = strip_sid_json(br#"{"b":1.50,"sid":"x","a":{"z":[1]}}"#).unwrap();
-        assert_eq!(&out[..], br#"{"b":1.50,"a":{"z":[1]}}"#);
+        let body = r#"{"b":1.50,"sid":"x","a":{"z":[1]}}"#;
+        let (_, members) = FormDict::from_json(body).unwrap();
+        assert_eq!(
+            strip_sid_json(body, &members),
+            r#"{"b":1.50,"a":{"z":[1]}}"#
+        );
     }
 }

@@ -26,6 +26,53 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Headers gunicorn turns into one WSGI value that Frappe or routing reads (`CONTENT_TYPE`,
+/// `CONTENT_LENGTH`, `HTTP_HOST`, `HTTP_AUTHORIZATION`): sent twice, gunicorn keeps the last or
+/// joins them (`gunicorn/http/wsgi.py` `create`) while an HTTP library keeps the first, so a
+/// repeat is refused rather than guessed at.
+const SINGLETONS: [HeaderName; 4] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::AUTHORIZATION,
+    header::CONTENT_TYPE,
+];
+
+/// gunicorn's `secure_scheme_headers` (`gunicorn/config.py`): believed from a trusted peer (the
+/// gateway is one) to set `wsgi.url_scheme`, and contradicting values are a 400. erpgate sets
+/// `X-Forwarded-Proto` itself and drops the others.
+const SCHEME_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-forwarded-protocol"),
+    HeaderName::from_static("x-forwarded-ssl"),
+];
+
+/// The first singleton header that appears more than once.
+pub fn repeated_singleton(headers: &HeaderMap) -> Option<&'static str> {
+    SINGLETONS
+        .iter()
+        .find(|name| headers.get_all(*name).iter().nth(1).is_some())
+        .map(HeaderName::as_str)
+}
+
+/// Removes the headers a WSGI server treats specially: every name with `_` (gunicorn maps `-`
+/// and `_` to one environ key, and trusts `SCRIPT_NAME` and `PATH_INFO` headers from
+/// `forwarded_allow_ips`, so `SCRIPT_NAME: /api/method/x` would re-route a judged path — nginx
+/// drops such names by default too) and the scheme headers.
+pub fn remove_wsgi_specials(headers: &mut HeaderMap) {
+    if headers.keys().any(|name| name.as_str().contains('_')) {
+        let underscored: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in &underscored {
+            headers.remove(name);
+        }
+    }
+    for name in &SCHEME_HEADERS {
+        headers.remove(name);
+    }
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// `Transfer-Encoding` is left to hyper, which owns message framing.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -61,6 +108,22 @@ pub fn remove_client_identity(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn wsgi_specials_go_and_repeats_are_found() {
+        let mut h = HeaderMap::new();
+        h.insert("script_name", HeaderValue::from_static("/api/method/x"));
+        h.insert("path_info", HeaderValue::from_static("/x"));
+        h.insert("x-forwarded_for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("x-forwarded-ssl", HeaderValue::from_static("on"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        remove_wsgi_specials(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(repeated_singleton(&h), None);
+        h.append(header::CONTENT_TYPE, HeaderValue::from_static("a/b"));
+        h.append(header::CONTENT_TYPE, HeaderValue::from_static("a/b"));
+        assert_eq!(repeated_singleton(&h), Some("content-type"));
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {

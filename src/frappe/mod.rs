@@ -8,7 +8,10 @@ pub mod classify;
 pub mod envelope;
 pub mod form_dict;
 pub mod headers;
+pub mod multipart;
 pub mod path;
+pub mod python_json;
+pub mod query_args;
 pub mod webhook;
 pub mod writes;
 

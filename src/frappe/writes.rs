@@ -102,14 +102,14 @@ mod tests {
     use http::Method;
 
     use super::*;
-    use crate::frappe::form_dict::FormKeys;
+    use crate::frappe::form_dict::FormDict;
     use crate::frappe::CanonicalPath;
 
     fn classify(method: Method, path: &str) -> FrappeRequest {
         FrappeRequest::classify(
             &method,
             &CanonicalPath::parse(path).unwrap(),
-            &FormKeys::default(),
+            &FormDict::default(),
         )
     }
 

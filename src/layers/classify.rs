@@ -2,25 +2,37 @@
 //! that the rate limiter (is it a write?), the access rules and the retry policy (is it safe to
 //! send again?) all read.
 //!
-//! This layer owns `form_dict`: Frappe reads `cmd`, `run_method` and `sid` from the query and
-//! from JSON and urlencoded bodies, so such bodies are read here (up to
-//! `max_inspected_body_bytes`, 413 above) and every `cmd` in them is checked. `sid` is removed
-//! from the query and the body: a signed request must never resume a session instead. Other
-//! bodies stream untouched; a multipart body off `/api/` (where Frappe would read a `cmd` from
-//! it) is refused to restricted clients rather than buffered.
+//! This layer derives `form_dict` as Frappe will (see [`crate::frappe::form_dict`]): from the
+//! query and from JSON, urlencoded and multipart bodies, on every path. JSON and urlencoded
+//! bodies are read whole (up to `max_inspected_body_bytes`, 413 above). Multipart bodies are
+//! re-encoded as they stream ([`MultipartRelay`]): the fields before the first file are read and
+//! judged before anything is sent; file content streams; a field after a file is judged by the
+//! client's rules when it completes and ends the upstream body if refused. `sid` is removed from
+//! the query and every body, for every client: a signed request must never resume a session.
+//!
+//! It also refuses what gunicorn could read differently: a repeated `Host`, `Content-Length`,
+//! `Authorization` or `Content-Type`, and a `Content-Type` that is not printable ASCII.
 //!
 //! After routing, so it classifies the canonical, prefix-stripped path Frappe will see.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use futures_util::TryStreamExt;
+use http::{header, HeaderValue, Method, Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited, StreamBody};
 use tower::{Layer, Service};
 
 use crate::error::{find_cause, GatewayError};
-use crate::frappe::form_dict::{strip_sid_json, strip_sid_urlencoded, BodyFormat, FormKeys};
-use crate::frappe::{ApiVersion, CanonicalPath, FrappeRequest};
+use crate::frappe::form_dict::{
+    strip_sid_json, strip_sid_urlencoded, BodyFormat, FormDict, FormKey,
+};
+use crate::frappe::headers::repeated_singleton;
+use crate::frappe::multipart::{self, MultipartRelay};
+use crate::frappe::{CanonicalPath, FrappeRequest};
+use crate::layers::auth::Client;
 use crate::layers::{BoxResponseFuture, EarlyReturn};
 use crate::tags::RequestTags;
 use crate::upstream::ReplayableBody;
@@ -33,7 +45,7 @@ pub struct ClassifyLayer {
 }
 
 impl ClassifyLayer {
-    /// Reads JSON and urlencoded bodies up to `max_inspected` bytes.
+    /// Reads JSON and urlencoded bodies, and multipart fields, up to `max_inspected` bytes.
     pub fn new(max_inspected: u64) -> Self {
         Self { max_inspected }
     }
@@ -57,9 +69,8 @@ pub struct Classify<S> {
 }
 
 /// Classifies a request, tags it and attaches the [`FrappeRequest`].
-fn attach(request: &mut Request<Body>, path: &CanonicalPath, keys: &FormKeys, unread_form: bool) {
-    let mut classified = FrappeRequest::classify(request.method(), path, keys);
-    classified.unread_form = unread_form;
+fn attach(request: &mut Request<Body>, path: &CanonicalPath, form: &FormDict) {
+    let classified = FrappeRequest::classify(request.method(), path, form);
     if let Some(tags) = RequestTags::of(request) {
         let _ = tags.kind.set(classified.kind.label());
     }
@@ -84,12 +95,18 @@ fn strip_sid_from_query(request: &mut Request<Body>) -> Result<(), GatewayError>
     Ok(())
 }
 
-/// Reads a JSON or urlencoded body, returning its keys and the body to forward (without `sid`).
+fn bad_body(what: &str) -> GatewayError {
+    GatewayError::BadRequest(format!("the request body is not valid {what}"))
+}
+
+/// Reads a JSON or urlencoded body, returning its `form_dict` keys and the body to forward
+/// (without `sid`). Both must be UTF-8: werkzeug would decode anything else with replacement
+/// characters, and what Frappe reads must be what was judged.
 async fn read_form(
     body: Body,
     format: BodyFormat,
     max: u64,
-) -> Result<(FormKeys, Bytes), BoxError> {
+) -> Result<(FormDict, Bytes), BoxError> {
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -98,22 +115,69 @@ async fn read_form(
         }
         Err(e) => return Err(e),
     };
-    let bad =
-        |what: &str| GatewayError::BadRequest(format!("the request body is not valid {what}"));
-    let keys = match format {
-        BodyFormat::Json if bytes.is_empty() => FormKeys::default(),
-        BodyFormat::Json => FormKeys::from_json(&bytes).map_err(|_| bad("JSON"))?,
-        _ => FormKeys::from_urlencoded(&bytes),
-    };
-    let bytes = match (keys.sid, format) {
-        (false, _) => bytes,
-        (true, BodyFormat::Json) => strip_sid_json(&bytes).map_err(|_| bad("JSON"))?,
-        (true, _) => {
-            let text = std::str::from_utf8(&bytes).map_err(|_| bad("form data"))?;
-            Bytes::from(strip_sid_urlencoded(text))
+    // `make_form_dict` reads a JSON body only when it is non-empty.
+    if bytes.is_empty() {
+        return Ok((FormDict::default(), bytes));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad_body("UTF-8"))?;
+    match format {
+        BodyFormat::Json => {
+            let (form, members) = FormDict::from_json(text).map_err(|e| {
+                GatewayError::BadRequest(format!("the request body is not valid JSON: {e}"))
+            })?;
+            let bytes = if form.has(FormKey::Sid) {
+                Bytes::from(strip_sid_json(text, &members))
+            } else {
+                bytes
+            };
+            Ok((form, bytes))
         }
-    };
-    Ok((keys, bytes))
+        _ => {
+            let form = FormDict::from_urlencoded(text.as_bytes());
+            let bytes = if form.has(FormKey::Sid) {
+                Bytes::from(strip_sid_urlencoded(text))
+            } else {
+                bytes
+            };
+            Ok((form, bytes))
+        }
+    }
+}
+
+/// What a late multipart field is judged with: the request as classified with every field so
+/// far, under the client's rules.
+fn late_field_judge(
+    method: Method,
+    path: CanonicalPath,
+    query: FormDict,
+    client: Arc<Client>,
+) -> multipart::LateFieldJudge {
+    Box::new(move |fields: &FormDict| {
+        let Some(rules) = &client.rules else {
+            return Ok(());
+        };
+        let mut form = query.clone();
+        form.merge(fields.clone());
+        let classified = FrappeRequest::classify(&method, &path, &form);
+        rules.check(&classified).map_err(|denied| {
+            tracing::info!(client = %client.name, reason = %denied, "multipart field refused by access rules");
+            GatewayError::Forbidden(denied).into()
+        })
+    })
+}
+
+/// A multipart body's refusal as the gateway error it answers with; the client body's own
+/// errors (a body limit, a dropped connection) and access refusals pass as they are.
+fn multipart_refusal(e: BoxError) -> BoxError {
+    match e.downcast::<multipart::MultipartError>() {
+        Ok(refusal) => match *refusal {
+            multipart::MultipartError::FieldsTooLarge(limit) => {
+                GatewayError::PayloadTooLarge { limit }.into()
+            }
+            other => GatewayError::BadRequest(other.to_string()).into(),
+        },
+        Err(e) => e,
+    }
 }
 
 impl<S> Service<Request<Body>> for Classify<S>
@@ -142,38 +206,89 @@ where
                 }
             },
         };
-        let mut keys =
-            FormKeys::from_urlencoded(request.uri().query().unwrap_or_default().as_bytes());
-        if keys.sid {
+        if let Some(name) = repeated_singleton(request.headers()) {
+            return EarlyReturn::error(GatewayError::BadRequest(format!(
+                "the {name} header must appear once"
+            )));
+        }
+        let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
+        let format = match BodyFormat::from_content_type(content_type.as_ref()) {
+            Ok(format) => format,
+            Err(e) => return EarlyReturn::error(GatewayError::BadRequest(e.to_string())),
+        };
+        let mut query =
+            FormDict::from_urlencoded(request.uri().query().unwrap_or_default().as_bytes());
+        if query.has(FormKey::Sid) {
             if let Err(e) = strip_sid_from_query(&mut request) {
                 return EarlyReturn::error(e);
             }
         }
-        let format = BodyFormat::from_content_type(request.headers().get(header::CONTENT_TYPE));
+        let has_body = !http_body::Body::is_end_stream(request.body());
+        // The ready service goes into the future; a fresh clone stays for the next call.
+        let mut take_inner = || {
+            let clone = self.inner.clone();
+            std::mem::replace(&mut self.inner, clone)
+        };
+        let max = self.max_inspected;
         match format {
             BodyFormat::Json | BodyFormat::Form => {
-                // The ready service goes into the future; a fresh clone stays for the next call.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                let max = self.max_inspected;
+                let mut inner = take_inner();
                 EarlyReturn::inner(Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
-                    let (body_keys, bytes) = read_form(body, format, max).await?;
-                    keys.merge(body_keys);
+                    let (body_form, bytes) = read_form(body, format, max).await?;
+                    query.merge(body_form);
                     let mut request = Request::from_parts(parts, full_body(bytes.clone()));
                     request
                         .headers_mut()
                         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                     request.extensions_mut().insert(ReplayableBody(bytes));
-                    attach(&mut request, &path, &keys, false);
+                    attach(&mut request, &path, &query);
+                    let future: BoxResponseFuture = Box::pin(inner.call(request));
+                    future.await
+                })))
+            }
+            BodyFormat::Multipart if has_body => {
+                let boundary = content_type
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or(multipart::MultipartError::Boundary)
+                    .and_then(multipart::boundary);
+                let boundary = match boundary {
+                    Ok(b) => b,
+                    Err(e) => return EarlyReturn::error(GatewayError::BadRequest(e.to_string())),
+                };
+                let mut inner = take_inner();
+                EarlyReturn::inner(Either::Right(Box::pin(async move {
+                    let (mut parts, body) = request.into_parts();
+                    let mut relay = MultipartRelay::new(body, boundary, max);
+                    relay
+                        .read_fields_before_files()
+                        .await
+                        .map_err(multipart_refusal)?;
+                    let mut form = query.clone();
+                    form.merge(relay.form().clone());
+                    if let Some(client) = parts.extensions.get::<Arc<Client>>() {
+                        if client.rules.is_some() {
+                            relay.judge_later_fields(late_field_judge(
+                                parts.method.clone(),
+                                path.clone(),
+                                query,
+                                client.clone(),
+                            ));
+                        }
+                    }
+                    // Re-encoded: a new length, sent chunked.
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    let body = relay.map_ok(Frame::data).map_err(multipart_refusal);
+                    let body = Body::new(StreamBody::new(body));
+                    let mut request = Request::from_parts(parts, body);
+                    attach(&mut request, &path, &form);
                     let future: BoxResponseFuture = Box::pin(inner.call(request));
                     future.await
                 })))
             }
             _ => {
-                let unread_form =
-                    format == BodyFormat::Multipart && ApiVersion::of(&path).is_none();
-                attach(&mut request, &path, &keys, unread_form);
+                attach(&mut request, &path, &query);
                 EarlyReturn::inner(Either::Left(self.inner.call(request)))
             }
         }

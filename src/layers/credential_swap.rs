@@ -1,7 +1,8 @@
 //! The credential swap and header hygiene, both ways.
 //!
 //! Upstream-bound: hop-by-hop headers, the client's `Cookie`, `Frappe-Authorization-Source`,
-//! `X-Use-X-Accel-Redirect` and any `X-Frappe-Site-Name` go; the site's service-account
+//! `X-Use-X-Accel-Redirect`, any `X-Frappe-Site-Name`, every header whose name has `_`
+//! (`SCRIPT_NAME`, `PATH_INFO`, ...) and gunicorn's other scheme headers go; the site's service-account
 //! `Authorization: token key:secret`, `X-Frappe-Site-Name`, `Host`, `X-Forwarded-For` (the peer,
 //! appended to the incoming list only when the peer is a trusted proxy) and `X-Forwarded-Proto`
 //! are set. Client-bound: `Set-Cookie` (Frappe sets Guest cookies on every answer) and hop-by-hop
@@ -21,8 +22,8 @@ use crate::error::GatewayError;
 use crate::forwarding::{ArrivedOverTls, PeerAddr, TrustedProxies};
 use crate::frappe::envelope::scrub_tracebacks;
 use crate::frappe::headers::{
-    remove_client_identity, remove_hop_by_hop, X_FORWARDED_FOR, X_FORWARDED_PROTO,
-    X_FRAPPE_SITE_NAME,
+    remove_client_identity, remove_hop_by_hop, remove_wsgi_specials, X_FORWARDED_FOR,
+    X_FORWARDED_PROTO, X_FRAPPE_SITE_NAME,
 };
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
@@ -75,6 +76,7 @@ impl<S> CredentialSwap<S> {
         let headers = request.headers_mut();
         remove_hop_by_hop(headers);
         remove_client_identity(headers);
+        remove_wsgi_specials(headers);
         headers.insert(header::AUTHORIZATION, target.account.authorization.clone());
         headers.insert(X_FRAPPE_SITE_NAME.clone(), target.site.site_name.clone());
         headers.insert(header::HOST, target.site.host.clone());

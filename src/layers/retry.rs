@@ -227,7 +227,7 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frappe::form_dict::FormKeys;
+    use crate::frappe::form_dict::FormDict;
     use crate::frappe::CanonicalPath;
 
     fn err(e: GatewayError) -> Result<Response<Body>, BoxError> {
@@ -288,7 +288,7 @@ mod tests {
         let read_only: HashSet<String> =
             ["frappe.client.get_list".to_owned()].into_iter().collect();
         let classify = |m: &Method, p: &str| {
-            FrappeRequest::classify(m, &CanonicalPath::parse(p).unwrap(), &FormKeys::default())
+            FrappeRequest::classify(m, &CanonicalPath::parse(p).unwrap(), &FormDict::default())
         };
         let post = Method::POST;
         assert!(safe_to_repeat(

@@ -512,7 +512,7 @@ impl Cache {
 /// classifier already holds; nothing is copied).
 fn written_doctypes(request: &Request<Body>, classified: &FrappeRequest) -> Vec<String> {
     let json = BodyFormat::from_content_type(request.headers().get(header::CONTENT_TYPE))
-        == BodyFormat::Json;
+        == Ok(BodyFormat::Json);
     let body = request
         .extensions()
         .get::<ReplayableBody>()

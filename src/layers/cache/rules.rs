@@ -132,7 +132,7 @@ mod tests {
     use http::Method;
 
     use super::*;
-    use crate::frappe::form_dict::FormKeys;
+    use crate::frappe::form_dict::FormDict;
     use crate::frappe::CanonicalPath;
 
     fn rules() -> CacheRules {
@@ -157,7 +157,7 @@ mod tests {
         FrappeRequest::classify(
             &Method::GET,
             &CanonicalPath::parse(path).unwrap(),
-            &FormKeys::default(),
+            &FormDict::default(),
         )
     }
 

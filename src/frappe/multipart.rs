@@ -1,0 +1,521 @@
+//! Multipart bodies, judged field by field and re-encoded, so Frappe reads exactly what was judged.
+//!
+//! werkzeug parses `multipart/form-data` into `request.form` (fields) and `request.files`
+//! (parts with a `filename`), and `frappe/app.py` `make_form_dict` merges `request.form` into
+//! `form_dict` on every path. A client could therefore carry `cmd`, `sid` or `run_method` in a
+//! multipart field. Rather than hope two multipart parsers agree on a hostile body, erpgate
+//! parses the client's body with `multer` and *writes a new one* in the plainest form:
+//!
+//! ```text
+//! --B\r\nContent-Disposition: form-data; name="N"[; filename="F"]\r\n[Content-Type: T\r\n]\r\n
+//! <content>\r\n ... --B--\r\n
+//! ```
+//!
+//! with the client's boundary `B` (validated as RFC 2046 characters). What werkzeug then finds in
+//! the forwarded bytes is what erpgate judged, provided no content contains something werkzeug
+//! would take for a delimiter: its `MultipartDecoder` accepts `\r\n`, `\n` *or* `\r` before
+//! `--B` (`sansio/multipart.py`, `LINE_BREAK`), where `multer` splits only at `\r\n--B`. So
+//! content holding `\n--B` or `\r--B` (or starting with `--B`) is refused. Names with `"`, `\`,
+//! `%` or control characters are refused too: they are the characters whose reading differs
+//! between parsers (quoting, RFC 2231, percent-decoding), and no real form uses them.
+//!
+//! Field values (parts without a filename, or with an empty one) are buffered, bounded by
+//! `max_inspected_body_bytes`, and forwarded only once complete and judged; their bytes are sent
+//! as the UTF-8 text that was judged (werkzeug decodes field values as UTF-8 with replacement,
+//! `formparser.MultiPartParser.get_part_charset` defaulting to `utf-8`). File content streams
+//! through as it arrives. A field after a file is judged when it completes: if it is refused,
+//! the body ends in an error, so the upstream sees a truncated body and werkzeug's `get_data`
+//! raises `ClientDisconnected` (`wsgi.LimitedStream.on_disconnect`) before Frappe builds
+//! `form_dict`, and the client gets the refusal. `sid` fields are dropped for every client.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use http_body_util::BodyDataStream;
+
+use super::form_dict::{FormDict, FormKey, FormValue};
+use crate::{Body, BoxError};
+
+/// Longest boundary RFC 2046 allows.
+const MAX_BOUNDARY: usize = 70;
+
+/// Why a multipart body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MultipartError {
+    #[error("multipart/form-data needs one boundary of 1 to 70 RFC 2046 characters")]
+    Boundary,
+    #[error("malformed multipart body: {0}")]
+    Malformed(String),
+    #[error("a multipart part has no name")]
+    NoName,
+    #[error("a multipart part name or filename contains '\"', '\\', '%' or a control character")]
+    Name,
+    #[error("a multipart part contains a line that starts with its boundary")]
+    DelimiterInContent,
+    #[error("the multipart form fields are larger than {0} bytes")]
+    FieldsTooLarge(u64),
+}
+
+/// Reads the boundary from a `multipart/form-data` Content-Type (already checked to be
+/// printable ASCII). One `boundary` parameter, quoted or not, of RFC 2046 `bchars` without
+/// the space: the one form every parser reads alike.
+pub fn boundary(content_type: &str) -> Result<String, MultipartError> {
+    let mut found = None;
+    for param in content_type.split(';').skip(1) {
+        let Some((name, value)) = param.split_once('=') else {
+            continue;
+        };
+        if !name.trim().eq_ignore_ascii_case("boundary") {
+            continue;
+        }
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        if found.replace(value).is_some() {
+            return Err(MultipartError::Boundary);
+        }
+    }
+    let value = found.ok_or(MultipartError::Boundary)?;
+    let bchar = |c: char| c.is_ascii_alphanumeric() || "'()+_,-./:=?".contains(c);
+    if value.is_empty() || value.len() > MAX_BOUNDARY || !value.chars().all(bchar) {
+        return Err(MultipartError::Boundary);
+    }
+    Ok(value.to_owned())
+}
+
+/// Decides a field that arrived after a file part, given every field so far.
+pub type LateFieldJudge = Box<dyn Fn(&FormDict) -> Result<(), BoxError> + Send + Sync>;
+
+/// Finds `--B` after a line break (or at the very start) in content streamed in chunks.
+struct DelimiterGuard {
+    needle: Vec<u8>,
+    /// The last `needle.len() + 1` bytes seen; starts as `\n`, the end of the part's headers.
+    tail: Vec<u8>,
+}
+
+impl DelimiterGuard {
+    fn new(boundary: &str) -> Self {
+        Self {
+            needle: [b"--", boundary.as_bytes()].concat(),
+            tail: b"\n".to_vec(),
+        }
+    }
+
+    fn check(&mut self, chunk: &[u8]) -> Result<(), MultipartError> {
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(chunk);
+        let hit = memchr::memmem::find_iter(&window, &self.needle)
+            .any(|i| i > 0 && matches!(window[i - 1], b'\r' | b'\n'));
+        if hit {
+            return Err(MultipartError::DelimiterInContent);
+        }
+        let keep = self.needle.len() + 1;
+        window.drain(..window.len().saturating_sub(keep));
+        self.tail = window;
+        Ok(())
+    }
+}
+
+enum Part {
+    /// Between parts.
+    Between,
+    /// Streaming a file's content.
+    File {
+        field: multer::Field<'static>,
+        guard: DelimiterGuard,
+    },
+    /// Buffering a field's value.
+    Field {
+        field: multer::Field<'static>,
+        name: String,
+        head: Bytes,
+        value: Vec<u8>,
+    },
+    /// The closing delimiter is queued, or the body failed.
+    Done,
+}
+
+/// A multipart body being read, judged and re-encoded: a [`Stream`] of the bytes to forward.
+pub struct MultipartRelay {
+    parts: multer::Multipart<'static>,
+    boundary: String,
+    part: Part,
+    queue: VecDeque<Bytes>,
+    form: FormDict,
+    inspected: u64,
+    max_inspected: u64,
+    judge: Option<LateFieldJudge>,
+}
+
+impl std::fmt::Debug for MultipartRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultipartRelay")
+            .field("boundary", &self.boundary)
+            .field("form", &self.form)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A parse error, or the client body's own error (a body limit, a broken connection) as it was.
+fn malformed(e: multer::Error) -> BoxError {
+    match e {
+        multer::Error::StreamReadFailed(inner) => inner,
+        e => Box::new(MultipartError::Malformed(e.to_string())),
+    }
+}
+
+/// A name or filename every parser reads alike once written between quotes.
+fn plain(s: &str, allow_percent: bool) -> bool {
+    !s.chars()
+        .any(|c| c.is_control() || c == '"' || c == '\\' || (c == '%' && !allow_percent))
+}
+
+impl MultipartRelay {
+    /// Reads `body` with `boundary`; field values may total `max_inspected` bytes.
+    pub fn new(body: Body, boundary: String, max_inspected: u64) -> Self {
+        let parts = multer::Multipart::new(BodyDataStream::new(body), boundary.clone());
+        Self {
+            parts,
+            boundary,
+            part: Part::Between,
+            queue: VecDeque::new(),
+            form: FormDict::default(),
+            inspected: 0,
+            max_inspected,
+            judge: None,
+        }
+    }
+
+    /// Reads every field before the first file part (or the whole body, if it has none), so
+    /// that [`Self::form`] holds what they carry before anything is forwarded. Their re-encoded
+    /// bytes wait in the relay and are the first it yields.
+    pub async fn read_fields_before_files(&mut self) -> Result<(), BoxError> {
+        while !matches!(self.part, Part::File { .. } | Part::Done) {
+            std::future::poll_fn(|cx| self.advance(cx)).await?;
+        }
+        Ok(())
+    }
+
+    /// The `form_dict` keys read so far.
+    pub fn form(&self) -> &FormDict {
+        &self.form
+    }
+
+    /// Judges every field that completes from now on, with all fields read so far.
+    pub fn judge_later_fields(&mut self, judge: LateFieldJudge) {
+        self.judge = Some(judge);
+    }
+
+    fn head(&self, name: &str, filename: Option<&str>, content_type: Option<String>) -> Bytes {
+        let mut head = format!(
+            "--{}\r\nContent-Disposition: form-data; name=\"{name}\"",
+            self.boundary
+        );
+        if let Some(filename) = filename {
+            head.push_str(&format!("; filename=\"{filename}\""));
+        }
+        head.push_str("\r\n");
+        if let Some(ct) = content_type {
+            head.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        head.push_str("\r\n");
+        Bytes::from(head)
+    }
+
+    fn start_part(&mut self, field: multer::Field<'static>) -> Result<Part, MultipartError> {
+        let name = field.name().ok_or(MultipartError::NoName)?.to_owned();
+        if !plain(&name, false) {
+            return Err(MultipartError::Name);
+        }
+        match field.file_name() {
+            Some(filename) if !filename.is_empty() => {
+                if !plain(filename, true) {
+                    return Err(MultipartError::Name);
+                }
+                let content_type = field.content_type().map(ToString::to_string);
+                let head = self.head(&name, Some(filename), content_type);
+                self.queue.push_back(head);
+                Ok(Part::File {
+                    field,
+                    guard: DelimiterGuard::new(&self.boundary),
+                })
+            }
+            // An empty filename is how a browser sends "no file chosen"; judged as a field
+            // whichever way a parser reads it.
+            filename => {
+                let head = self.head(&name, filename, None);
+                Ok(Part::Field {
+                    field,
+                    name,
+                    head,
+                    value: Vec::new(),
+                })
+            }
+        }
+    }
+
+    fn finish_field(&mut self, name: &str, head: Bytes, value: &[u8]) -> Result<(), BoxError> {
+        DelimiterGuard::new(&self.boundary).check(value)?;
+        let text = String::from_utf8_lossy(value).into_owned();
+        if FormKey::of(name) == Some(FormKey::Sid) {
+            return Ok(());
+        }
+        self.form.push(name, || FormValue::Text(text.clone()));
+        if let Some(judge) = &self.judge {
+            judge(&self.form)?;
+        }
+        self.queue.push_back(head);
+        self.queue.push_back(Bytes::from(text));
+        self.queue.push_back(Bytes::from_static(b"\r\n"));
+        Ok(())
+    }
+
+    /// Takes one step: a part starts, a chunk arrives, a part or the body ends.
+    fn advance(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let step = match std::mem::replace(&mut self.part, Part::Done) {
+            Part::Between => match self.parts.poll_next_field(cx) {
+                Poll::Pending => {
+                    self.part = Part::Between;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => Err(malformed(e)),
+                Poll::Ready(Ok(None)) => {
+                    let end = format!("--{}--\r\n", self.boundary);
+                    self.queue.push_back(Bytes::from(end));
+                    Ok(Part::Done)
+                }
+                Poll::Ready(Ok(Some(field))) => self.start_part(field).map_err(Into::into),
+            },
+            Part::File {
+                mut field,
+                mut guard,
+            } => match Pin::new(&mut field).poll_next(cx) {
+                Poll::Pending => {
+                    self.part = Part::File { field, guard };
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Err(e))) => Err(malformed(e)),
+                Poll::Ready(Some(Ok(chunk))) => match guard.check(&chunk) {
+                    Ok(()) => {
+                        self.queue.push_back(chunk);
+                        Ok(Part::File { field, guard })
+                    }
+                    Err(e) => Err(e.into()),
+                },
+                Poll::Ready(None) => {
+                    self.queue.push_back(Bytes::from_static(b"\r\n"));
+                    Ok(Part::Between)
+                }
+            },
+            Part::Field {
+                mut field,
+                name,
+                head,
+                mut value,
+            } => match Pin::new(&mut field).poll_next(cx) {
+                Poll::Pending => {
+                    self.part = Part::Field {
+                        field,
+                        name,
+                        head,
+                        value,
+                    };
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Err(e))) => Err(malformed(e)),
+                Poll::Ready(Some(Ok(chunk))) => {
+                    self.inspected += chunk.len() as u64;
+                    if self.inspected > self.max_inspected {
+                        Err(MultipartError::FieldsTooLarge(self.max_inspected).into())
+                    } else {
+                        value.extend_from_slice(&chunk);
+                        Ok(Part::Field {
+                            field,
+                            name,
+                            head,
+                            value,
+                        })
+                    }
+                }
+                Poll::Ready(None) => self
+                    .finish_field(&name, head, &value)
+                    .map(|()| Part::Between),
+            },
+            Part::Done => Ok(Part::Done),
+        };
+        Poll::Ready(step.map(|part| self.part = part))
+    }
+}
+
+impl Stream for MultipartRelay {
+    type Item = Result<Bytes, BoxError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(bytes) = this.queue.pop_front() {
+                return Poll::Ready(Some(Ok(bytes)));
+            }
+            if matches!(this.part, Part::Done) {
+                return Poll::Ready(None);
+            }
+            if let Err(e) = ready!(this.advance(cx)) {
+                this.part = Part::Done;
+                this.queue.clear();
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn relay(body: &str, max: u64) -> MultipartRelay {
+        MultipartRelay::new(crate::full_body(body.to_owned()), "XyZ".into(), max)
+    }
+
+    async fn forwarded(mut relay: MultipartRelay) -> Result<String, BoxError> {
+        relay.read_fields_before_files().await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = relay.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn boundaries() {
+        assert_eq!(
+            boundary("multipart/form-data; boundary=abc-1").unwrap(),
+            "abc-1"
+        );
+        assert_eq!(
+            boundary("multipart/form-data; BOUNDARY=\"a'b\"").unwrap(),
+            "a'b"
+        );
+        for bad in [
+            "multipart/form-data",
+            "multipart/form-data; boundary=",
+            "multipart/form-data; boundary=a b",
+            "multipart/form-data; boundary=a; boundary=b",
+            "multipart/form-data; boundary=a\"b",
+        ] {
+            assert!(boundary(bad).is_err(), "{bad}");
+        }
+        assert!(boundary(&format!("multipart/form-data; boundary={}", "a".repeat(71))).is_err());
+    }
+
+    #[tokio::test]
+    async fn fields_and_files_are_re_encoded_plainly() {
+        let body = "preamble\r\n--XyZ\r\ncontent-disposition: form-data; name=a\r\n\r\n1\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"f\"; filename=\"x.txt\"\r\n\
+             Content-Type: text/plain\r\nX-Other: y\r\n\r\nfile\r\nbody\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"sid\"\r\n\r\nabc\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nping\r\n--XyZ--\r\nepilogue";
+        let mut relay = relay(body, 100);
+        relay.read_fields_before_files().await.unwrap();
+        assert!(!relay.form().has(FormKey::Cmd));
+        let queued: Vec<u8> = relay.queue.iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(
+            &queued[..],
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n\
+              --XyZ\r\nContent-Disposition: form-data; name=\"f\"; filename=\"x.txt\"\r\n\
+              Content-Type: text/plain\r\n\r\n"
+        );
+        let all = forwarded(relay).await.unwrap();
+        assert_eq!(
+            all.split_at(queued.len()).1,
+            "file\r\nbody\r\n--XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nping\r\n--XyZ--\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_field_is_judged_and_can_end_the_body() {
+        let body = "--XyZ\r\nContent-Disposition: form-data; name=\"f\"; filename=\"x\"\r\n\r\ndata\r\n\
+             --XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nfrappe.client.insert\r\n--XyZ--\r\n";
+        let mut relay = relay(body, 100);
+        relay.read_fields_before_files().await.unwrap();
+        relay.judge_later_fields(Box::new(|form: &FormDict| {
+            if form.has(FormKey::Cmd) {
+                Err("refused".into())
+            } else {
+                Ok(())
+            }
+        }));
+        let mut sent = Vec::new();
+        let mut failed = false;
+        while let Some(chunk) = relay.next().await {
+            match chunk {
+                Ok(c) => sent.extend_from_slice(&c),
+                Err(_) => failed = true,
+            }
+        }
+        assert!(failed);
+        assert!(!String::from_utf8_lossy(&sent).contains("frappe.client.insert"));
+    }
+
+    #[tokio::test]
+    async fn what_werkzeug_would_split_differently_is_refused() {
+        // A bare `\n--XyZ` inside a value is a delimiter to werkzeug, not to multer.
+        for content in [
+            "x\n--XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\ny",
+            "--XyZ-",
+            "a\r--XyZ",
+        ] {
+            let body = format!(
+                "--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n{content}\r\n--XyZ--\r\n"
+            );
+            assert!(forwarded(relay(&body, 1000)).await.is_err(), "{content:?}");
+            let file = format!(
+                "--XyZ\r\nContent-Disposition: form-data; name=\"a\"; filename=\"f\"\r\n\r\n{content}\r\n--XyZ--\r\n"
+            );
+            assert!(forwarded(relay(&file, 1000)).await.is_err(), "{content:?}");
+        }
+        for name in ["c%6Dd", "a\\b"] {
+            let body = format!(
+                "--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\nv\r\n--XyZ--\r\n"
+            );
+            assert!(forwarded(relay(&body, 1000)).await.is_err(), "{name}");
+        }
+        let nameless = "--XyZ\r\nContent-Disposition: form-data\r\n\r\nv\r\n--XyZ--\r\n";
+        assert!(forwarded(relay(nameless, 1000)).await.is_err());
+        let truncated = "--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv";
+        assert!(forwarded(relay(truncated, 1000)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn field_values_are_bounded_but_files_are_not() {
+        let big = "v".repeat(200);
+        let field = format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n{big}\r\n--XyZ--\r\n"
+        );
+        assert!(forwarded(relay(&field, 100)).await.is_err());
+        let file = format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"a\"; filename=\"f\"\r\n\r\n{big}\r\n--XyZ--\r\n"
+        );
+        assert!(forwarded(relay(&file, 100)).await.unwrap().contains(&big));
+    }
+
+    #[test]
+    fn the_guard_sees_delimiters_across_chunks() {
+        let mut guard = DelimiterGuard::new("XyZ");
+        guard.check(b"abc\r").unwrap();
+        assert!(guard.check(b"--XyZ").is_err());
+        let mut guard = DelimiterGuard::new("XyZ");
+        guard.check(b"abc--").unwrap();
+        guard.check(b"XyZ").unwrap();
+        let mut guard = DelimiterGuard::new("XyZ");
+        assert!(guard
+            .check(b"--X")
+            .and_then(|()| guard.check(b"yZ"))
+            .is_err());
+    }
+}
