@@ -7,6 +7,10 @@
 //! without the secret being checked, so a throttled guesser learns nothing. The client's
 //! `Authorization` header is removed here, so no inner layer sees the client's secret.
 //!
+//! A request with two `Host`, `Content-Length`, `Authorization` or `Content-Type` headers is a
+//! 400 here, before anything reads one of them: gunicorn would keep another than an HTTP
+//! library does (see [`crate::frappe::headers`]).
+//!
 //! First of the deciding layers: identity is needed for routing, access rules and every
 //! per-client limit.
 
@@ -30,6 +34,7 @@ use tower::{Layer, Service};
 use crate::error::GatewayError;
 use crate::forwarding::{PeerAddr, TrustedProxies};
 use crate::frappe::auth_header::parse_credential;
+use crate::frappe::headers::repeated_singleton;
 use crate::frappe::AccessRules;
 use crate::layers::EarlyReturn;
 use crate::tags::RequestTags;
@@ -239,6 +244,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        if let Some(name) = repeated_singleton(request.headers()) {
+            return EarlyReturn::error(GatewayError::BadRequest(format!(
+                "the {name} header must appear once"
+            )));
+        }
         let peer = request
             .extensions()
             .get::<PeerAddr>()

@@ -10,8 +10,8 @@
 //! client's rules when it completes and ends the upstream body if refused. `sid` is removed from
 //! the query and every body, for every client: a signed request must never resume a session.
 //!
-//! It also refuses what gunicorn could read differently: a repeated `Host`, `Content-Length`,
-//! `Authorization` or `Content-Type`, and a `Content-Type` that is not printable ASCII.
+//! A `Content-Type` that is not printable ASCII is refused: werkzeug would still read its
+//! mimetype (repeated `Content-Type` headers are refused earlier, by authentication).
 //!
 //! After routing, so it classifies the canonical, prefix-stripped path Frappe will see.
 
@@ -29,7 +29,6 @@ use crate::error::{find_cause, GatewayError};
 use crate::frappe::form_dict::{
     strip_sid_json, strip_sid_urlencoded, BodyFormat, FormDict, FormKey,
 };
-use crate::frappe::headers::repeated_singleton;
 use crate::frappe::multipart::{self, MultipartRelay};
 use crate::frappe::{CanonicalPath, FrappeRequest};
 use crate::layers::auth::Client;
@@ -206,11 +205,6 @@ where
                 }
             },
         };
-        if let Some(name) = repeated_singleton(request.headers()) {
-            return EarlyReturn::error(GatewayError::BadRequest(format!(
-                "the {name} header must appear once"
-            )));
-        }
         let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
         let format = match BodyFormat::from_content_type(content_type.as_ref()) {
             Ok(format) => format,
@@ -277,8 +271,13 @@ where
                             ));
                         }
                     }
-                    // Re-encoded: a new length, sent chunked.
+                    // Re-encoded: a new length, sent chunked (said explicitly: hyper sends a GET
+                    // body of unknown length as no body at all).
                     parts.headers.remove(header::CONTENT_LENGTH);
+                    parts.headers.insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    );
                     let body = relay.map_ok(Frame::data).map_err(multipart_refusal);
                     let body = Body::new(StreamBody::new(body));
                     let mut request = Request::from_parts(parts, body);

@@ -357,7 +357,7 @@ impl FrappeUpstream {
         if path == "/api/method/frappe.auth.get_logged_user" {
             return ok(json!({"message": user}));
         }
-        if path == "/api/method/upload_file" {
+        if path == "/api/method/upload_file" || path == "/api/v2/method/upload_file" {
             return ok(json!({"message": {"size": len, "user": user}}));
         }
         if path == "/api/method/test.echo" {
