@@ -23,8 +23,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOUNDARY: &str = "erpgateTestBoundary7MA4YWxk";
 
+/// One multipart part: name, filename (a file part when given), content.
+type Part<'a> = (&'a str, Option<&'a str>, &'a [u8]);
+
 /// A multipart body in the plain form erpgate itself writes: `(name, filename, content)`.
-fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+fn multipart(parts: &[Part<'_>]) -> (String, Vec<u8>) {
     let mut body = Vec::new();
     for (name, filename, content) in parts {
         body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
@@ -48,7 +51,7 @@ async fn send_multipart(
     method: Method,
     path: &str,
     credential: Credential,
-    parts: &[(&str, Option<&str>, &[u8])],
+    parts: &[Part<'_>],
 ) -> Reply {
     let (content_type, body) = multipart(parts);
     let auth = token(credential);
@@ -90,8 +93,8 @@ fn assert_refused(reply: &Reply, path: &str, what: &str) {
 async fn cmd_run_method_and_login_in_multipart_fields_are_refused_on_allowed_paths() {
     let up = upstream().await;
     let gw = Gateway::start(&base_config(&up)).await;
-    let file: (&str, Option<&str>, &[u8]) = ("file", Some("a.txt"), b"harmless");
-    let cases: Vec<(Method, &str, Vec<(&str, Option<&str>, &[u8])>)> = vec![
+    let file: Part = ("file", Some("a.txt"), b"harmless");
+    let cases: Vec<(Method, &str, Vec<Part>)> = vec![
         (
             Method::GET,
             "/api/resource/ToDo",
@@ -491,7 +494,7 @@ fn uploader_config(up: &FrappeUpstream) -> String {
 async fn multipart_uploads_keep_working_and_cannot_call_other_methods() {
     let up = upstream().await;
     let gw = Gateway::start(&uploader_config(&up)).await;
-    let parts: [(&str, Option<&str>, &[u8]); 3] = [
+    let parts: [Part; 3] = [
         (
             "file",
             Some("report 2024.pdf"),
