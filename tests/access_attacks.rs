@@ -313,6 +313,35 @@ async fn content_types_are_read_as_werkzeug_reads_them_or_refused() {
 }
 
 #[tokio::test]
+async fn a_cmd_frappe_does_not_read_cannot_stand_for_the_path() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let auth = token(TODO_READER);
+    // Under a non-empty JSON body Frappe ignores the query: no `cmd`, so it renders the desk
+    // page the path names, which this client may not see.
+    for path in [
+        "/app/user?cmd=frappe.client.get_list",
+        "/?cmd=frappe.client.get_list",
+    ] {
+        let reply = send(
+            Method::GET,
+            &gw.url(path),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            r#"{"x": 1}"#,
+        )
+        .await;
+        assert_refused(&reply, path, "cmd in the query under a JSON body");
+    }
+    // Without the body, the `cmd` is what Frappe runs, and it is allowed.
+    let reply = get(&gw.url("/?cmd=frappe.client.get_list"), TODO_READER).await;
+    assert_ne!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
 async fn headers_that_become_wsgi_environ_never_reach_the_upstream() {
     let up = upstream().await;
     let gw = Gateway::start(&base_config(&up)).await;

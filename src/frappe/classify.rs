@@ -156,15 +156,19 @@ impl FrappeRequest {
             ["files", _, ..] | ["private", "files", _, ..] => (None, RequestKind::FileDownload),
             _ => (None, RequestKind::Other),
         };
-        let mut cmds = keys.values(FormKey::Cmd).map(|c| method_kind(&c.text()));
-        let (kind, mut embedded): (RequestKind, Vec<RequestKind>) = match (api, kind) {
-            // Off `/api/`, `cmd` *is* the request (`/?cmd=...`, the Python frappe-client).
-            (None, RequestKind::Other) => match cmds.next() {
-                Some(first) => (first, cmds.collect()),
-                None => (RequestKind::Other, Vec::new()),
-            },
-            (_, kind) => (kind, cmds.collect()),
+        // Off `/api/`, the `cmd` Frappe reads *is* the request (`/?cmd=...`, the Python
+        // frappe-client). A `cmd` Frappe does not read (a query under a JSON body) cannot stand
+        // for the path, which is then judged as it is; every `cmd` is still judged.
+        let read = keys.read_by_frappe(FormKey::Cmd).next();
+        let (kind, stands_for_path) = match (api, kind, read) {
+            (None, RequestKind::Other, Some(cmd)) => (method_kind(&cmd.text()), Some(cmd)),
+            (_, kind, _) => (kind, None),
         };
+        let mut embedded: Vec<RequestKind> = keys
+            .values(FormKey::Cmd)
+            .filter(|v| !stands_for_path.is_some_and(|s| std::ptr::eq(s, *v)))
+            .map(|c| method_kind(&c.text()))
+            .collect();
         let uploads = std::iter::once(&kind)
             .chain(&embedded)
             .any(|k| *k == RequestKind::FileUpload);
@@ -524,6 +528,22 @@ mod tests {
         assert_eq!(
             got.embedded_methods,
             vec![MethodName::new("frappe.client.insert")]
+        );
+
+        // Under a non-empty JSON body Frappe does not read the query: its `cmd` is judged, but
+        // the path is judged too, as what Frappe will route.
+        let mut form = FormDict::from_urlencoded(b"cmd=frappe.client.get_list");
+        form.shadow();
+        form.merge(FormDict::from_json(r#"{"x": 1}"#).unwrap().0);
+        let got = FrappeRequest::classify(
+            &Method::GET,
+            &CanonicalPath::parse("/app/user").unwrap(),
+            &form,
+        );
+        assert_eq!(got.kind, RequestKind::Other);
+        assert_eq!(
+            got.embedded_methods,
+            vec![MethodName::new("frappe.client.get_list")]
         );
 
         let got = classify(Method::GET, "/app", "cmd=login&cmd=x.y");

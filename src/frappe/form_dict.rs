@@ -172,10 +172,13 @@ impl FormValue {
 }
 
 /// The part of `form_dict` erpgate acts on: every occurrence of every [`FormKey`], from every
-/// carrier, in order.
+/// carrier, in order, each marked with whether Frappe will read it (a query under a non-empty
+/// JSON body is not read: `make_form_dict` takes the JSON alone).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FormDict {
     entries: Vec<(FormKey, FormValue)>,
+    /// How many leading entries Frappe will not read.
+    shadowed: usize,
 }
 
 impl FormDict {
@@ -189,6 +192,21 @@ impl FormDict {
     /// Adds every entry of `other`.
     pub fn merge(&mut self, other: FormDict) {
         self.entries.extend(other.entries);
+    }
+
+    /// Marks every entry so far as not read by Frappe: the body that follows is a non-empty
+    /// JSON body, which `make_form_dict` reads instead of the query. The entries are still
+    /// judged (every one must be allowed); they only cannot stand for the request.
+    pub fn shadow(&mut self) {
+        self.shadowed = self.entries.len();
+    }
+
+    /// The values of `key` that Frappe will read.
+    pub fn read_by_frappe(&self, key: FormKey) -> impl Iterator<Item = &FormValue> {
+        self.entries[self.shadowed..]
+            .iter()
+            .filter(move |(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 
     /// Every value of `key`.

@@ -230,6 +230,9 @@ where
                 EarlyReturn::inner(Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
                     let (body_form, bytes) = read_form(body, format, max).await?;
+                    if format == BodyFormat::Json && !bytes.is_empty() {
+                        query.shadow();
+                    }
                     query.merge(body_form);
                     let mut request = Request::from_parts(parts, full_body(bytes.clone()));
                     request
