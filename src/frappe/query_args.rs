@@ -328,10 +328,15 @@ impl<'a> Cursor<'a> {
 
     /// A case-insensitive keyword that is not the start of a longer name.
     fn keyword(&mut self, word: &str) -> bool {
-        let rest = self.rest();
-        let matches = rest.len() >= word.len()
-            && rest[..word.len()].eq_ignore_ascii_case(word)
-            && !rest[word.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+        // Compared as bytes: the text may hold any characters, and `word` is ASCII, so a match
+        // ends on a character boundary.
+        let rest = self.rest().as_bytes();
+        let matches = rest
+            .get(..word.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(word.as_bytes()))
+            && !rest
+                .get(word.len())
+                .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
         if matches {
             self.pos += word.len();
         }
