@@ -506,6 +506,10 @@ mod tests {
             "name,(select 1)",
             "@@version",
             "`tabToDo`.`name`.x",
+            // Found by the fuzzer: a keyword check once sliced inside a character.
+            "name 𝒞s x",
+            "𝒞",
+            "name aé",
         ] {
             assert!(!ok("fields", f), "{f}");
         }
