@@ -551,6 +551,14 @@ pub struct AllowConfig {
     /// Paths that are none of the above (desk and website pages). Default `false`.
     #[serde(default)]
     pub other: bool,
+    /// Judge `fields`, `filters`, `or_filters`, `order_by`, `group_by` (and `fieldname` of
+    /// `frappe.client.get_value`) in every request with a safe grammar: plain columns, columns
+    /// of readable doctypes, `count`/`sum`/`avg`/`min`/`max`, aliases, Frappe's filter shapes and
+    /// operators; anything else is 403. Default `true`. Turn off only for a client whose own
+    /// methods take arguments of those names in other shapes: Frappe's query layer then lets
+    /// such arguments read other tables.
+    #[serde(default = "defaults::yes")]
+    pub check_query_arguments: bool,
 }
 
 /// A string after `${ENV}` expansion.

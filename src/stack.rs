@@ -475,6 +475,7 @@ fn build_clients(
                 }
                 rules.allow_files(allow.files);
                 rules.allow_other(allow.other);
+                rules.leave_query_arguments_unchecked(!allow.check_query_arguments);
                 Some(rules)
             }
         };

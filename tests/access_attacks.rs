@@ -512,6 +512,26 @@ async fn list_arguments_outside_the_grammar_are_refused_for_restricted_clients()
     assert_eq!(up.count(), 3);
 }
 
+#[tokio::test]
+async fn the_query_grammar_can_be_turned_off_per_client() {
+    let up = upstream().await;
+    let config = base_config(&up).replace(
+        "      methods: [frappe.client.get_list]",
+        "      methods: [frappe.client.get_list]\n      check_query_arguments: false",
+    );
+    let gw = Gateway::start(&config).await;
+    let reply = get(
+        &gw.url("/api/resource/ToDo?order_by=%28select%201%29"),
+        TODO_READER,
+    )
+    .await;
+    assert_ne!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    // The rest of the rules still hold.
+    let reply = get(&gw.url("/api/resource/User?order_by=name"), TODO_READER).await;
+    assert_refused(&reply, "/api/resource/User", "doctype");
+    assert_eq!(up.count(), 1);
+}
+
 fn uploader_config(up: &FrappeUpstream) -> String {
     base_config(up).replace(
         "      methods: [frappe.client.get_list]",

@@ -436,3 +436,27 @@ fn operations_settings_load_and_bad_ones_are_rejected() {
         "{p:?}"
     );
 }
+
+#[test]
+fn query_argument_checks_are_on_unless_a_client_turns_them_off() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    let allow = loaded.config.clients["shop"].allow.as_ref().unwrap();
+    assert!(allow.check_query_arguments);
+    let off = valid().replace(
+        "      methods: [frappe.client.get_list, \"myapp.api.*\"]\n",
+        "      methods: [frappe.client.get_list, \"myapp.api.*\"]\n      check_query_arguments: false\n",
+    );
+    let loaded = Config::from_yaml(&off, "t").unwrap();
+    assert!(
+        !loaded.config.clients["shop"]
+            .allow
+            .as_ref()
+            .unwrap()
+            .check_query_arguments
+    );
+    let bad = off.replace(
+        "check_query_arguments: false",
+        "check_query_arguments: maybe",
+    );
+    assert!(!problems(&bad).is_empty());
+}
