@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -104,49 +106,9 @@ fn frappe_form_dict(query: &str, content_type: Option<&str>, body: &[u8]) -> Vec
         pairs.extend(form_urlencoded::parse(body).into_owned());
     }
     if mime == "multipart/form-data" {
-        pairs.extend(werkzeug_multipart_fields(body));
+        pairs.extend(support::werkzeug::multipart_fields(body, BOUNDARY));
     }
     pairs
-}
-
-/// Fields (not files) of a multipart body, split where werkzeug's `MultipartDecoder` splits:
-/// a delimiter is `--boundary` after `\r\n`, `\n` or `\r`, or at the very start.
-fn werkzeug_multipart_fields(body: &[u8]) -> Vec<(String, String)> {
-    let text = String::from_utf8_lossy(body);
-    let delimiter = format!("--{BOUNDARY}");
-    let mut starts = Vec::new();
-    let mut from = 0;
-    while let Some(i) = text[from..].find(&delimiter) {
-        let at = from + i;
-        if at == 0 || matches!(text.as_bytes()[at - 1], b'\r' | b'\n') {
-            starts.push(at);
-        }
-        from = at + delimiter.len();
-    }
-    let mut fields = Vec::new();
-    for pair in starts.windows(2) {
-        let part = &text[pair[0] + delimiter.len()..pair[1]];
-        let part = part.trim_start_matches(['\r', '\n']);
-        let Some((head, content)) = part
-            .split_once("\r\n\r\n")
-            .or_else(|| part.split_once("\n\n"))
-        else {
-            continue;
-        };
-        let content = content.trim_end_matches(['\r', '\n']);
-        let lower = head.to_lowercase();
-        if lower.contains("filename=") {
-            continue;
-        }
-        if let Some(name) = lower
-            .split("name=\"")
-            .nth(1)
-            .and_then(|n| n.split('"').next())
-        {
-            fields.push((name.to_owned(), content.to_owned()));
-        }
-    }
-    fields
 }
 
 /// Whether the restricted client's rules cover what Frappe would run for this request.

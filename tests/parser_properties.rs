@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use futures_util::StreamExt;
 use proptest::prelude::*;
 
@@ -100,44 +102,6 @@ fn same(a: &PyJson, b: &PyJson) -> bool {
     }
 }
 
-/// Fields of a multipart body as werkzeug splits it (`\r\n`, `\n` or `\r` before the
-/// delimiter), skipping parts with a filename.
-fn werkzeug_fields(body: &[u8]) -> Vec<(String, String)> {
-    let text = String::from_utf8_lossy(body);
-    let delimiter = format!("--{BOUNDARY}");
-    let mut starts = Vec::new();
-    let mut from = 0;
-    while let Some(i) = text[from..].find(&delimiter) {
-        let at = from + i;
-        if at == 0 || matches!(text.as_bytes()[at - 1], b'\r' | b'\n') {
-            starts.push(at);
-        }
-        from = at + delimiter.len();
-    }
-    let mut fields = Vec::new();
-    for pair in starts.windows(2) {
-        let part = &text[pair[0] + delimiter.len()..pair[1]];
-        let part = part.strip_prefix("\r\n").unwrap_or(part);
-        let (head, content) = part.split_once("\r\n\r\n").unwrap();
-        let content = content
-            .strip_suffix("\r\n")
-            .or(content.strip_suffix('\n'))
-            .unwrap_or(content);
-        if head.contains("filename=") {
-            continue;
-        }
-        let name = head
-            .split("name=\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap();
-        fields.push((name.to_owned(), content.to_owned()));
-    }
-    fields
-}
-
 /// A multipart body from parts that may hold anything, delimiters and CRs included.
 fn multipart_body() -> impl Strategy<Value = Vec<u8>> {
     let content = prop_oneof![
@@ -227,7 +191,7 @@ proptest! {
     fn a_relayed_multipart_body_holds_exactly_the_judged_fields(body in multipart_body()) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         if let Ok((form, out)) = runtime.block_on(relay(body)) {
-            let seen = werkzeug_fields(&out);
+            let seen = support::werkzeug::multipart_fields(&out, BOUNDARY);
             // No sid survives; every cmd werkzeug finds was judged; nothing else is invented.
             prop_assert!(seen.iter().all(|(name, _)| name != "sid"));
             let judged: Vec<String> = form.values(FormKey::Cmd).map(|v| v.text().into_owned()).collect();

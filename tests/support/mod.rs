@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod frappe;
+pub mod werkzeug;
 
 use std::convert::Infallible;
 use std::time::Duration;
