@@ -336,7 +336,11 @@ async fn a_cmd_frappe_does_not_read_cannot_stand_for_the_path() {
         assert_refused(&reply, path, "cmd in the query under a JSON body");
     }
     // Without the body, the `cmd` is what Frappe runs, and it is allowed.
-    let reply = get(&gw.url("/?cmd=frappe.client.get_list"), TODO_READER).await;
+    let reply = get(
+        &gw.url("/?cmd=frappe.client.get_list&doctype=ToDo"),
+        TODO_READER,
+    )
+    .await;
     assert_ne!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
     assert_eq!(up.count(), 1);
 }
@@ -349,7 +353,7 @@ async fn headers_that_become_wsgi_environ_never_reach_the_upstream() {
     // gunicorn strips a trusted SCRIPT_NAME from the path: Frappe would route the rest.
     let reply = send(
         Method::GET,
-        &gw.url("/api/method/frappe.client.get_list/api/method/frappe.client.insert"),
+        &gw.url("/api/method/frappe.client.get_list/api/method/frappe.client.insert?doctype=ToDo"),
         &[
             ("authorization", &auth),
             ("script_name", "/api/method/frappe.client.get_list"),
@@ -532,6 +536,71 @@ async fn the_query_grammar_can_be_turned_off_per_client() {
     assert_eq!(up.count(), 1);
 }
 
+#[tokio::test]
+async fn generic_methods_are_judged_by_their_doctype() {
+    let up = upstream().await;
+    let config = base_config(&up).replace(
+        "      methods: [frappe.client.get_list]",
+        "      methods: [frappe.client.get_list, frappe.client.get_count, frappe.client.insert, frappe.desk.search.search_link]",
+    );
+    let gw = Gateway::start(&config).await;
+    let auth = token(TODO_READER);
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let refused = [
+        "/api/method/frappe.client.get_list?doctype=User".to_owned(),
+        "/api/method/frappe.client.get_count?doctype=User".to_owned(),
+        "/api/v2/method/frappe.client.get_count?doctype=Sales%20Invoice".to_owned(),
+        "/api/method/frappe.client.get_list".to_owned(),
+        "/api/method/frappe.client.get_list?doctype=ToDo&doctype=User".to_owned(),
+        "/api/method/frappe.client.get_list?doctype=ToDo&parent=User".to_owned(),
+        "/?cmd=frappe.client.get_count&doctype=User".to_owned(),
+        format!(
+            "/api/method/frappe.client.insert?doc={}",
+            enc(r#"{"doctype": "ToDo"}"#)
+        ),
+        format!(
+            "/api/method/frappe.client.insert?doc={}",
+            enc(r#"{"doctype": "User", "name": "x"}"#)
+        ),
+        "/api/method/frappe.desk.search.search_link?doctype=ToDo&txt=a&query=frappe.client.insert"
+            .to_owned(),
+    ];
+    for path in &refused {
+        let reply = get(&gw.url(path), TODO_READER).await;
+        assert_refused(&reply, path, "generic method");
+    }
+    let reply = send(
+        Method::POST,
+        &gw.url("/api/method/frappe.client.get_count"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        r#"{"doctype": "ToDo", "doctype": "User"}"#,
+    )
+    .await;
+    assert_refused(
+        &reply,
+        "/api/method/frappe.client.get_count",
+        "JSON doctype",
+    );
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+    for path in [
+        "/api/method/frappe.client.get_list?doctype=ToDo",
+        "/api/method/frappe.client.get_count?doctype=todo",
+        "/api/method/frappe.desk.search.search_link?doctype=ToDo&txt=a",
+    ] {
+        let reply = get(&gw.url(path), TODO_READER).await;
+        assert_ne!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(up.count(), 3);
+}
+
 fn uploader_config(up: &FrappeUpstream) -> String {
     base_config(up).replace(
         "      methods: [frappe.client.get_list]",
@@ -577,16 +646,30 @@ async fn multipart_uploads_keep_working_and_cannot_call_other_methods() {
         .await;
         assert_refused(&reply, "/api/method/upload_file", "upload_file method");
     }
-    let reply = send_multipart(
-        &gw,
-        Method::POST,
-        "/api/method/upload_file",
-        TODO_READER,
-        &[parts[0], ("method", None, b"frappe.client.get_list")],
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert_eq!(up.count(), 3);
+    // A generic method's doctype may come after the file; with none at all, the body is cut.
+    let get_list: Part = ("method", None, b"frappe.client.get_list");
+    let todo: Part = ("doctype", None, b"ToDo");
+    for (order, allowed) in [
+        (vec![parts[0], get_list, todo], true),
+        (vec![get_list, parts[0], todo], true),
+        (vec![get_list, parts[0]], false),
+        (vec![parts[0], get_list, ("doctype", None, b"User")], false),
+    ] {
+        let reply = send_multipart(
+            &gw,
+            Method::POST,
+            "/api/method/upload_file",
+            TODO_READER,
+            &order,
+        )
+        .await;
+        if allowed {
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        } else {
+            assert_refused(&reply, "/api/method/upload_file", "get_list without ToDo");
+        }
+    }
+    assert_eq!(up.count(), 4);
 }
 
 #[tokio::test]

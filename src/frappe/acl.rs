@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 
 use super::classify::{FrappeRequest, MethodName, Operation, RequestKind};
+use super::doctype_methods;
 use super::form_dict::FormKey;
 use super::query_args::{self, RefusedArgument};
 
@@ -48,6 +49,8 @@ pub enum Denied {
     Other,
     #[error(transparent)]
     QueryArgument(#[from] RefusedArgument),
+    #[error("{0} needs a doctype the gateway can read from its arguments")]
+    DoctypeUnknown(String),
 }
 
 /// An unknown operation name in a rule.
@@ -131,6 +134,9 @@ impl AccessRules {
             }
             self.check_method(method)?;
         }
+        for method in request.methods() {
+            self.check_doctype_method(method, request)?;
+        }
         if self.unchecked_query_arguments {
             return Ok(());
         }
@@ -140,6 +146,44 @@ impl AccessRules {
             for value in request.form.values(FormKey::Fieldname) {
                 query_args::check_fieldname(value, &readable)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A generic method (`frappe.client.get_list`, `insert`, ...) also needs the resource rule
+    /// for each doctype it names and its parent doctype's read rule (its `query` method is an
+    /// embedded method, judged like any other).
+    fn check_doctype_method(
+        &self,
+        method: &MethodName,
+        request: &FrappeRequest,
+    ) -> Result<(), Denied> {
+        let Some(generic) = doctype_methods::lookup(method.as_str()) else {
+            return Ok(());
+        };
+        let doctypes = match generic.doctypes(&request.form) {
+            Some(doctypes) => doctypes,
+            None if request.form_incomplete => Vec::new(),
+            None => return Err(Denied::DoctypeUnknown(method.as_str().to_owned())),
+        };
+        for doctype in &doctypes {
+            for &operation in generic.operations {
+                self.check_kind(&RequestKind::Resource {
+                    doctype: doctype.clone(),
+                    name: None,
+                    operation,
+                })?;
+            }
+        }
+        for parent in request.form.values(FormKey::Parent) {
+            let parent = parent
+                .as_plain_text()
+                .ok_or_else(|| Denied::DoctypeUnknown(method.as_str().to_owned()))?;
+            self.check_kind(&RequestKind::Resource {
+                doctype: parent.to_owned(),
+                name: None,
+                operation: Operation::Read,
+            })?;
         }
         Ok(())
     }
@@ -236,7 +280,11 @@ mod tests {
     fn methods_exact_and_prefix() {
         let rules = todo_reader();
         assert!(rules
-            .check(&req(Method::GET, "/api/method/frappe.client.get_list", ""))
+            .check(&req(
+                Method::GET,
+                "/api/method/frappe.client.get_list",
+                "doctype=ToDo"
+            ))
             .is_ok());
         assert!(rules
             .check(&req(Method::GET, "/api/method/myapp.api.orders.list", ""))
@@ -262,6 +310,54 @@ mod tests {
             .is_err());
         assert!(rules.check(&req(Method::GET, "/app/todo", "")).is_err());
         assert!(rules.check(&req(Method::GET, "/files/x.pdf", "")).is_err());
+    }
+
+    #[test]
+    fn generic_methods_need_the_rule_for_their_doctype() {
+        let rules = todo_reader();
+        let get_list = "/api/method/frappe.client.get_list";
+        assert!(rules
+            .check(&req(Method::GET, get_list, "doctype=ToDo"))
+            .is_ok());
+        assert!(rules
+            .check(&req(Method::GET, get_list, "doctype=todo"))
+            .is_ok());
+        assert_eq!(
+            rules.check(&req(Method::GET, get_list, "doctype=User")),
+            Err(Denied::Resource {
+                doctype: "User".into(),
+                operation: "read"
+            })
+        );
+        assert!(matches!(
+            rules.check(&req(Method::GET, get_list, "")),
+            Err(Denied::DoctypeUnknown(_))
+        ));
+        assert!(rules
+            .check(&req(Method::GET, get_list, "doctype=ToDo&parent=User"))
+            .is_err());
+        // The same through a `cmd`.
+        assert!(rules
+            .check(&req(
+                Method::GET,
+                "/",
+                "cmd=frappe.client.get_list&doctype=User"
+            ))
+            .is_err());
+        let mut writer = todo_reader();
+        writer.allow_method("frappe.client.insert");
+        let insert = |doc: &str| {
+            let doc: String = form_urlencoded::byte_serialize(doc.as_bytes()).collect();
+            req(
+                Method::POST,
+                "/api/method/frappe.client.insert",
+                &format!("doc={doc}"),
+            )
+        };
+        assert!(writer.check(&insert(r#"{"doctype": "ToDo"}"#)).is_err());
+        writer.allow_resource("ToDo", parse_operations("create").unwrap());
+        assert!(writer.check(&insert(r#"{"doctype": "ToDo"}"#)).is_ok());
+        assert!(writer.check(&insert(r#"{"doctype": "User"}"#)).is_err());
     }
 
     #[test]

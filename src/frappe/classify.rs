@@ -141,6 +141,9 @@ pub struct FrappeRequest {
     /// The `form_dict` keys erpgate acts on, from every carrier: the access rules judge the
     /// list arguments in it.
     pub form: FormDict,
+    /// More of `form` is still to come (multipart fields after a file part): what only a later
+    /// field could supply, a generic method's doctype, is not missing yet.
+    pub form_incomplete: bool,
 }
 
 impl FrappeRequest {
@@ -176,6 +179,15 @@ impl FrappeRequest {
             let called = keys.values(FormKey::Method).map(|m| method_kind(&m.text()));
             embedded.extend(called.collect::<Vec<_>>());
         }
+        // `search_link` / `search_widget` call their `query` argument (`frappe.call(query, ...)`).
+        let searches = std::iter::once(&kind).chain(&embedded).any(|k| {
+            matches!(k, RequestKind::Method(m)
+                if super::doctype_methods::lookup(m.as_str()).is_some_and(|g| g.calls_query))
+        });
+        if searches {
+            let called = keys.values(FormKey::Query).map(|q| method_kind(&q.text()));
+            embedded.extend(called.collect::<Vec<_>>());
+        }
         let embedded_methods = embedded
             .into_iter()
             .map(|k| match k {
@@ -189,6 +201,7 @@ impl FrappeRequest {
             kind,
             embedded_methods,
             form: form.clone(),
+            form_incomplete: false,
         }
     }
 }

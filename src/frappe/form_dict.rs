@@ -113,6 +113,16 @@ pub enum FormKey {
     GroupBy,
     /// The columns `frappe.client.get_value` reads.
     Fieldname,
+    /// The doctype a generic method acts on (`frappe/client.py`, see `doctype_methods`).
+    Doctype,
+    /// The document `frappe.client.insert` / `save` / `submit` write, with its `doctype`.
+    Doc,
+    /// The documents `insert_many` / `bulk_update` write.
+    Docs,
+    /// The parent doctype of a child-table read (`get_list`, `get`, `get_value`).
+    Parent,
+    /// The whitelisted method `search_link` / `search_widget` call (`frappe.call(query, ...)`).
+    Query,
 }
 
 impl FormKey {
@@ -129,6 +139,11 @@ impl FormKey {
             "order_by" => Self::OrderBy,
             "group_by" => Self::GroupBy,
             "fieldname" => Self::Fieldname,
+            "doctype" => Self::Doctype,
+            "doc" => Self::Doc,
+            "docs" => Self::Docs,
+            "parent" => Self::Parent,
+            "query" => Self::Query,
             _ => return None,
         })
     }
@@ -146,6 +161,11 @@ impl FormKey {
             Self::OrderBy => "order_by",
             Self::GroupBy => "group_by",
             Self::Fieldname => "fieldname",
+            Self::Doctype => "doctype",
+            Self::Doc => "doc",
+            Self::Docs => "docs",
+            Self::Parent => "parent",
+            Self::Query => "query",
         }
     }
 }
@@ -161,6 +181,14 @@ pub enum FormValue {
 }
 
 impl FormValue {
+    /// The value when it is a string (a JSON string included), else `None`.
+    pub fn as_plain_text(&self) -> Option<&str> {
+        match self {
+            Self::Text(s) | Self::Json(PyJson::Str(s)) => Some(s),
+            Self::Json(_) => None,
+        }
+    }
+
     /// The value as a string, when it is one; anything else (a JSON number, list, ...) is
     /// rendered so that it can never equal a method or column name.
     pub fn text(&self) -> Cow<'_, str> {

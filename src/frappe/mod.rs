@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod auth_header;
 pub mod classify;
+pub mod doctype_methods;
 pub mod envelope;
 pub mod form_dict;
 pub mod headers;

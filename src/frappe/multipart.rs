@@ -88,8 +88,11 @@ pub fn boundary(content_type: &str) -> Result<String, MultipartError> {
     Ok(value.to_owned())
 }
 
-/// Decides a field that arrived after a file part, given every field so far.
-pub type LateFieldJudge = Box<dyn Fn(&FormDict) -> Result<(), BoxError> + Send + Sync>;
+/// Decides the fields that arrive after a file part: called with every field so far after each
+/// one completes (`false`), and once more when the body is complete (`true`), before the
+/// closing delimiter is sent — what a later field may still supply (a generic method's
+/// doctype) is only missing once the body is complete.
+pub type LateFieldJudge = Box<dyn Fn(&FormDict, bool) -> Result<(), BoxError> + Send + Sync>;
 
 /// Finds `--B` after a line break (or at the very start) in content streamed in chunks.
 struct DelimiterGuard {
@@ -201,6 +204,11 @@ impl MultipartRelay {
         Ok(())
     }
 
+    /// Whether the whole body has been read (no file part made the reading stop early).
+    pub fn is_complete(&self) -> bool {
+        matches!(self.part, Part::Done)
+    }
+
     /// The `form_dict` keys read so far.
     pub fn form(&self) -> &FormDict {
         &self.form
@@ -267,7 +275,7 @@ impl MultipartRelay {
         }
         self.form.push(name, || FormValue::Text(text.clone()));
         if let Some(judge) = &self.judge {
-            judge(&self.form)?;
+            judge(&self.form, false)?;
         }
         self.queue.push_back(head);
         self.queue.push_back(Bytes::from(text));
@@ -285,6 +293,9 @@ impl MultipartRelay {
                 }
                 Poll::Ready(Err(e)) => Err(malformed(e)),
                 Poll::Ready(Ok(None)) => {
+                    if let Some(judge) = &self.judge {
+                        judge(&self.form, true)?;
+                    }
                     let end = format!("--{}--\r\n", self.boundary);
                     self.queue.push_back(Bytes::from(end));
                     Ok(Part::Done)
@@ -443,7 +454,7 @@ mod tests {
              --XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nfrappe.client.insert\r\n--XyZ--\r\n";
         let mut relay = relay(body, 100);
         relay.read_fields_before_files().await.unwrap();
-        relay.judge_later_fields(Box::new(|form: &FormDict| {
+        relay.judge_later_fields(Box::new(|form: &FormDict, _complete| {
             if form.has(FormKey::Cmd) {
                 Err("refused".into())
             } else {

@@ -69,7 +69,18 @@ pub struct Classify<S> {
 
 /// Classifies a request, tags it and attaches the [`FrappeRequest`].
 fn attach(request: &mut Request<Body>, path: &CanonicalPath, form: &FormDict) {
-    let classified = FrappeRequest::classify(request.method(), path, form);
+    attach_partial(request, path, form, false);
+}
+
+/// [`attach`] for a form of which more is still to come.
+fn attach_partial(
+    request: &mut Request<Body>,
+    path: &CanonicalPath,
+    form: &FormDict,
+    incomplete: bool,
+) {
+    let mut classified = FrappeRequest::classify(request.method(), path, form);
+    classified.form_incomplete = incomplete;
     if let Some(tags) = RequestTags::of(request) {
         let _ = tags.kind.set(classified.kind.label());
     }
@@ -151,13 +162,14 @@ fn late_field_judge(
     query: FormDict,
     client: Arc<Client>,
 ) -> multipart::LateFieldJudge {
-    Box::new(move |fields: &FormDict| {
+    Box::new(move |fields: &FormDict, complete: bool| {
         let Some(rules) = &client.rules else {
             return Ok(());
         };
         let mut form = query.clone();
         form.merge(fields.clone());
-        let classified = FrappeRequest::classify(&method, &path, &form);
+        let mut classified = FrappeRequest::classify(&method, &path, &form);
+        classified.form_incomplete = !complete;
         rules.check(&classified).map_err(|denied| {
             tracing::info!(client = %client.name, reason = %denied, "multipart field refused by access rules");
             GatewayError::Forbidden(denied).into()
@@ -264,6 +276,7 @@ where
                         .map_err(multipart_refusal)?;
                     let mut form = query.clone();
                     form.merge(relay.form().clone());
+                    let incomplete = !relay.is_complete();
                     if let Some(client) = parts.extensions.get::<Arc<Client>>() {
                         if client.rules.is_some() {
                             relay.judge_later_fields(late_field_judge(
@@ -284,7 +297,7 @@ where
                     let body = relay.map_ok(Frame::data).map_err(multipart_refusal);
                     let body = Body::new(StreamBody::new(body));
                     let mut request = Request::from_parts(parts, body);
-                    attach(&mut request, &path, &form);
+                    attach_partial(&mut request, &path, &form, incomplete);
                     let future: BoxResponseFuture = Box::pin(inner.call(request));
                     future.await
                 })))
