@@ -19,6 +19,21 @@ pub struct ServiceAccount {
     pub name: Arc<str>,
     /// `token api_key:api_secret`, marked sensitive.
     pub authorization: HeaderValue,
+    /// Who Frappe answers as: a hash of the site's `site_name`, `host` and backends and this
+    /// account's API key. Cached answers are keyed by it, not by the names, which an operator
+    /// may keep while changing what they point at.
+    pub identity: [u8; 32],
+}
+
+/// A hash of `parts`, each length-prefixed so no two lists hash alike.
+pub fn identity_of(parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
 }
 
 impl std::fmt::Debug for ServiceAccount {
@@ -171,6 +186,7 @@ pub(crate) fn test_target(
         account: ServiceAccount {
             name: "sync".into(),
             authorization: HeaderValue::from_static("token key:secret"),
+            identity: identity_of(&[b"test", b"key"]),
         },
     }
 }

@@ -42,7 +42,7 @@ use crate::layers::retry::{RetryPolicy, RetrySettings};
 use crate::layers::route::RouteLayer;
 use crate::layers::webhook::WebhookLayer;
 use crate::metrics::Metrics;
-use crate::routing::{Route, Router, ServiceAccount, Site};
+use crate::routing::{identity_of, Route, Router, ServiceAccount, Site};
 use crate::upstream::{Upstream, UpstreamBuildError};
 use crate::{Body, BoxError};
 use tower::retry::budget::TpsBudget;
@@ -303,6 +303,13 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
     let config = &loaded.config;
     let mut sites = HashMap::new();
     for (name, site) in &config.sites {
+        let site_name = &site.site_name.0;
+        let host = site.host.as_ref().map_or(site_name, |h| &h.0);
+        let backends: Vec<_> = site.backends.iter().map(|b| b.0.clone()).collect();
+        let backend_texts: Vec<String> = backends.iter().map(ToString::to_string).collect();
+        let mut site_parts: Vec<&[u8]> = vec![site_name.as_bytes(), host.as_bytes()];
+        site_parts.extend(backend_texts.iter().map(|b| b.as_bytes()));
+        let site_identity = identity_of(&site_parts);
         let mut accounts = HashMap::new();
         for (account, creds) in &site.service_accounts {
             let secret = loaded
@@ -323,12 +330,10 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
                 ServiceAccount {
                     name: account.as_str().into(),
                     authorization,
+                    identity: identity_of(&[&site_identity, creds.api_key.0.as_bytes()]),
                 },
             );
         }
-        let site_name = &site.site_name.0;
-        let host = site.host.as_ref().map_or(site_name, |h| &h.0);
-        let backends: Vec<_> = site.backends.iter().map(|b| b.0.clone()).collect();
         let upstream = Upstream::new(
             config.workers(),
             name.as_str().into(),

@@ -16,6 +16,8 @@ use http::{Method, StatusCode};
 use sha2::Sha256;
 use support::*;
 
+use erpgate::config::Config;
+
 const WEBHOOK_SECRET: &str = "webhook-secret-from-frappe";
 
 /// `base_config` with a cache section and a webhook secret on the site; the ToDo-reader
@@ -577,4 +579,79 @@ async fn head_is_answered_from_the_get_entry_and_reads_with_a_body_are_never_cac
         assert_eq!(reply.header("x-cache"), Some("BYPASS"));
     }
     assert_eq!(up.count(), 4);
+}
+
+#[tokio::test]
+async fn a_changed_service_account_never_serves_the_old_identitys_entries() {
+    const NEW_KEY: &str = "sync-key-rotated";
+    const NEW_SECRET: &str = "sync-secret-rotated";
+    let up = FrappeUpstream::start(
+        SITE,
+        &[
+            (SYNC_KEY, SYNC_SECRET, "sync@example.com"),
+            (READER_KEY, READER_SECRET, "reader@example.com"),
+            (NEW_KEY, NEW_SECRET, "other@example.com"),
+        ],
+    )
+    .await;
+    let rules = TODO_RULES.replace("ttl: 60s }", "ttl: 60s, stale_if_error: 60s }");
+    let config = cached_config(&up, &rules);
+    let gw = Gateway::start(&config).await;
+    let name = create_todo(&gw, "before").await;
+    let path = format!("/api/resource/ToDo/{name}");
+    assert_eq!(x_cache(&gw, &path).await, "MISS");
+    assert_eq!(x_cache(&gw, &path).await, "HIT");
+    // The operator points the same account name at another ERPNext user and reloads.
+    let rotated = config.replace(
+        &format!("sync: {{ api_key: {SYNC_KEY}, api_secret: {SYNC_SECRET} }}"),
+        &format!("sync: {{ api_key: {NEW_KEY}, api_secret: {NEW_SECRET} }}"),
+    );
+    assert_ne!(rotated, config);
+    gw.running
+        .reload(Config::from_yaml(&rotated, "rotated").unwrap())
+        .await
+        .unwrap();
+    // While the site fails, the old identity's entry is not served, not even stale.
+    up.set_behaviour(Behaviour::Fail(503));
+    let reply = get(&gw.url(&path), FULL).await;
+    assert_ne!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_ne!(reply.header("x-cache"), Some("STALE"));
+    // Once it answers, the new identity fetches its own.
+    up.set_behaviour(Behaviour::Normal);
+    let before = gets(&up);
+    let reply = get(&gw.url(&path), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-cache"), Some("MISS"));
+    assert_eq!(gets(&up), before + 1);
+    let last = up.received().pop().unwrap();
+    assert_eq!(
+        last.headers["authorization"],
+        format!("token {NEW_KEY}:{NEW_SECRET}").as_str()
+    );
+}
+
+#[tokio::test]
+async fn document_purges_match_names_as_frappes_database_does() {
+    let up = upstream().await;
+    let gw = Gateway::start(&cached_config(&up, TODO_RULES)).await;
+    let name = create_todo(&gw, "spelled").await;
+    let spellings = [name.clone(), name.to_uppercase(), format!("{name}%20%20")];
+    for spelling in &spellings {
+        let path = format!("/api/resource/ToDo/{spelling}");
+        assert_eq!(x_cache(&gw, &path).await, "MISS", "{path}");
+        assert_eq!(x_cache(&gw, &path).await, "HIT", "{path}");
+    }
+    // Frappe signs a webhook for one spelling: every spelling's entry goes.
+    let body = format!(
+        r#"{{"doctype": "ToDo", "name": "{} ", "event": "on_update"}}"#,
+        name.to_uppercase()
+    );
+    assert_eq!(
+        webhook(&gw, "erp", &body, Some(&sign(&body))).await.status,
+        StatusCode::OK
+    );
+    for spelling in &spellings {
+        let path = format!("/api/resource/ToDo/{spelling}");
+        assert_eq!(x_cache(&gw, &path).await, "MISS", "{path}");
+    }
 }

@@ -421,6 +421,12 @@ impl FrappeUpstream {
             );
         }
         let mut todos = self.state.todos.lock().unwrap();
+        // Names are matched as MariaDB's `_ci` / PAD SPACE collation does: any case, trailing
+        // spaces ignored.
+        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        let wanted = decoded.trim_end_matches(' ').to_lowercase();
+        let stored = todos.keys().find(|k| k.to_lowercase() == wanted).cloned();
+        let name = stored.as_deref().unwrap_or(name);
         let not_found = || {
             let body = if v2 {
                 json!({"errors": [{"type": "DoesNotExistError", "message": format!("ToDo {name} not found")}]})

@@ -40,9 +40,13 @@ pub fn doctype_tag(site: &str, doctype: &str) -> Tag {
     tag_of(&["doctype", site, &doctype.to_lowercase()])
 }
 
-/// One document's entries.
+/// One document's entries. The name is matched as Frappe's MariaDB matches it: `_ci`
+/// collations ignore case and `PAD SPACE` ignores trailing spaces, so `3VV9MRATU5` and
+/// `3vv9mratu5 ` are one document. (Accent folding of `utf8mb4_unicode_ci` is not mirrored;
+/// names with accents are purged by their doctype's lists and TTL.)
 pub fn document_tag(site: &str, doctype: &str, name: &str) -> Tag {
-    tag_of(&["document", site, &doctype.to_lowercase(), name])
+    let name = name.trim_end_matches(' ').to_lowercase();
+    tag_of(&["document", site, &doctype.to_lowercase(), &name])
 }
 
 /// The list and method entries of a doctype: anything a change to one document may alter.

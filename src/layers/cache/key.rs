@@ -20,7 +20,7 @@ pub struct KeyParts<'a> {
     /// The site's configured name.
     pub site: &'a str,
     /// The service account the request is signed as.
-    pub account: &'a str,
+    pub account: &'a [u8],
     /// GET or HEAD.
     pub method: &'a Method,
     /// The canonical path, as forwarded.
@@ -41,7 +41,7 @@ impl CacheKey {
     pub fn of(parts: &KeyParts<'_>) -> Self {
         let mut hasher = Sha256::new();
         part(&mut hasher, parts.site.as_bytes());
-        part(&mut hasher, parts.account.as_bytes());
+        part(&mut hasher, parts.account);
         part(&mut hasher, parts.method.as_str().as_bytes());
         part(&mut hasher, parts.path.as_bytes());
         let mut pairs: Vec<(String, String)> = parts
@@ -75,6 +75,7 @@ mod tests {
     use super::*;
 
     fn key(account: &str, query: Option<&str>, language: Option<&str>) -> CacheKey {
+        let account = account.as_bytes();
         let mut headers = HeaderMap::new();
         if let Some(l) = language {
             headers.insert(header::ACCEPT_LANGUAGE, l.parse().unwrap());
@@ -110,7 +111,7 @@ mod tests {
         // Length prefixes: moving a byte between parts changes the key.
         let a = CacheKey::of(&KeyParts {
             site: "erp",
-            account: "xsync",
+            account: b"xsync",
             method: &Method::GET,
             path: "/p",
             query: None,
@@ -118,7 +119,7 @@ mod tests {
         });
         let b = CacheKey::of(&KeyParts {
             site: "erpx",
-            account: "sync",
+            account: b"sync",
             method: &Method::GET,
             path: "/p",
             query: None,

@@ -259,7 +259,7 @@ impl Cache {
         S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Send + 'static,
         S::Future: Send,
     {
-        // Borrowed, not cloned: only the site and account names outlive the request here.
+        // Borrowed, not cloned: only the site name and account identity outlive the request.
         let (Some(target), Some(classified)) = (
             request.extensions().get::<RouteTarget>(),
             request.extensions().get::<FrappeRequest>(),
@@ -267,7 +267,7 @@ impl Cache {
             return inner.oneshot(request).await;
         };
         let site = target.site.name.clone();
-        let account = target.account.name.clone();
+        let account = target.account.identity;
         if request.method() != Method::GET && request.method() != Method::HEAD {
             let doctypes = written_doctypes(&request, classified);
             return self.write_through(inner, request, &site, doctypes).await;
