@@ -63,6 +63,10 @@ pub enum GatewayError {
     /// The connection to the site failed after the request was sent.
     #[error("site {site} failed to answer")]
     BadGateway { site: String },
+    /// The client did not send its request body in time: the client's slowness, never the
+    /// site's, so no breaker counts it.
+    #[error("the request body was not received within {timeout:?}")]
+    ClientTimeout { timeout: Duration },
 }
 
 impl GatewayError {
@@ -82,6 +86,7 @@ impl GatewayError {
                 (StatusCode::BAD_GATEWAY, "BadGateway")
             }
             Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
+            Self::ClientTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsError"),
             Self::BreakerOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UpstreamUnavailable"),
             Self::IdempotencyInFlight => (StatusCode::CONFLICT, "IdempotencyKeyInUse"),

@@ -655,3 +655,115 @@ async fn document_purges_match_names_as_frappes_database_does() {
         assert_eq!(x_cache(&gw, &path).await, "MISS", "{path}");
     }
 }
+
+#[tokio::test]
+async fn only_the_signed_body_chooses_what_a_webhook_purges() {
+    let up = upstream().await;
+    let gw = Gateway::start(&cached_config(&up, TODO_RULES)).await;
+    let name = create_todo(&gw, "kept").await;
+    let path = format!("/api/resource/ToDo/{name}");
+    assert_eq!(x_cache(&gw, &path).await, "MISS");
+    // A captured webhook that names no doctype, replayed with one in the URL: refused.
+    let body = format!(r#"{{"name": "{name}"}}"#);
+    let reply = send(
+        Method::POST,
+        &gw.url("/_erpgate/webhooks/frappe/erp?doctype=ToDo"),
+        &[
+            ("content-type", "application/json"),
+            ("x-frappe-webhook-signature", &sign(&body)),
+        ],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(x_cache(&gw, &path).await, "HIT");
+    // A signed one for another doctype, with this one in the URL, purges only its own.
+    let other = r#"{"doctype": "Item", "name": "X"}"#;
+    let reply = send(
+        Method::POST,
+        &gw.url("/_erpgate/webhooks/frappe/erp?doctype=ToDo"),
+        &[
+            ("content-type", "application/json"),
+            ("x-frappe-webhook-signature", &sign(other)),
+        ],
+        other,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(x_cache(&gw, &path).await, "HIT");
+}
+
+/// Resident memory of this process, from /proc.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test]
+async fn a_flood_of_slow_webhook_bodies_is_bounded_in_count_time_and_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let gw = Gateway::start(&cached_config(&up, TODO_RULES)).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let before = rss_bytes();
+    // 200 strangers each promise a 60 kB body and send one byte.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /_erpgate/webhooks/frappe/erp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nX-Frappe-Webhook-Signature: {}\r\nContent-Length: 60000\r\n\r\n{{",
+            sign("{}")
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        held.push(stream);
+    }
+    // Most are refused at once; the rest are cut off at the read deadline.
+    let started = std::time::Instant::now();
+    let mut refused_at_once = 0;
+    let mut timed_out = 0;
+    let mut answers = Vec::new();
+    for mut stream in held {
+        answers.push(tokio::spawn(async move {
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+                .await;
+            (
+                String::from_utf8_lossy(&answer).into_owned(),
+                std::time::Instant::now(),
+            )
+        }));
+    }
+    let during = rss_bytes();
+    // A client with a key is served meanwhile.
+    let reply = get(&gw.url("/api/method/ping"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    for answer in answers {
+        let (answer, at) = answer.await.unwrap();
+        if answer.starts_with("HTTP/1.1 429") && at.duration_since(started) < Duration::from_secs(3)
+        {
+            refused_at_once += 1;
+        } else if answer.starts_with("HTTP/1.1 408") {
+            timed_out += 1;
+        } else {
+            panic!("unexpected answer: {answer}");
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(timed_out <= 32, "{timed_out} bodies were read at once");
+    assert_eq!(refused_at_once + timed_out, 200);
+    let after = rss_bytes();
+    eprintln!(
+        "RSS before {} KiB, during {} KiB, after {} KiB",
+        before / 1024,
+        during / 1024,
+        after / 1024
+    );
+    assert!(
+        during.saturating_sub(before) < 64 << 20,
+        "the flood took {} KiB",
+        (during - before) / 1024
+    );
+    // Nothing was purged and nothing reached the site.
+    assert_eq!(up.count(), 1);
+}

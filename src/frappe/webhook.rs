@@ -3,8 +3,10 @@
 //! With "Enable Security" set, Frappe sends `X-Frappe-Webhook-Signature:
 //! base64(HMAC-SHA256(webhook secret, raw body))`; the body is JSON whatever the "Request
 //! Structure" (Frappe `json.dumps` the data in both cases). The payload is what the Webhook
-//! defines, so the document it is about is read from `doctype` and `name` keys at the top level,
-//! with the doctype also accepted from the URL (a Webhook belongs to one doctype).
+//! defines, so the document it is about is read from `doctype` and `name` keys at the top level.
+//! Only the body is signed (Frappe sends no timestamp), so nothing outside it — the URL's query
+//! least of all — may choose what is purged: a captured webhook replayed with `?doctype=User`
+//! must purge only what it was signed for.
 
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -12,6 +14,36 @@ use sha2::Sha256;
 
 /// The header Frappe signs webhooks in.
 pub const SIGNATURE_HEADER: &str = "x-frappe-webhook-signature";
+
+/// A signature checked while the body streams in: feed it chunks, then ask.
+pub struct SignatureCheck(Hmac<Sha256>);
+
+impl std::fmt::Debug for SignatureCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignatureCheck")
+    }
+}
+
+impl SignatureCheck {
+    /// A check under `secret`.
+    pub fn new(secret: &[u8]) -> Option<Self> {
+        Hmac::<Sha256>::new_from_slice(secret).ok().map(Self)
+    }
+
+    /// Adds body bytes.
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.0.update(chunk);
+    }
+
+    /// Whether `signature` (base64, as Frappe sends it) signs what was fed, in constant time.
+    pub fn verify(self, signature: &[u8]) -> bool {
+        use base64::Engine as _;
+        match base64::engine::general_purpose::STANDARD.decode(signature.trim_ascii()) {
+            Ok(given) => self.0.verify_slice(&given).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
 
 /// True when `signature` (base64, as sent) is the HMAC-SHA256 of `body` under `secret`;
 /// compared in constant time.
@@ -36,15 +68,14 @@ pub struct WebhookTarget {
     pub name: Option<String>,
 }
 
-/// Reads the doctype and name from a webhook body; `url_doctype` is the `doctype` query
-/// parameter of the webhook URL, used when the payload has none.
-pub fn target(body: &[u8], url_doctype: Option<&str>) -> Option<WebhookTarget> {
+/// Reads the doctype and name from a signed webhook body.
+pub fn target(body: &[u8]) -> Option<WebhookTarget> {
     let payload: Value = serde_json::from_slice(body).ok()?;
     let field = |key: &str| match payload.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
         _ => None,
     };
-    let doctype = field("doctype").or_else(|| url_doctype.map(str::to_owned))?;
+    let doctype = field("doctype")?;
     Some(WebhookTarget {
         doctype,
         name: field("name"),
@@ -77,17 +108,14 @@ mod tests {
     #[test]
     fn targets() {
         assert_eq!(
-            target(br#"{"doctype": "Item", "name": "X", "x": 1}"#, None),
+            target(br#"{"doctype": "Item", "name": "X", "x": 1}"#),
             Some(WebhookTarget {
                 doctype: "Item".into(),
                 name: Some("X".into())
             })
         );
-        assert_eq!(
-            target(br#"{"name": "X"}"#, Some("Item")).map(|t| t.doctype),
-            Some("Item".into())
-        );
-        assert_eq!(target(br#"{"name": "X"}"#, None), None);
-        assert_eq!(target(b"not json", Some("Item")), None);
+        assert_eq!(target(br#"{"name": "X"}"#).map(|t| t.doctype), None);
+        assert_eq!(target(br#"{"name": "X"}"#), None);
+        assert_eq!(target(b"not json"), None);
     }
 }

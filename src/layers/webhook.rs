@@ -2,26 +2,35 @@
 //! listener (a prefix no Frappe route uses), so edits made in the ERPNext desk, by scheduled
 //! jobs or by other integrations reach the cache too.
 //!
-//! The body (at most [`MAX_WEBHOOK_BYTES`]) must carry a valid `X-Frappe-Webhook-Signature`
-//! under the site's webhook secret, compared in constant time; otherwise 401 and nothing is
-//! invalidated. The document named in the payload (`doctype`, `name`; the doctype may also come
-//! as `?doctype=` in the URL) is dropped with its doctype's lists; without a name, the whole
-//! doctype. Answers 200 `{"message": "ok"}`.
+//! The body must carry a valid `X-Frappe-Webhook-Signature` under the site's webhook secret,
+//! compared in constant time; otherwise 401 and nothing is invalidated. The document named in
+//! the signed payload (`doctype`, `name`) is dropped with its doctype's lists; without a name,
+//! the whole doctype. Nothing unsigned chooses the target (Frappe signs only the body). Answers
+//! 200 `{"message": "ok"}`.
 //!
-//! Before authentication: Frappe holds no gateway key; the signature is the credential.
+//! Before authentication: Frappe holds no gateway key, the signature is the credential, so the
+//! endpoint is open to strangers and bounded accordingly: at most [`MAX_CONCURRENT`] bodies are
+//! read at once (more get 429 at once), each must arrive within [`READ_DEADLINE`] (408) and is
+//! at most [`MAX_WEBHOOK_BYTES`] (413) — the signature is computed while the body streams, so
+//! only the small JSON is held — and purges are limited per site ([`PURGES_PER_SECOND`], 429
+//! above). A flood of strangers therefore holds at most `MAX_CONCURRENT × MAX_WEBHOOK_BYTES`.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::Either;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
 use http::{header, HeaderValue, Method, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
+use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
-use crate::error::{find_cause, GatewayError};
-use crate::frappe::form_dict::query_value;
-use crate::frappe::webhook::{signature_valid, target, SIGNATURE_HEADER};
+use crate::error::GatewayError;
+use crate::frappe::webhook::{target, SignatureCheck, SIGNATURE_HEADER};
 use crate::layers::cache::Cache;
 use crate::layers::BoxResponseFuture;
 use crate::{full_body, Body, BoxError};
@@ -29,14 +38,26 @@ use crate::{full_body, Body, BoxError};
 /// The reserved path prefix.
 pub const WEBHOOK_PREFIX: &str = "/_erpgate/webhooks/frappe/";
 
-/// Largest webhook body read.
-pub const MAX_WEBHOOK_BYTES: usize = 1 << 20;
+/// Largest webhook body read: a purge names a doctype and a document.
+pub const MAX_WEBHOOK_BYTES: usize = 64 << 10;
+
+/// Webhook bodies read at once, over all sites; more are refused with 429 before reading.
+pub const MAX_CONCURRENT: usize = 32;
+
+/// Time a sender has to deliver the whole body.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Purges per second per site (with a burst of twice that); a signed webhook replayed in a
+/// loop cannot keep a site's cache empty.
+pub const PURGES_PER_SECOND: u32 = 50;
 
 /// Receives webhooks for the sites in `secrets`.
 #[derive(Clone)]
 pub struct WebhookLayer {
     cache: Arc<Cache>,
     secrets: Arc<HashMap<String, Vec<u8>>>,
+    reading: Arc<Semaphore>,
+    purges: Arc<DefaultKeyedRateLimiter<String>>,
 }
 
 impl std::fmt::Debug for WebhookLayer {
@@ -50,9 +71,15 @@ impl std::fmt::Debug for WebhookLayer {
 impl WebhookLayer {
     /// Webhooks invalidate `cache`; `secrets` are the sites' webhook secrets by site name.
     pub fn new(cache: Arc<Cache>, secrets: HashMap<String, Vec<u8>>) -> Self {
+        let per_second = NonZeroU32::new(PURGES_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(PURGES_PER_SECOND * 2).unwrap_or(NonZeroU32::MIN);
         Self {
             cache,
             secrets: Arc::new(secrets),
+            reading: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            purges: Arc::new(governor::RateLimiter::keyed(
+                Quota::per_second(per_second).allow_burst(burst),
+            )),
         }
     }
 }
@@ -89,33 +116,47 @@ impl WebhookLayer {
             ))
             .into());
         };
-        let signature = request.headers().get(SIGNATURE_HEADER).cloned();
-        let url_doctype = query_value(request.uri().query(), "doctype");
-        let body = match Limited::new(request.into_body(), MAX_WEBHOOK_BYTES)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(e) if find_cause::<http_body_util::LengthLimitError>(e.as_ref()).is_some() => {
-                return Err(GatewayError::PayloadTooLarge {
-                    limit: MAX_WEBHOOK_BYTES as u64,
+        let Some(signature) = request.headers().get(SIGNATURE_HEADER).cloned() else {
+            tracing::warn!(site, "webhook without a signature refused");
+            return Err(GatewayError::Unauthenticated("bad webhook signature").into());
+        };
+        let Ok(_reading) = self.reading.clone().try_acquire_owned() else {
+            return Err(GatewayError::TooManyRequests {
+                message: "too many webhooks are being received; retry later",
+                retry_after: Duration::from_secs(1),
+            }
+            .into());
+        };
+        let read = read_signed(request.into_body(), secret);
+        let (body, check) = match tokio::time::timeout(READ_DEADLINE, read).await {
+            Ok(read) => read?,
+            Err(_) => {
+                return Err(GatewayError::ClientTimeout {
+                    timeout: READ_DEADLINE,
                 }
                 .into())
             }
-            Err(e) => return Err(e),
         };
-        let signed = signature.is_some_and(|s| signature_valid(secret, &body, s.as_bytes()));
-        if !signed {
-            tracing::warn!(site, "webhook with a missing or wrong signature refused");
+        drop(_reading);
+        if !check.verify(signature.as_bytes()) {
+            tracing::warn!(site, "webhook with a wrong signature refused");
             return Err(GatewayError::Unauthenticated("bad webhook signature").into());
         }
-        let Some(target) = target(&body, url_doctype.as_deref()) else {
+        let Some(target) = target(&body) else {
             return Err(GatewayError::BadRequest(
                 "webhook payload names no doctype (a JSON object with \"doctype\" and \"name\")"
                     .into(),
             )
             .into());
         };
+        if let Err(not_until) = self.purges.check_key(&site) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(GatewayError::TooManyRequests {
+                message: "too many purges for this site; retry later",
+                retry_after: wait.max(Duration::from_millis(1)),
+            }
+            .into());
+        }
         match &target.name {
             Some(name) => self
                 .cache
@@ -131,6 +172,28 @@ impl WebhookLayer {
         );
         Ok(response)
     }
+}
+
+/// Reads a webhook body of at most [`MAX_WEBHOOK_BYTES`], computing its signature as it
+/// arrives.
+async fn read_signed(mut body: Body, secret: &[u8]) -> Result<(Vec<u8>, SignatureCheck), BoxError> {
+    let mut check = SignatureCheck::new(secret)
+        .ok_or_else(|| GatewayError::BadRequest("unusable webhook secret".into()))?;
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if kept.len() + data.len() > MAX_WEBHOOK_BYTES {
+            return Err(GatewayError::PayloadTooLarge {
+                limit: MAX_WEBHOOK_BYTES as u64,
+            }
+            .into());
+        }
+        check.update(&data);
+        kept.extend_from_slice(&data);
+    }
+    Ok((kept, check))
 }
 
 impl<S> Service<Request<Body>> for Webhook<S>
