@@ -41,6 +41,10 @@ pub struct Config {
     /// Request limits and server timeouts.
     #[serde(default)]
     pub limits: Limits,
+    /// Request and response buffering between clients and Frappe, as nginx does in front of
+    /// gunicorn's sync workers.
+    #[serde(default)]
+    pub buffering: BufferingConfig,
     /// Peers (IP addresses or CIDR ranges) whose `X-Forwarded-For` is trusted: a load balancer
     /// or ingress in front of erpgate. From any other peer the header is replaced. Default none.
     #[serde(default)]
@@ -190,6 +194,48 @@ pub struct Limits {
     /// Kubernetes manifests use `5s`.
     #[serde(default, deserialize_with = "parse_duration")]
     pub drain_delay: Duration,
+}
+
+/// Buffering, so that neither a slow sender nor a slow reader holds one of gunicorn's workers:
+/// request bodies are read whole before anything is sent to Frappe, responses are read whole
+/// from Frappe before the client gets them — in memory up to `memory`, beyond that in an
+/// unlinked temporary file in `directory`. A route with `streaming: true` opts out.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BufferingConfig {
+    /// Read request bodies whole before forwarding. Default `true`.
+    #[serde(default = "defaults::yes")]
+    pub requests: bool,
+    /// Read responses whole before answering. Default `true`.
+    #[serde(default = "defaults::yes")]
+    pub responses: bool,
+    /// Bytes of one body held in memory before the rest goes to a temporary file. Default
+    /// `1MiB`.
+    #[serde(default = "defaults::buffer_memory")]
+    pub memory: ByteSize,
+    /// Where temporary files go (unlinked as soon as they are made). Default: the system's
+    /// temporary directory.
+    #[serde(default)]
+    pub directory: Option<std::path::PathBuf>,
+    /// Longest pause between two reads of a client's body (nginx's `client_body_timeout`);
+    /// longer gets 408, never counted against the site. Default `15s`.
+    #[serde(
+        default = "defaults::client_body_timeout",
+        deserialize_with = "parse_duration"
+    )]
+    pub client_body_timeout: Duration,
+}
+
+impl Default for BufferingConfig {
+    fn default() -> Self {
+        Self {
+            requests: true,
+            responses: true,
+            memory: defaults::buffer_memory(),
+            directory: None,
+            client_body_timeout: defaults::client_body_timeout(),
+        }
+    }
 }
 
 /// Failed-authentication limit per source IP (a GCRA quota).
@@ -498,6 +544,11 @@ pub struct RouteConfig {
     /// Remove `path_prefix` before forwarding. Default `false`.
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Stream request and response bodies through instead of buffering them (for clients that
+    /// need it: huge uploads, long downloads). Then a slow client holds a gunicorn worker for
+    /// as long as it is slow. Default `false`.
+    #[serde(default)]
+    pub streaming: bool,
     /// The site to send matching requests to.
     pub site: String,
 }
@@ -778,6 +829,14 @@ mod defaults {
     pub fn max_in_flight() -> u32 {
         64
     }
+    pub fn buffer_memory() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+
+    pub fn client_body_timeout() -> Duration {
+        Duration::from_secs(15)
+    }
+
     pub fn yes() -> bool {
         true
     }

@@ -78,6 +78,8 @@ pub struct Route {
     pub path_prefix: Option<CanonicalPath>,
     /// Remove the prefix before forwarding.
     pub strip_prefix: bool,
+    /// Stream bodies instead of buffering them.
+    pub streaming: bool,
     /// Where matching requests go.
     pub site: Arc<Site>,
 }
@@ -106,13 +108,14 @@ impl Router {
     }
 
     /// Picks the site for a request, stripping a matched prefix from `path` when the route says
-    /// so. `host` is the request's host (port allowed); `default_site` the client's own.
+    /// so, and whether its bodies stream. `host` is the request's host (port allowed);
+    /// `default_site` the client's own (buffered).
     pub fn route(
         &self,
         host: Option<&str>,
         path: &mut CanonicalPath,
         default_site: &str,
-    ) -> Option<Arc<Site>> {
+    ) -> Option<(Arc<Site>, bool)> {
         let host = host.map(strip_port);
         let matched = self.routes.iter().find(|route| {
             let host_ok = match (&route.host, host) {
@@ -131,9 +134,9 @@ impl Router {
                 if let (true, Some(prefix)) = (route.strip_prefix, &route.path_prefix) {
                     path.strip_prefix(prefix);
                 }
-                Some(route.site.clone())
+                Some((route.site.clone(), route.streaming))
             }
-            None => self.sites.get(default_site).cloned(),
+            None => self.sites.get(default_site).map(|site| (site.clone(), false)),
         }
     }
 }
@@ -183,6 +186,7 @@ pub(crate) fn test_target(
     });
     crate::layers::route::RouteTarget {
         site,
+        streaming: false,
         account: ServiceAccount {
             name: "sync".into(),
             authorization: HeaderValue::from_static("token key:secret"),

@@ -415,6 +415,7 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
             host: route.host.as_ref().map(|h| h.to_ascii_lowercase()),
             path_prefix,
             strip_prefix: route.strip_prefix,
+            streaming: route.streaming,
             site,
         });
     }

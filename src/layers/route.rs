@@ -25,6 +25,8 @@ use crate::{Body, BoxError};
 pub struct RouteTarget {
     /// The site.
     pub site: Arc<Site>,
+    /// The route streams bodies instead of buffering them.
+    pub streaming: bool,
     /// The service account the request is signed as there.
     pub account: ServiceAccount,
 }
@@ -73,7 +75,7 @@ impl<S> Route<S> {
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
         });
-        let site = self
+        let (site, streaming) = self
             .router
             .route(host, &mut path, &client.site)
             .ok_or_else(|| GatewayError::SiteNotAllowed(client.site.clone()))?;
@@ -99,7 +101,11 @@ impl<S> Route<S> {
             let _ = tags.api.set(ApiVersion::of(&path));
         }
         request.extensions_mut().insert(path);
-        Ok(RouteTarget { site, account })
+        Ok(RouteTarget {
+            site,
+            streaming,
+            account,
+        })
     }
 }
 
