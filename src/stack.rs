@@ -4,7 +4,7 @@
 //! ```text
 //! client ─► request id ─► observe ─► error edge ─► body limit ─► webhooks ─► authenticate
 //!        ─► route ─► classify ─► rate limit ─► concurrency ─► authorize ─► cache
-//!        ─► idempotency ─► deadline ─► retry ─► circuit breaker ─► credential swap
+//!        ─► idempotency ─► buffer ─► deadline ─► retry ─► circuit breaker ─► credential swap
 //!        ─► forward (pooled client) ─► site
 //! ```
 
@@ -26,6 +26,7 @@ use crate::layers::auth::{AuthFailureLimiter, AuthLayer, Client, ClientTable};
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::{Breaker, BreakerLayer, BreakerSettings};
+use crate::layers::buffer::{BufferLayer, BufferSettings};
 use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
 use crate::layers::cache::{Cache, CacheLayer};
 use crate::layers::classify::ClassifyLayer;
@@ -215,6 +216,20 @@ where
             config.limits.max_inspected_body_bytes.0,
             config.idempotency.max_response_bytes.0,
         ))
+        // Whole bodies both ways before and after the site (as nginx in front of gunicorn): a
+        // slow client never holds a Frappe worker, and the site's deadline starts once the
+        // request is whole.
+        .layer(BufferLayer::new(BufferSettings {
+            requests: config.buffering.requests,
+            responses: config.buffering.responses,
+            memory: usize::try_from(config.buffering.memory.0).unwrap_or(usize::MAX),
+            directory: config
+                .buffering
+                .directory
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
+            client_body_timeout: config.buffering.client_body_timeout,
+        }))
         // One deadline over all attempts and backoffs.
         .layer(DeadlineLayer)
         // Outside the breaker: each attempt is counted by it, and an open breaker stops retries.

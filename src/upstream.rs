@@ -166,7 +166,16 @@ impl Upstream {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut body = Some(body);
+        // A streamed body (a `streaming: true` route) reports when it has all been sent: a
+        // timeout before then is the client's slowness, not the site's.
+        let sent = Arc::new(std::sync::atomic::AtomicBool::new(replay.is_some()));
+        let mut body = Some(match replay {
+            Some(_) => body,
+            None => Body::new(Sent {
+                inner: body,
+                sent: sent.clone(),
+            }),
+        });
         let attempts = if replay.is_some() {
             self.backends.len()
         } else {
@@ -217,6 +226,12 @@ impl Upstream {
                     }
                     .into());
                 }
+                Err(_) if !sent.load(Ordering::Acquire) => {
+                    return Err(GatewayError::ClientTimeout {
+                        timeout: self.request_timeout,
+                    }
+                    .into())
+                }
                 Err(_) => {
                     return Err(GatewayError::UpstreamTimeout {
                         site: self.site.to_string(),
@@ -230,6 +245,40 @@ impl Upstream {
             site: self.site.to_string(),
         }
         .into())
+    }
+}
+
+/// A request body that says when it has been sent whole.
+struct Sent {
+    inner: Body,
+    sent: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Sent {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) {
+            self.sent.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.sent.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

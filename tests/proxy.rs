@@ -398,9 +398,26 @@ async fn routes_by_host_and_by_prefix_with_strip() {
 }
 
 #[tokio::test]
-async fn a_50_mb_upload_streams_through_intact() {
+async fn a_50_mb_upload_streams_through_intact_on_a_streaming_route() {
+    fifty_mb_upload(true).await;
+}
+
+#[tokio::test]
+async fn a_50_mb_upload_is_buffered_whole_then_sent_intact_with_its_length() {
+    fifty_mb_upload(false).await;
+}
+
+/// 50 MiB to `upload_file`. Streaming: after 5 MiB the client waits until the upstream has
+/// received data (a gateway holding the body whole would never forward anything before the
+/// end, and this would time out). Buffered: half-way through, the upstream has seen nothing.
+async fn fifty_mb_upload(streaming: bool) {
     let up = upstream().await;
-    let gw = Gateway::start(&base_config(&up)).await;
+    let route = if streaming {
+        "routes:\n  - { path_prefix: /api/method/upload_file, site: erp, streaming: true }\n"
+    } else {
+        ""
+    };
+    let gw = Gateway::start(&(base_config(&up) + route)).await;
     const CHUNK: usize = 1 << 20;
     const CHUNKS: usize = 50;
     let chunk = |i: usize| Bytes::from(vec![(i % 251) as u8; CHUNK]);
@@ -410,8 +427,6 @@ async fn a_50_mb_upload_streams_through_intact() {
     }
     let expected = hex::encode(expected.finalize());
 
-    // After 5 MiB the client waits until the upstream has received data. A gateway that held
-    // the body whole would never forward anything before the end, and this would time out.
     let progress = up.clone();
     let stream = futures_util::stream::unfold(0usize, move |i| {
         let progress = progress.clone();
@@ -419,7 +434,7 @@ async fn a_50_mb_upload_streams_through_intact() {
             if i == CHUNKS {
                 return None;
             }
-            if i == 5 {
+            if streaming && i == 5 {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
                 while progress.body_progress() == 0 {
                     assert!(
@@ -428,6 +443,10 @@ async fn a_50_mb_upload_streams_through_intact() {
                     );
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+            }
+            if !streaming && i == 25 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                assert_eq!(progress.body_progress(), 0, "the body was not held back");
             }
             Some((Ok::<_, Infallible>(http_body::Frame::data(chunk(i))), i + 1))
         }
@@ -448,6 +467,12 @@ async fn a_50_mb_upload_streams_through_intact() {
     let seen = &up.received()[0];
     assert_eq!(seen.body_len, CHUNK * CHUNKS);
     assert_eq!(seen.body_sha256, expected);
+    if !streaming {
+        assert_eq!(
+            seen.headers["content-length"],
+            (CHUNK * CHUNKS).to_string().as_str()
+        );
+    }
 }
 
 #[tokio::test]

@@ -249,24 +249,35 @@ async fn per_try_timeouts_are_retried_within_the_overall_deadline() {
 #[tokio::test]
 async fn a_connection_broken_mid_response_reaches_the_client_as_an_error() {
     let up = upstream().await;
-    let gw = Gateway::start(&base_config(&up)).await;
+    let streaming =
+        "routes:\n  - { path_prefix: /api/resource/ToDo, site: erp, streaming: true }\n";
+    let gw = Gateway::start(&(base_config(&up) + streaming)).await;
     up.set_behaviour(Behaviour::BreakBody);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let request = Request::get(gw.url("/api/resource/ToDo"))
-        .header("authorization", token(FULL))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let request = |path: &str| {
+        Request::get(gw.url(path))
+            .header("authorization", token(FULL))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
     let (status, body) = tokio::time::timeout(Duration::from_secs(10), async {
-        let response = client.request(request).await.unwrap();
+        let response = client.request(request("/api/resource/ToDo")).await.unwrap();
         (response.status(), response.into_body().collect().await)
     })
     .await
     .expect("the broken response did not end");
-    // The head was passed on as it came; the break reaches the client as a broken body.
+    // Streaming: the head was passed on as it came; the break reaches the client as a broken
+    // body.
     assert_eq!(status, StatusCode::OK);
     assert!(body.is_err(), "a truncated body was passed off as whole");
     // Headers had been passed on: too late to retry, even a GET.
     assert_eq!(up.count(), 1);
+
+    // Buffered (the default): the break is seen before anything is sent, and answered 502.
+    let reply = get_path(&gw, "/api/method/frappe.auth.get_logged_user", FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(reply.json()["exc_type"], "BadGateway");
+    assert_eq!(up.count(), 2);
 
     up.set_behaviour(Behaviour::Normal);
     let reply = get_path(&gw, "/api/resource/ToDo", FULL).await;

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod authorize;
 pub mod body_limit;
 pub mod breaker;
+pub mod buffer;
 pub mod cache;
 pub mod classify;
 pub mod concurrency;

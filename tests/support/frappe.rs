@@ -62,6 +62,8 @@ struct State {
     next_name: AtomicU64,
     /// Request body bytes received so far, over all requests (counted as they stream in).
     body_progress: AtomicU64,
+    /// gunicorn's sync workers: each request holds one from its first byte to its answer.
+    workers: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 /// A running test upstream.
@@ -128,6 +130,7 @@ impl FrappeUpstream {
             todos: Mutex::new(BTreeMap::new()),
             next_name: AtomicU64::new(1),
             body_progress: AtomicU64::new(0),
+            workers: Mutex::new(None),
         });
         let upstream = Self { addr, state };
         let server = upstream.clone();
@@ -180,6 +183,12 @@ impl FrappeUpstream {
         self.state.received.lock().unwrap().len()
     }
 
+    /// Serves at most `n` requests at once, as gunicorn's `n` sync workers do: a request holds a
+    /// worker from the moment it arrives (body reading included) until it is answered.
+    pub fn set_sync_workers(&self, n: usize) {
+        *self.state.workers.lock().unwrap() = Some(Arc::new(tokio::sync::Semaphore::new(n)));
+    }
+
     /// Request body bytes received so far, counted while they stream in.
     pub fn body_progress(&self) -> u64 {
         self.state.body_progress.load(Ordering::SeqCst)
@@ -198,6 +207,33 @@ impl FrappeUpstream {
     }
 
     async fn handle(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<BoxBody<Bytes, std::io::Error>>, std::io::Error> {
+        let workers = self.state.workers.lock().unwrap().clone();
+        let Some(workers) = workers else {
+            return self.serve(request).await;
+        };
+        // The worker is held until the whole answer has been written out, 64 KiB at a time,
+        // as a sync worker writes it.
+        let worker = workers.acquire_owned().await.unwrap();
+        let (parts, body) = self.serve(request).await?.into_parts();
+        let bytes = body.collect().await?.to_bytes();
+        let chunks =
+            futures_util::stream::unfold((bytes, worker), |(mut rest, worker)| async move {
+                if rest.is_empty() {
+                    return None;
+                }
+                let chunk = rest.split_to(rest.len().min(64 << 10));
+                Some((Ok(http_body::Frame::data(chunk)), (rest, worker)))
+            });
+        Ok(Response::from_parts(
+            parts,
+            BodyExt::boxed(StreamBody::new(chunks)),
+        ))
+    }
+
+    async fn serve(
         &self,
         request: Request<Incoming>,
     ) -> Result<Response<BoxBody<Bytes, std::io::Error>>, std::io::Error> {
