@@ -69,7 +69,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::layers::retry::RetrySettings;
+    use crate::site::RetrySettings;
 
     #[tokio::test(start_paused = true)]
     async fn a_request_that_never_answers_ends_at_the_deadline() {
@@ -81,7 +81,7 @@ mod tests {
             max_body_bytes: 0,
             budget: tower::retry::budget::TpsBudget::new(Duration::from_secs(10), 1, 0.1),
         };
-        let target = crate::routing::test_target(retry, Duration::from_secs(7));
+        let target = crate::layers::route::test_target(retry, Duration::from_secs(7));
         let never = tower::service_fn(|_request: Request<Body>| {
             std::future::pending::<Result<Response<Body>, BoxError>>()
         });

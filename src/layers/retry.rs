@@ -20,31 +20,15 @@ use std::time::Duration;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use prometheus::IntCounterVec;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 use tower::retry::Policy;
 
 use crate::error::{find_cause, GatewayError};
 use crate::frappe::{FrappeRequest, RequestKind};
 use crate::layers::route::RouteTarget;
+pub use crate::site::RetrySettings;
 use crate::upstream::ReplayableBody;
 use crate::{empty_body, full_body, Body, BoxError};
-
-/// A site's retry settings and budget.
-#[derive(Debug)]
-pub struct RetrySettings {
-    /// Most retries per request.
-    pub max_retries: u32,
-    /// First backoff (doubling, full jitter).
-    pub backoff_base: Duration,
-    /// Backoff cap.
-    pub backoff_max: Duration,
-    /// Longest upstream `Retry-After` waited for.
-    pub max_retry_after: Duration,
-    /// Largest held body that may be sent again.
-    pub max_body_bytes: u64,
-    /// Shared by all requests to the site.
-    pub budget: TpsBudget,
-}
 
 /// Why a request is retried (the `reason` label of `erpgate_retries_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,7 +303,7 @@ mod tests {
         use std::sync::Arc;
         use tower::{ServiceBuilder, ServiceExt};
 
-        let target = crate::routing::test_target(settings, Duration::from_secs(60));
+        let target = crate::layers::route::test_target(settings, Duration::from_secs(60));
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let script = Arc::new(script);
@@ -351,7 +335,7 @@ mod tests {
             backoff_max: Duration::from_millis(max_ms),
             max_retry_after: Duration::from_secs(2),
             max_body_bytes: 1024,
-            budget: TpsBudget::new(Duration::from_secs(10), 100, 1.0),
+            budget: tower::retry::budget::TpsBudget::new(Duration::from_secs(10), 100, 1.0),
         }
     }
 

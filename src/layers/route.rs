@@ -16,7 +16,8 @@ use crate::error::GatewayError;
 use crate::frappe::{ApiVersion, CanonicalPath};
 use crate::layers::auth::Client;
 use crate::layers::EarlyReturn;
-use crate::routing::{Router, ServiceAccount, Site};
+use crate::routing::Router;
+use crate::site::{ServiceAccount, Site};
 use crate::tags::RequestTags;
 use crate::{Body, BoxError};
 
@@ -129,5 +130,52 @@ where
             }
             Err(e) => EarlyReturn::error(e),
         }
+    }
+}
+
+/// A route target on a site on an unused local port with no breaker, for layer unit tests.
+#[cfg(test)]
+pub(crate) fn test_target(
+    retry: crate::site::RetrySettings,
+    total_timeout: std::time::Duration,
+) -> RouteTarget {
+    use crate::site::identity_of;
+    use crate::upstream::Upstream;
+    use http::HeaderValue;
+    use std::collections::HashMap;
+    use std::time::Duration;
+    let histogram = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("h", "h"))
+        .expect("valid histogram");
+    let backend: http::Uri = "http://127.0.0.1:9".parse().expect("valid uri");
+    let upstream = Upstream::new(
+        1,
+        "erp".into(),
+        &[backend],
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        None,
+        histogram,
+    )
+    .expect("upstream builds");
+    let site = Arc::new(Site {
+        name: "erp".into(),
+        site_name: HeaderValue::from_static("erp.localhost"),
+        host: HeaderValue::from_static("erp.localhost"),
+        accounts: HashMap::new(),
+        expose_tracebacks: false,
+        upstream,
+        breaker: None,
+        retry,
+        read_only_methods: Default::default(),
+        total_timeout,
+    });
+    RouteTarget {
+        site,
+        streaming: false,
+        account: ServiceAccount {
+            name: "sync".into(),
+            authorization: HeaderValue::from_static("token key:secret"),
+            identity: identity_of(&[b"test", b"key"]),
+        },
     }
 }
