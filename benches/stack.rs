@@ -235,7 +235,8 @@ fn benches(c: &mut Criterion) {
         layers::idempotency::IdempotencyLayer::new(
             Arc::new(layers::idempotency::MemoryStore::new(
                 Duration::from_secs(60),
-                1 << 20
+                1 << 20,
+                m.idempotency_evictions.clone(),
             )),
             1 << 20,
             1 << 20,

@@ -470,7 +470,9 @@ pub struct IdempotencyConfig {
         deserialize_with = "parse_duration"
     )]
     pub ttl: Duration,
-    /// Memory for all records. Default `64MiB`.
+    /// Memory for *each client's* records: one client's traffic never evicts another's (least
+    /// recently used records of the same client go first; requests still running are never
+    /// evicted). Default `16MiB`.
     #[serde(default = "defaults::idempotency_max_bytes")]
     pub max_bytes: ByteSize,
     /// Largest response body kept for replay. Default `1MiB`.
@@ -897,7 +899,7 @@ mod defaults {
         Duration::from_secs(24 * 3600)
     }
     pub fn idempotency_max_bytes() -> ByteSize {
-        ByteSize(64 << 20)
+        ByteSize(16 << 20)
     }
     pub fn idempotency_max_response_bytes() -> ByteSize {
         ByteSize(1 << 20)

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub cache_evictions: IntCounter,
     /// `erpgate_cache_bytes`
     pub cache_bytes: IntGauge,
+    /// `erpgate_idempotency_evictions_total{client}`: kept outcomes pushed out by the client's
+    /// own byte budget.
+    pub idempotency_evictions: IntCounterVec,
     /// `erpgate_cache_entries`
     pub cache_entries: IntGauge,
     /// `erpgate_config_reloads_total{result}`: `success` or `failure`.
@@ -128,6 +131,13 @@ impl Metrics {
             "Cache entries evicted by the byte bound.",
         )?;
         let cache_bytes = IntGauge::new("erpgate_cache_bytes", "Bytes held by the cache.")?;
+        let idempotency_evictions = IntCounterVec::new(
+            Opts::new(
+                "erpgate_idempotency_evictions_total",
+                "Idempotency records evicted by their client's byte budget, by client.",
+            ),
+            &["client"],
+        )?;
         let cache_entries = IntGauge::new("erpgate_cache_entries", "Entries in the cache.")?;
         let config_reloads = IntCounterVec::new(
             Opts::new(
@@ -151,6 +161,7 @@ impl Metrics {
             Box::new(cache_evictions.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_entries.clone()),
+            Box::new(idempotency_evictions.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -180,6 +191,7 @@ impl Metrics {
             retries,
             cache_events,
             cache_invalidations,
+            idempotency_evictions,
             cache_evictions,
             cache_bytes,
             cache_entries,

@@ -160,6 +160,7 @@ where
             Arc::new(MemoryStore::new(
                 config.idempotency.ttl,
                 config.idempotency.max_bytes.0,
+                metrics.idempotency_evictions.clone(),
             ))
         },
     );

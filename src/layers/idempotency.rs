@@ -15,13 +15,18 @@
 //! headers are kept: a repeat gets them with an empty body.
 //!
 //! The records sit behind [`IdempotencyStore`], so a shared store can replace the in-memory one.
+//! In memory, each client has its own byte budget: one client's traffic never evicts another's
+//! records, and a request still running is never evicted at all.
 //!
 //! After the access rules (a refused request is never recorded) and before the deadline and
 //! retries (a replay costs nothing upstream).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use prometheus::IntCounterVec;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -108,65 +113,130 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 #[derive(Debug)]
 struct Record {
     fingerprint: [u8; 32],
-    outcome: Option<Outcome>,
+    outcome: Outcome,
 }
 
-/// Records in memory, bounded in bytes, each for `ttl`.
+/// A request running under a key: never evicted, it lives until it finishes, is abandoned, or
+/// its lease ends (a claim older than the lease is taken over).
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    fingerprint: [u8; 32],
+    since: Instant,
+}
+
+/// Records in memory: kept outcomes in one byte-bounded LRU *per client* (one client's traffic
+/// can never evict another's records), each for `ttl`; claims in flight apart, never evicted by
+/// size.
 pub struct MemoryStore {
-    records: moka::sync::Cache<RecordKey, Arc<Record>>,
+    ttl: Duration,
+    max_bytes_per_client: u64,
+    /// Outcomes, by client, then by key.
+    done: DashMap<Arc<str>, moka::sync::Cache<String, Arc<Record>>>,
+    /// Requests running now.
+    claims: DashMap<RecordKey, Claim>,
+    /// Records evicted for room, by client.
+    evictions: IntCounterVec,
 }
 
 impl MemoryStore {
-    /// Keeps records for `ttl` in at most about `max_bytes`.
-    pub fn new(ttl: Duration, max_bytes: u64) -> Self {
-        let records = moka::sync::Cache::builder()
-            .time_to_live(ttl)
-            .max_capacity(max_bytes)
-            // LRU admits every new record; moka's default (TinyLFU) may turn a new key away
-            // when full, and an unrecorded claim would let a concurrent repeat run too.
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .weigher(|key: &RecordKey, record: &Arc<Record>| {
-                let size = 128 + key.key.len() + record.outcome.as_ref().map_or(0, Outcome::weight);
-                u32::try_from(size).unwrap_or(u32::MAX)
+    /// Keeps each client's records for `ttl` in at most about `max_bytes_per_client`, counting
+    /// evictions for room in `evictions{client}`.
+    pub fn new(ttl: Duration, max_bytes_per_client: u64, evictions: IntCounterVec) -> Self {
+        Self {
+            ttl,
+            max_bytes_per_client,
+            done: DashMap::new(),
+            claims: DashMap::new(),
+            evictions,
+        }
+    }
+
+    /// The client's records, made on first use.
+    fn records(&self, client: &Arc<str>) -> moka::sync::Cache<String, Arc<Record>> {
+        if let Some(records) = self.done.get(client) {
+            return records.clone();
+        }
+        let evicted = self.evictions.with_label_values(&[client]);
+        self.done
+            .entry(client.clone())
+            .or_insert_with(|| {
+                moka::sync::Cache::builder()
+                    .time_to_live(self.ttl)
+                    .max_capacity(self.max_bytes_per_client)
+                    // LRU admits every new record; moka's default (TinyLFU) may turn one away.
+                    .eviction_policy(moka::policy::EvictionPolicy::lru())
+                    .weigher(|key: &String, record: &Arc<Record>| {
+                        let size = 128 + key.len() + record.outcome.weight();
+                        u32::try_from(size).unwrap_or(u32::MAX)
+                    })
+                    .eviction_listener(move |_, _, cause| {
+                        if cause == moka::notification::RemovalCause::Size {
+                            evicted.inc();
+                        }
+                    })
+                    .build()
             })
-            .build();
-        Self { records }
+            .clone()
     }
 }
 
 impl IdempotencyStore for MemoryStore {
     fn begin(&self, key: &RecordKey, fingerprint: [u8; 32]) -> Begin {
-        let entry = self.records.entry(key.clone()).or_insert_with(|| {
-            Arc::new(Record {
-                fingerprint,
-                outcome: None,
-            })
-        });
-        if entry.is_fresh() {
-            return Begin::Run;
-        }
-        let record = entry.into_value();
-        if record.fingerprint != fingerprint {
-            return Begin::Mismatch;
-        }
-        match &record.outcome {
-            None => Begin::InFlight,
-            Some(outcome) => Begin::Replay(outcome.clone()),
+        let records = self.records(&key.client);
+        // The claim's shard is held while the outcome is looked up, so a request finishing
+        // meanwhile is seen either as running or as done, never as neither.
+        match self.claims.entry(key.clone()) {
+            dashmap::Entry::Occupied(mut claim) => {
+                if let Some(record) = records.get(&key.key) {
+                    return replay_or_mismatch(&record, fingerprint);
+                }
+                if claim.get().since.elapsed() >= self.ttl {
+                    claim.insert(Claim {
+                        fingerprint,
+                        since: Instant::now(),
+                    });
+                    return Begin::Run;
+                }
+                if claim.get().fingerprint != fingerprint {
+                    return Begin::Mismatch;
+                }
+                Begin::InFlight
+            }
+            dashmap::Entry::Vacant(vacant) => {
+                if let Some(record) = records.get(&key.key) {
+                    return replay_or_mismatch(&record, fingerprint);
+                }
+                vacant.insert(Claim {
+                    fingerprint,
+                    since: Instant::now(),
+                });
+                Begin::Run
+            }
         }
     }
 
     fn finish(&self, key: RecordKey, fingerprint: [u8; 32], outcome: Outcome) {
-        self.records.insert(
-            key,
+        let records = self.records(&key.client);
+        records.insert(
+            key.key.clone(),
             Arc::new(Record {
                 fingerprint,
-                outcome: Some(outcome),
+                outcome,
             }),
         );
+        self.claims.remove(&key);
     }
 
     fn abandon(&self, key: &RecordKey) {
-        self.records.invalidate(key);
+        self.claims.remove(key);
+    }
+}
+
+fn replay_or_mismatch(record: &Record, fingerprint: [u8; 32]) -> Begin {
+    if record.fingerprint == fingerprint {
+        Begin::Replay(record.outcome.clone())
+    } else {
+        Begin::Mismatch
     }
 }
 
@@ -419,9 +489,22 @@ mod tests {
         }
     }
 
+    fn store(max_bytes: u64) -> MemoryStore {
+        let evictions = IntCounterVec::new(prometheus::Opts::new("e", "e"), &["client"]).unwrap();
+        MemoryStore::new(Duration::from_secs(60), max_bytes, evictions)
+    }
+
+    fn big() -> Outcome {
+        Outcome::Response {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![0u8; 1024]),
+        }
+    }
+
     #[test]
     fn a_key_runs_once_then_replays_and_refuses_other_requests() {
-        let store = MemoryStore::new(Duration::from_secs(60), 1 << 20);
+        let store = store(1 << 20);
         assert!(matches!(store.begin(&key("a"), [1; 32]), Begin::Run));
         assert!(matches!(store.begin(&key("a"), [1; 32]), Begin::InFlight));
         assert!(matches!(store.begin(&key("a"), [2; 32]), Begin::Mismatch));
@@ -446,21 +529,32 @@ mod tests {
     }
 
     #[test]
-    fn memory_is_bounded() {
-        let store = MemoryStore::new(Duration::from_secs(60), 64 * 1024);
+    fn memory_is_bounded_per_client_and_one_client_never_evicts_another() {
+        let store = store(64 * 1024);
+        let b = RecordKey {
+            client: "b".into(),
+            key: "k".into(),
+        };
+        assert!(matches!(store.begin(&b, [7; 32]), Begin::Run));
+        store.finish(b.clone(), [7; 32], big());
+        // A claim of A's that is still running survives A's own flood.
+        assert!(matches!(store.begin(&key("running"), [9; 32]), Begin::Run));
         for i in 0..1000 {
-            let outcome = Outcome::Response {
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                body: Bytes::from(vec![0u8; 1024]),
-            };
-            store.finish(key(&i.to_string()), [0; 32], outcome);
+            store.finish(key(&i.to_string()), [0; 32], big());
         }
-        store.records.run_pending_tasks();
+        let shop = store.records(&"shop".into());
+        shop.run_pending_tasks();
         assert!(
-            store.records.weighted_size() <= 64 * 1024,
+            shop.weighted_size() <= 64 * 1024,
             "{}",
-            store.records.weighted_size()
+            shop.weighted_size()
         );
+        assert!(store.evictions.with_label_values(&["shop"]).get() > 900);
+        assert!(matches!(store.begin(&b, [7; 32]), Begin::Replay(_)));
+        assert_eq!(store.evictions.with_label_values(&["b"]).get(), 0);
+        assert!(matches!(
+            store.begin(&key("running"), [9; 32]),
+            Begin::InFlight
+        ));
     }
 }
