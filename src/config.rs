@@ -49,7 +49,9 @@ pub struct Config {
     /// or ingress in front of erpgate. From any other peer the header is replaced. Default none.
     #[serde(default)]
     pub trusted_proxies: Vec<TrustedProxy>,
-    /// How many failed authentications one source IP may make before it gets 429.
+    /// How many failed authentications one source address (IPv6: one /64) may make, and one
+    /// key id may suffer, before 429. A valid credential is never refused for the failures of
+    /// others from its address.
     #[serde(default)]
     pub auth_failures: AuthFailureLimit,
     /// Default request quota of every client without its own. Default 100 per second with a
@@ -238,7 +240,7 @@ impl Default for BufferingConfig {
     }
 }
 
-/// Failed-authentication limit per source IP (a GCRA quota).
+/// Failed-authentication limit per source address and per key id (GCRA quotas).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFailureLimit {

@@ -2,10 +2,15 @@
 //! request's [`Client`], or the request stops with 401.
 //!
 //! Secrets are stored only as SHA-256 and compared in constant time; an unknown key id costs the
-//! same hash and comparison as a wrong secret. Failed attempts are rate limited per source IP
-//! with a GCRA quota (governor): once an address is over it, *every* attempt from it gets 429
-//! without the secret being checked, so a throttled guesser learns nothing. The client's
-//! `Authorization` header is removed here, so no inner layer sees the client's secret.
+//! same hash and comparison as a wrong secret. Failed attempts are rate limited with GCRA quotas
+//! (governor) per source address (IPv6 per /64, which one host holds) *and* per key id tried
+//! (unknown ids share one bucket). A valid credential is never refused for failures others made
+//! from its address — a NAT or an ingress that hides client addresses cannot lock real
+//! integrations out — while failures from an address over its quota get 429. A key id over its
+//! quota gets 429 without its secret being checked, from any address, so a guesser spreading
+//! over addresses learns nothing either (its real owner waits out the quota with it: the price
+//! of stopping brute force). The client's `Authorization` header is removed here, so no inner
+//! layer sees the client's secret.
 //!
 //! A request with two `Host`, `Content-Length`, `Authorization` or `Content-Type` headers is a
 //! 400 here, before anything reads one of them: gunicorn would keep another than an HTTP
@@ -95,11 +100,41 @@ impl ClientTable {
     }
 }
 
-/// Failed authentications per source IP.
+/// What failures are counted against: the source address (IPv6 by /64, the block one host
+/// holds), and the key id that was tried (unknown key ids share one bucket, so guessing ids
+/// costs no memory per guess).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FailureKey {
+    /// An IPv4 address, or an IPv6 /64.
+    Address(IpAddr),
+    /// A configured client's key id.
+    KeyId(Arc<str>),
+    /// Every key id no client has.
+    UnknownKeyIds,
+}
+
+impl FailureKey {
+    /// The address bucket of `ip`: itself for IPv4 (and IPv4-mapped IPv6), its /64 for IPv6.
+    pub fn address(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::Address(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    Self::Address(IpAddr::V6(prefix.into()))
+                }
+            },
+            v4 => Self::Address(v4),
+        }
+    }
+}
+
+/// Failed authentications, per address and per key id (GCRA quotas).
 pub struct AuthFailureLimiter {
-    quota: DefaultKeyedRateLimiter<IpAddr>,
-    /// Addresses over the quota, until when. Read on every request, written only on failures.
-    blocked: DashMap<IpAddr, Instant>,
+    quota: DefaultKeyedRateLimiter<FailureKey>,
+    /// Buckets over the quota, until when. Read on every failure or throttled key id, written
+    /// only on failures.
+    blocked: DashMap<FailureKey, Instant>,
     /// Set while `blocked` may be non-empty, so the common case costs one atomic load instead
     /// of a read lock on every shard.
     any_blocked: AtomicBool,
@@ -115,7 +150,8 @@ impl std::fmt::Debug for AuthFailureLimiter {
 }
 
 impl AuthFailureLimiter {
-    /// Allows `per_minute` sustained failures with bursts of `burst` per address.
+    /// Allows `per_minute` sustained failures with bursts of `burst`, per address and per key
+    /// id alike.
     pub fn new(per_minute: NonZeroU32, burst: NonZeroU32) -> Self {
         Self {
             quota: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
@@ -125,41 +161,42 @@ impl AuthFailureLimiter {
         }
     }
 
-    /// How long `ip` is still blocked, if it is.
-    fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
+    /// How long `key` is still blocked, if it is.
+    pub fn blocked_for(&self, key: &FailureKey) -> Option<Duration> {
         if !self.any_blocked.load(Ordering::SeqCst) {
             return None;
         }
-        let until = *self.blocked.get(&ip)?;
+        let until = *self.blocked.get(key)?;
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            self.blocked.remove(&ip);
+            self.blocked.remove(key);
             None
         } else {
             Some(left)
         }
     }
 
-    /// Counts a failure; returns how long `ip` is now blocked if this one went over the quota.
-    fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
-        // Forget idle addresses now and then, so memory follows the active attackers only.
+    /// Counts a failure against `key`; returns how long it is now blocked if this one went
+    /// over the quota.
+    pub fn record_failure(&self, key: FailureKey) -> Option<Duration> {
+        // Forget idle buckets now and then, so memory follows the active attackers only.
         if self.failures.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
             self.quota.retain_recent();
             let now = Instant::now();
             self.blocked.retain(|_, until| *until > now);
             if self.blocked.is_empty() {
                 self.any_blocked.store(false, Ordering::SeqCst);
-                // An address blocked meanwhile must not go unseen.
+                // A bucket blocked meanwhile must not go unseen.
                 if !self.blocked.is_empty() {
                     self.any_blocked.store(true, Ordering::SeqCst);
                 }
             }
         }
-        let not_until = self.quota.check_key(&ip).err()?;
+        let not_until = self.quota.check_key(&key).err()?;
         let wait = not_until
             .wait_time_from(DefaultClock::default().now())
             .max(Duration::from_secs(1));
-        self.blocked.insert(ip, Instant::now() + wait);
+        self.blocked.insert(key, Instant::now() + wait);
         self.any_blocked.store(true, Ordering::SeqCst);
         Some(wait)
     }
@@ -212,22 +249,40 @@ pub struct Auth<S> {
 const DECOY_HASH: [u8; 32] = [0x5a; 32];
 
 impl AuthLayer {
-    fn authenticate<B>(&self, request: &Request<B>) -> Result<Arc<Client>, &'static str> {
-        let credential = parse_credential(request.headers().get(header::AUTHORIZATION)).map_err(
-            |e| match e {
-                crate::frappe::auth_header::CredentialError::Missing => "missing",
-                crate::frappe::auth_header::CredentialError::Malformed => "malformed",
-            },
-        )?;
+    /// The client, or why not; and the key-id bucket a failure counts against (`None` when
+    /// no key id could be read).
+    fn authenticate<B>(
+        &self,
+        request: &Request<B>,
+    ) -> (Result<Arc<Client>, &'static str>, Option<FailureKey>) {
+        let credential = match parse_credential(request.headers().get(header::AUTHORIZATION)) {
+            Ok(credential) => credential,
+            Err(crate::frappe::auth_header::CredentialError::Missing) => {
+                return (Err("missing"), None)
+            }
+            Err(crate::frappe::auth_header::CredentialError::Malformed) => {
+                return (Err("malformed"), None)
+            }
+        };
         let client = self.clients.by_key_id.get(&credential.key_id);
+        let bucket = match client {
+            Some(c) => FailureKey::KeyId(c.name.clone()),
+            None => FailureKey::UnknownKeyIds,
+        };
+        // A key id under brute force is refused without its secret being checked, so the
+        // guesser learns nothing, whichever address the guesses come from.
+        if self.failures.blocked_for(&bucket).is_some() {
+            return (Err("key_id_throttled"), Some(bucket));
+        }
         let expected = client.map_or(&DECOY_HASH, |c| &c.secret_sha256);
         let presented: [u8; 32] = Sha256::digest(credential.secret.as_bytes()).into();
         let matches: bool = presented.ct_eq(expected).into();
-        match client {
+        let result = match client {
             Some(client) if matches => Ok(client.clone()),
             Some(_) => Err("wrong_secret"),
             None => Err("unknown_key"),
-        }
+        };
+        (result, Some(bucket))
     }
 }
 
@@ -254,14 +309,10 @@ where
             .get::<PeerAddr>()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
         let ip = self.layer.trusted.client_ip(peer, request.headers());
-        if let Some(retry_after) = self.layer.failures.blocked_for(ip) {
-            self.layer
-                .failure_metric
-                .with_label_values(&["throttled"])
-                .inc();
-            return EarlyReturn::error(GatewayError::AuthThrottled { retry_after });
-        }
-        match self.layer.authenticate(&request) {
+        let address = FailureKey::address(ip);
+        let (result, key_bucket) = self.layer.authenticate(&request);
+        match result {
+            // A valid credential is never refused for what others did from its address.
             Ok(client) => {
                 if let Some(tags) = RequestTags::of(&request) {
                     let _ = tags.client.set(client.name.clone());
@@ -271,15 +322,70 @@ where
                 EarlyReturn::inner(self.inner.call(request))
             }
             Err(reason) => {
-                self.layer.failure_metric.with_label_values(&[reason]).inc();
-                tracing::info!(%ip, reason, "authentication failed");
-                match self.layer.failures.record_failure(ip) {
+                let limiter = &self.layer.failures;
+                let throttled = match reason {
+                    "key_id_throttled" => key_bucket.as_ref().and_then(|k| limiter.blocked_for(k)),
+                    _ => {
+                        tracing::info!(%ip, reason, "authentication failed");
+                        let by_address = limiter
+                            .blocked_for(&address)
+                            .or_else(|| limiter.record_failure(address));
+                        let by_key = key_bucket.and_then(|k| limiter.record_failure(k));
+                        by_address.max(by_key)
+                    }
+                };
+                match throttled {
                     Some(retry_after) => {
+                        self.layer
+                            .failure_metric
+                            .with_label_values(&["throttled"])
+                            .inc();
                         EarlyReturn::error(GatewayError::AuthThrottled { retry_after })
                     }
-                    None => EarlyReturn::error(GatewayError::Unauthenticated(reason)),
+                    None => {
+                        self.layer.failure_metric.with_label_values(&[reason]).inc();
+                        EarlyReturn::error(GatewayError::Unauthenticated(reason))
+                    }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_share_their_slash_64_and_ipv4_stands_alone() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(FailureKey::address(a), FailureKey::address(b));
+        assert_ne!(FailureKey::address(a), FailureKey::address(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(
+            FailureKey::address(mapped),
+            FailureKey::Address("192.0.2.7".parse().unwrap())
+        );
+        assert_ne!(
+            FailureKey::address("192.0.2.7".parse().unwrap()),
+            FailureKey::address("192.0.2.8".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_rotating_ipv6_guesser_is_throttled_on_its_slash_64() {
+        let limiter = AuthFailureLimiter::new(NonZeroU32::MIN, NonZeroU32::new(3).unwrap());
+        let mut throttled = false;
+        for i in 0..4u16 {
+            let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
+            throttled = limiter.record_failure(FailureKey::address(ip)).is_some();
+        }
+        assert!(throttled);
+        let elsewhere: IpAddr = "2001:db8:9::1".parse().unwrap();
+        assert!(limiter
+            .blocked_for(&FailureKey::address(elsewhere))
+            .is_none());
     }
 }
