@@ -35,6 +35,12 @@ pub struct Config {
     /// the public network. Default `127.0.0.1:9090`.
     #[serde(default = "defaults::admin_listen", deserialize_with = "parse_env")]
     pub admin_listen: SocketAddr,
+    /// A token state-changing admin endpoints (`POST /cache/purge`) require as
+    /// `Authorization: Bearer <token>`; `${ENV}` allowed. Without one they require the header
+    /// `X-Erpgate-Admin: 1` instead, which no web page can send cross-origin without a CORS
+    /// preflight the admin listener never grants. Default: none.
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub admin_token: Option<AdminToken>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -196,6 +202,29 @@ pub struct Limits {
     /// Kubernetes manifests use `5s`.
     #[serde(default, deserialize_with = "parse_duration")]
     pub drain_delay: Duration,
+    /// Open public connections at most, over all workers (lowered further to fit the process's
+    /// file-descriptor limit, with a reserve for upstream connections, files and the admin
+    /// listener). Connections over it are closed at once and counted. Default `10000`.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u32,
+    /// A connection with no request in flight for this long is closed (HTTP/1.1 keep-alive and
+    /// HTTP/2 alike); a new connection must send its first request head within
+    /// `header_read_timeout`, whatever its protocol. Default `60s`.
+    #[serde(
+        default = "defaults::idle_timeout",
+        deserialize_with = "parse_duration"
+    )]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once. Default `100`.
+    #[serde(default = "defaults::http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive ping interval; a peer that does not answer within it is dropped.
+    /// Default `20s`.
+    #[serde(
+        default = "defaults::http2_keepalive_interval",
+        deserialize_with = "parse_duration"
+    )]
+    pub http2_keepalive_interval: Duration,
 }
 
 /// Buffering, so that neither a slow sender nor a slow reader holds one of gunicorn's workers:
@@ -616,6 +645,23 @@ pub struct AllowConfig {
     pub check_query_arguments: bool,
 }
 
+/// The admin token; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl std::str::FromStr for AdminToken {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// A string after `${ENV}` expansion.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnvString(pub String);
@@ -833,6 +879,22 @@ mod defaults {
     pub fn max_in_flight() -> u32 {
         64
     }
+    pub fn max_connections() -> u32 {
+        10_000
+    }
+
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+
+    pub fn http2_max_concurrent_streams() -> u32 {
+        100
+    }
+
+    pub fn http2_keepalive_interval() -> Duration {
+        Duration::from_secs(20)
+    }
+
     pub fn buffer_memory() -> ByteSize {
         ByteSize(1 << 20)
     }
@@ -925,6 +987,10 @@ impl Default for Limits {
             header_read_timeout: defaults::header_read_timeout(),
             shutdown_grace: defaults::shutdown_grace(),
             drain_delay: Duration::ZERO,
+            max_connections: defaults::max_connections(),
+            idle_timeout: defaults::idle_timeout(),
+            http2_max_concurrent_streams: defaults::http2_max_concurrent_streams(),
+            http2_keepalive_interval: defaults::http2_keepalive_interval(),
         }
     }
 }

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub cache_evictions: IntCounter,
     /// `erpgate_cache_bytes`
     pub cache_bytes: IntGauge,
+    /// `erpgate_connections_refused_total`: public connections closed at once, over the cap.
+    pub connections_refused: IntCounter,
+    /// `erpgate_open_connections`: public connections open now.
+    pub open_connections: IntGauge,
     /// `erpgate_idempotency_evictions_total{client}`: kept outcomes pushed out by the client's
     /// own byte budget.
     pub idempotency_evictions: IntCounterVec,
@@ -131,6 +135,12 @@ impl Metrics {
             "Cache entries evicted by the byte bound.",
         )?;
         let cache_bytes = IntGauge::new("erpgate_cache_bytes", "Bytes held by the cache.")?;
+        let connections_refused = IntCounter::new(
+            "erpgate_connections_refused_total",
+            "Public connections closed at once because the connection cap was reached.",
+        )?;
+        let open_connections =
+            IntGauge::new("erpgate_open_connections", "Public connections open now.")?;
         let idempotency_evictions = IntCounterVec::new(
             Opts::new(
                 "erpgate_idempotency_evictions_total",
@@ -162,6 +172,8 @@ impl Metrics {
             Box::new(cache_bytes.clone()),
             Box::new(cache_entries.clone()),
             Box::new(idempotency_evictions.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(open_connections.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -192,6 +204,8 @@ impl Metrics {
             cache_events,
             cache_invalidations,
             idempotency_evictions,
+            connections_refused,
+            open_connections,
             cache_evictions,
             cache_bytes,
             cache_entries,

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use crate::config::LoadedConfig;
 use crate::forwarding::{ArrivedOverTls, PeerAddr};
 use crate::metrics::Metrics;
-use crate::stack::{build, BuildError, Gateway};
+use crate::stack::{build, BuildError, Gateway, ServerSettings};
 use crate::{full_body, Body, BoxError};
 
 /// Why the gateway could not start.
@@ -89,6 +89,7 @@ impl RunningGateway {
         let (stop, stopped) = watch::channel(false);
 
         let count = config.workers();
+        let budget = ConnectionBudget::new(&metrics);
         let mut workers = Vec::with_capacity(count);
         let mut first = Some(public);
         for index in 0..count {
@@ -97,10 +98,10 @@ impl RunningGateway {
                 None => reuseport_listener(listen_addr).map_err(bind_error(listen_addr))?,
             };
             let (done, drained) = tokio::sync::oneshot::channel();
-            let (live, stopped) = (live.clone(), stopped.clone());
+            let (live, stopped, budget) = (live.clone(), stopped.clone(), budget.clone());
             std::thread::Builder::new()
                 .name(format!("erpgate-worker-{index}"))
-                .spawn(move || serve_worker(index, listener, live, stopped, done))
+                .spawn(move || serve_worker(index, listener, live, stopped, done, budget))
                 .map_err(bind_error(listen_addr))?;
             workers.push(drained);
         }
@@ -239,6 +240,7 @@ fn serve_worker(
     live: Arc<ArcSwap<Gateway>>,
     stopped: watch::Receiver<bool>,
     done: tokio::sync::oneshot::Sender<()>,
+    budget: Arc<ConnectionBudget>,
 ) {
     crate::upstream::set_worker_index(index);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -253,23 +255,207 @@ fn serve_worker(
     };
     runtime.block_on(async move {
         match TcpListener::from_std(listener) {
-            Ok(listener) => serve_public(listener, live, stopped).await,
+            Ok(listener) => serve_public(listener, live, stopped, budget).await,
             Err(e) => tracing::error!(worker = index, error = %e, "cannot register the listener"),
         }
     });
     let _ = done.send(());
 }
 
-/// HTTP/1.1 with keep-alive and the slowloris guard, and HTTP/2 by prior knowledge.
-fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// HTTP/1.1 with keep-alive and the slowloris guard, and HTTP/2 by prior knowledge with limits
+/// sized for a gateway (streams per connection, flow-control windows, keep-alive pings).
+fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
     builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.http2_max_concurrent_streams)
+        .initial_stream_window_size(256 << 10)
+        .initial_connection_window_size(1 << 20)
+        .max_header_list_size(64 << 10)
+        .keep_alive_interval(Some(settings.http2_keepalive_interval))
+        .keep_alive_timeout(settings.http2_keepalive_interval);
+    builder
+}
+
+/// What a connection has been doing, for its deadlines: a first request head within
+/// `header_read_timeout` of accept (whatever the protocol turns out to be: a silent socket or
+/// half an HTTP/2 preface is cut off too), and no more than `idle_timeout` with nothing in
+/// flight afterwards (HTTP/1.1 keep-alive and HTTP/2 alike).
+#[derive(Debug)]
+struct Activity {
+    accepted: std::time::Instant,
+    seen_request: AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds after `accepted` when the last request ended.
+    last_end_ms: std::sync::atomic::AtomicU64,
+    /// Wakes the deadline watcher when a request ends, to start the idle clock.
+    changed: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            accepted: std::time::Instant::now(),
+            seen_request: AtomicBool::new(false),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last_end_ms: std::sync::atomic::AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn started(&self) {
+        self.seen_request.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ended(&self) {
+        let now = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_end_ms.store(now, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    /// How long until the connection may be closed, or `None` if it should be closed now.
+    fn time_left(&self, head: Duration, idle: Duration) -> Option<Duration> {
+        let elapsed = self.accepted.elapsed();
+        if !self.seen_request.load(Ordering::Relaxed) {
+            return head.checked_sub(elapsed).filter(|d| !d.is_zero());
+        }
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Some(idle);
+        }
+        let last = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+        (last + idle).checked_sub(elapsed).filter(|d| !d.is_zero())
+    }
+}
+
+/// Drives a connection until it ends or its deadlines say to close it.
+async fn with_deadlines<F>(connection: F, activity: Arc<Activity>, head: Duration, idle: Duration)
+where
+    F: std::future::Future<Output = Result<(), BoxError>>,
+{
+    tokio::pin!(connection);
+    loop {
+        let Some(left) = activity.time_left(head, idle) else {
+            // Dropping the connection closes its socket.
+            return;
+        };
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(left) => {}
+            _ = activity.changed.notified() => {}
+        }
+    }
+}
+
+/// Open public connections over all workers, against a cap; refusals logged once a second.
+#[derive(Debug)]
+struct ConnectionBudget {
+    open: std::sync::atomic::AtomicUsize,
+    /// The cap the file-descriptor limit allows, whatever the config says.
+    fd_cap: usize,
+    refused: std::sync::atomic::AtomicU64,
+    last_report_s: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+    refused_metric: prometheus::IntCounter,
+    open_metric: prometheus::IntGauge,
+}
+
+/// A held connection slot; freed on drop.
+struct ConnectionSlot(Arc<ConnectionBudget>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.open_metric.dec();
+    }
+}
+
+/// File descriptors kept back from public connections: upstream connections, temporary files,
+/// the admin listener and its scrapes, logs.
+const FD_RESERVE: usize = 256;
+
+impl ConnectionBudget {
+    fn new(metrics: &Metrics) -> Arc<Self> {
+        // Each public connection may hold an upstream connection (and a buffer file) too.
+        let fd_cap = open_files_limit().map_or(usize::MAX, |n| n.saturating_sub(FD_RESERVE) / 2);
+        Arc::new(Self {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            fd_cap: fd_cap.max(16),
+            refused: std::sync::atomic::AtomicU64::new(0),
+            last_report_s: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
+            refused_metric: metrics.connections_refused.clone(),
+            open_metric: metrics.open_connections.clone(),
+        })
+    }
+
+    fn take(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
+        let cap = max.min(self.fd_cap);
+        let mut open = self.open.load(Ordering::Relaxed);
+        loop {
+            if open >= cap {
+                self.refused(cap);
+                return None;
+            }
+            match self.open.compare_exchange_weak(
+                open,
+                open + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    self.open_metric.inc();
+                    return Some(ConnectionSlot(self.clone()));
+                }
+                Err(now) => open = now,
+            }
+        }
+    }
+
+    fn refused(&self, cap: usize) {
+        self.refused_metric.inc();
+        let count = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        self.report(|| {
+            tracing::warn!(
+                cap,
+                refused_so_far = count,
+                "connection cap reached: new connections are closed at once"
+            )
+        });
+    }
+
+    /// Runs `log` at most once a second.
+    fn report(&self, log: impl FnOnce()) {
+        let now = self.started.elapsed().as_secs() + 1;
+        let last = self.last_report_s.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_report_s
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log();
+        }
+    }
+}
+
+/// The soft limit on open files, from `/proc/self/limits` (Linux).
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// The per-connection service: every request takes the stack in force when it arrives.
@@ -277,6 +463,7 @@ fn connection_service(
     live: Arc<ArcSwap<Gateway>>,
     peer: SocketAddr,
     over_tls: bool,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -291,10 +478,14 @@ fn connection_service(
             request.extensions_mut().insert(ArrivedOverTls);
         }
         let future = live.load().service.clone().oneshot(request);
+        let activity = activity.clone();
+        activity.started();
         // The stack renders its own errors; one escaping means a broken layer, and the client
         // still gets an answer rather than a dropped connection.
         async move {
-            Ok::<_, Infallible>(future.await.unwrap_or_else(|e| {
+            let result = future.await;
+            activity.ended();
+            Ok::<_, Infallible>(result.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "unhandled error reached the listener");
                 let mut response = Response::new(full_body("internal gateway error\n"));
                 *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -314,55 +505,73 @@ async fn serve_public(
     listener: TcpListener,
     live: Arc<ArcSwap<Gateway>>,
     mut stop: watch::Receiver<bool>,
+    budget: Arc<ConnectionBudget>,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut header_read_timeout = live.load().server.header_read_timeout;
-    let mut builder = connection_builder(header_read_timeout);
+    let mut settings = live.load().server;
+    let mut builder = connection_builder(&settings);
+    let mut accept_errors: u64 = 0;
+    let mut backoff = Duration::from_millis(10);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
+                    Ok(pair) => {
+                        backoff = Duration::from_millis(10);
+                        pair
+                    }
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors and the like: back off (growing, capped)
+                        // instead of spinning, and say so once a second, with a count.
+                        accept_errors += 1;
+                        let errors = accept_errors;
+                        budget.report(|| tracing::warn!(error = %e, failures = errors, "accept failed; backing off"));
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
                 let current = live.load();
-                // One builder per worker, made again only when a reload changed its setting.
-                if current.server.header_read_timeout != header_read_timeout {
-                    header_read_timeout = current.server.header_read_timeout;
-                    builder = connection_builder(header_read_timeout);
+                // One builder per worker, made again only when a reload changed its settings.
+                if !same_listener_settings(&current.server, &settings) {
+                    settings = current.server;
+                    builder = connection_builder(&settings);
                 }
+                // Over the cap: closed at once, before any memory is spent on it.
+                let Some(slot) = budget.take(settings.max_connections) else {
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
                 let tls = current.tls.clone();
                 let watcher = graceful.watcher();
-                let service = connection_service(live.clone(), peer, tls.is_some());
+                let activity = Activity::new();
+                let service = connection_service(live.clone(), peer, tls.is_some(), activity.clone());
+                let (head, idle) = (settings.header_read_timeout, settings.idle_timeout);
                 // Plain and TLS connections are separate tasks: a plain connection's task does
                 // not carry room for a TLS session.
                 match tls {
                     None => {
                         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                         tokio::spawn(async move {
-                            log_end(peer, watcher.watch(connection).await);
+                            with_deadlines(watcher.watch(connection), activity, head, idle).await;
+                            drop(slot);
                         });
                     }
                     Some(acceptor) => {
                         let builder = builder.clone();
                         tokio::spawn(async move {
                             // The handshake is bounded like a header read.
-                            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
-                            let result = match handshake.await {
+                            let handshake = tokio::time::timeout(head, acceptor.accept(stream));
+                            match handshake.await {
                                 Ok(Ok(stream)) => {
                                     let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                                    watcher.watch(connection).await
+                                    with_deadlines(watcher.watch(connection), activity, head, idle).await;
                                 }
-                                Ok(Err(e)) => Err(e.into()),
-                                Err(_) => Err("TLS handshake timed out".into()),
-                            };
-                            log_end(peer, result);
+                                Ok(Err(e)) => log_end(peer, Err(e.into())),
+                                Err(_) => log_end(peer, Err("TLS handshake timed out".into())),
+                            }
+                            drop(slot);
                         });
                     }
                 }
@@ -377,6 +586,13 @@ async fn serve_public(
         _ = graceful.shutdown() => tracing::info!("drained: all connections closed"),
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
+}
+
+/// Whether a worker's connection builder still fits the settings in force.
+fn same_listener_settings(a: &ServerSettings, b: &ServerSettings) -> bool {
+    a.header_read_timeout == b.header_read_timeout
+        && a.http2_max_concurrent_streams == b.http2_max_concurrent_streams
+        && a.http2_keepalive_interval == b.http2_keepalive_interval
 }
 
 /// Why `/readyz` should say no: draining, or (when the config asks) an open breaker.
@@ -404,22 +620,65 @@ struct Admin {
     live: Arc<ArcSwap<Gateway>>,
 }
 
+/// Admin connections open at once; more are closed at once (Prometheus and a probe need few).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 async fn serve_admin(listener: TcpListener, admin: Admin) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        if open.fetch_add(1, Ordering::Relaxed) >= MAX_ADMIN_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         let admin = admin.clone();
+        let activity = Activity::new();
+        let tracked = activity.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(admin.respond(&request).await) }
+            let activity = tracked.clone();
+            activity.started();
+            async move {
+                let response = admin.respond(&request).await;
+                activity.ended();
+                Ok::<_, Infallible>(response)
+            }
         });
+        let head = Duration::from_secs(10);
+        let open = open.clone();
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head)
+                .serve_connection(TokioIo::new(stream), service);
+            let connection = async move { connection.await.map_err(BoxError::from) };
+            with_deadlines(connection, activity, head, Duration::from_secs(60)).await;
+            open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Whether a state-changing admin request carries what no web page can send cross-origin
+/// without a CORS preflight (which the admin listener never grants): the admin token when one
+/// is configured, else the `X-Erpgate-Admin: 1` header.
+fn admin_request_allowed(request: &Request<Incoming>, token: Option<&str>) -> bool {
+    let headers = request.headers();
+    match token {
+        Some(token) => headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| {
+                use subtle::ConstantTimeEq;
+                bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+            }),
+        None => headers
+            .get("x-erpgate-admin")
+            .is_some_and(|v| v.as_bytes() == b"1"),
     }
 }
 
@@ -464,11 +723,22 @@ impl Admin {
                     full_body(body.to_string()),
                 )
             }
+            (&Method::POST, "/cache/purge")
+                if !admin_request_allowed(request, live.admin_token.as_deref()) =>
+            {
+                text(
+                    StatusCode::FORBIDDEN,
+                    "state-changing admin requests need the header X-Erpgate-Admin: 1 (or the admin token as a bearer token, when one is configured)\n".into(),
+                )
+            }
             (&Method::POST, "/cache/purge") => {
                 let param =
                     |name| crate::frappe::form_dict::query_value(request.uri().query(), name);
                 let (site, doctype) = (param("site"), param("doctype"));
-                if doctype.is_some() && site.is_none() {
+                if site.as_deref().is_some_and(|s| live.router.site(s).is_none()) {
+                    // Only configured names: a site name becomes a metric label.
+                    text(StatusCode::NOT_FOUND, "no such site\n".into())
+                } else if doctype.is_some() && site.is_none() {
                     text(
                         StatusCode::BAD_REQUEST,
                         "doctype needs site: POST /cache/purge?site=S&doctype=D\n".into(),

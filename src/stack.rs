@@ -63,6 +63,14 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Time the listener keeps accepting after SIGTERM.
     pub drain_delay: Duration,
+    /// Open public connections at most, over all workers.
+    pub max_connections: usize,
+    /// A connection with nothing in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams per connection.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive ping interval.
+    pub http2_keepalive_interval: Duration,
 }
 
 /// Why the stack could not be built from a validated config.
@@ -95,6 +103,8 @@ pub struct Gateway {
     pub config_hash: String,
     /// Listener settings.
     pub server: ServerSettings,
+    /// What `POST /cache/purge` on the admin listener requires as a bearer token, if set.
+    pub admin_token: Option<String>,
     /// File watching.
     pub reload: crate::config::ReloadConfig,
     /// State a reload keeps when its settings did not change.
@@ -253,7 +263,12 @@ where
             header_read_timeout: config.limits.header_read_timeout,
             shutdown_grace: config.limits.shutdown_grace,
             drain_delay: config.limits.drain_delay,
+            max_connections: usize::try_from(config.limits.max_connections).unwrap_or(usize::MAX),
+            idle_timeout: config.limits.idle_timeout,
+            http2_max_concurrent_streams: config.limits.http2_max_concurrent_streams,
+            http2_keepalive_interval: config.limits.http2_keepalive_interval,
         },
+        admin_token: config.admin_token.as_ref().map(|t| t.0.clone()),
         reload: config.reload.clone(),
         kept: Kept {
             clients,

@@ -511,7 +511,15 @@ async fn the_admin_purge_drops_by_site_doctype_or_everything() {
     let gw = Gateway::start(&cached_config(&up, TODO_RULES)).await;
     let admin = |path: &str| {
         let url = format!("{}{path}", gw.admin);
-        async move { send(Method::POST, &url, &[], Bytes::new()).await }
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[("x-erpgate-admin", "1")],
+                Bytes::new(),
+            )
+            .await
+        }
     };
     let todo = gw.url("/api/resource/ToDo");
     let big = gw.url("/api/method/test.big?size=100");
@@ -533,6 +541,49 @@ async fn the_admin_purge_drops_by_site_doctype_or_everything() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(up.count(), 5);
+
+    // A request any web page could send (CORS-simple: no custom header) changes nothing.
+    assert_eq!(get(&big, FULL).await.header("x-cache"), Some("MISS"));
+    for headers in [vec![], vec![("content-type", "text/plain")]] {
+        let url = format!("{}/cache/purge", gw.admin);
+        let reply = send(Method::POST, &url, &headers, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(get(&big, FULL).await.header("x-cache"), Some("HIT"));
+    // Only configured sites are names: no metric label is made from junk.
+    assert_eq!(
+        admin("/cache/purge?site=junk").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert!(!gw.metrics().await.contains("junk"));
+}
+
+#[tokio::test]
+async fn with_an_admin_token_the_purge_needs_it() {
+    let up = upstream().await;
+    let config = cached_config(&up, TODO_RULES) + "admin_token: s3cret-admin\n";
+    let gw = Gateway::start(&config).await;
+    let url = format!("{}/cache/purge", gw.admin);
+    let with = |headers: Vec<(&'static str, &'static str)>| {
+        let url = url.clone();
+        async move {
+            send(Method::POST, &url, &headers, Bytes::new())
+                .await
+                .status
+        }
+    };
+    assert_eq!(
+        with(vec![("x-erpgate-admin", "1")]).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        with(vec![("authorization", "Bearer wrong")]).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        with(vec![("authorization", "Bearer s3cret-admin")]).await,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

@@ -460,3 +460,22 @@ fn query_argument_checks_are_on_unless_a_client_turns_them_off() {
     );
     assert!(!problems(&bad).is_empty());
 }
+
+#[test]
+fn connection_limits_and_the_admin_token_load_with_defaults() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    let limits = &loaded.config.limits;
+    assert_eq!(limits.max_connections, 10_000);
+    assert_eq!(limits.idle_timeout, Duration::from_secs(60));
+    assert_eq!(limits.http2_max_concurrent_streams, 100);
+    assert!(loaded.config.admin_token.is_none());
+    let set = format!(
+        "admin_token: tok\nlimits: {{ max_connections: 5, idle_timeout: 2s }}\n{}",
+        valid()
+    );
+    let loaded = Config::from_yaml(&set, "t").unwrap();
+    assert_eq!(loaded.config.limits.max_connections, 5);
+    assert_eq!(loaded.config.admin_token.as_ref().unwrap().0, "tok");
+    assert!(!format!("{:?}", loaded.config.admin_token).contains("tok"));
+    assert!(!problems(&format!("limits: {{ max_connections: lots }}\n{}", valid())).is_empty());
+}
