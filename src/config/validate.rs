@@ -1,0 +1,348 @@
+//! Validation: what serde cannot check (references between sites, routes and clients, secret
+//! files, key formats), every problem reported at once with its key path and line.
+
+use super::*;
+
+impl Config {
+    /// Checks everything serde cannot, collecting every problem.
+    pub fn validate(self, lines: &YamlLines) -> Result<LoadedConfig, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut problem = |path: String, message: String| {
+            let line = lines.line_of(&path);
+            problems.push(Problem {
+                path,
+                line,
+                message,
+            });
+        };
+        let mut secrets = IndexMap::new();
+        let mut webhook_secrets = IndexMap::new();
+
+        if self.sites.is_empty() {
+            problem("sites".into(), "at least one site is required".into());
+        }
+        if self.auth_failures.per_minute == 0 || self.auth_failures.burst == 0 {
+            problem(
+                "auth_failures".into(),
+                "per_minute and burst must be at least 1".into(),
+            );
+        }
+        if self.limits.max_body_bytes.0 == 0 {
+            problem("limits.max_body_bytes".into(), "must be more than 0".into());
+        }
+        if self.limits.max_inspected_body_bytes.0 > self.limits.max_body_bytes.0 {
+            problem(
+                "limits.max_inspected_body_bytes".into(),
+                "must not exceed limits.max_body_bytes".into(),
+            );
+        }
+
+        for (site_name, site) in &self.sites {
+            let at = format!("sites.{site_name}");
+            if site.backends.is_empty() {
+                problem(
+                    format!("{at}.backends"),
+                    "at least one backend is required".into(),
+                );
+            }
+            if site.site_name.0.is_empty()
+                || http::HeaderValue::try_from(&site.site_name.0).is_err()
+            {
+                problem(
+                    format!("{at}.site_name"),
+                    "must be a non-empty header-safe name".into(),
+                );
+            }
+            if let Some(host) = &site.host {
+                if host.0.is_empty() || http::HeaderValue::try_from(&host.0).is_err() {
+                    problem(
+                        format!("{at}.host"),
+                        "must be a non-empty header-safe host".into(),
+                    );
+                }
+            }
+            let t = &site.timeouts;
+            if t.connect.is_zero() || t.request.is_zero() || t.total.is_zero() {
+                problem(
+                    format!("{at}.timeouts"),
+                    "timeouts must be more than 0".into(),
+                );
+            }
+            let b = &site.breaker;
+            if b.open_base.is_zero() || b.open_max < b.open_base {
+                problem(
+                    format!("{at}.breaker"),
+                    "open_base must be more than 0 and at most open_max".into(),
+                );
+            }
+            if let Some(rate) = &b.failure_rate {
+                let ok = rate.threshold > 0.0
+                    && rate.threshold <= 1.0
+                    && rate.window.as_secs() > 0
+                    && rate.min_requests > 0;
+                if !ok {
+                    problem(
+                        format!("{at}.breaker.failure_rate"),
+                        "threshold must be in (0, 1], window at least 1s, min_requests at least 1"
+                            .into(),
+                    );
+                }
+            }
+            let r = &site.retry;
+            if r.backoff_base.is_zero() || r.backoff_max < r.backoff_base {
+                problem(
+                    format!("{at}.retry"),
+                    "backoff_base must be more than 0 and at most backoff_max".into(),
+                );
+            }
+            if r.budget_percent > 1000 {
+                problem(
+                    format!("{at}.retry.budget_percent"),
+                    "must be at most 1000".into(),
+                );
+            }
+            if let Some(ca) = &site.ca_file {
+                if let Err(e) = std::fs::read(ca) {
+                    problem(
+                        format!("{at}.ca_file"),
+                        format!("cannot read {}: {e}", ca.display()),
+                    );
+                }
+            }
+            if site.service_accounts.is_empty() {
+                problem(
+                    format!("{at}.service_accounts"),
+                    "at least one service account is required".into(),
+                );
+            }
+            for (account_name, account) in &site.service_accounts {
+                let at = format!("{at}.service_accounts.{account_name}");
+                let secret = inline_or_file(
+                    &at,
+                    ("api_secret", account.api_secret.as_ref()),
+                    ("api_secret_file", account.api_secret_file.as_deref()),
+                );
+                let secret = match secret {
+                    Ok(secret) => secret,
+                    Err((path, message)) => {
+                        problem(path, message);
+                        continue;
+                    }
+                };
+                let key_ok =
+                    !account.api_key.0.is_empty() && !account.api_key.0.contains([':', ' ']);
+                if !key_ok {
+                    problem(
+                        format!("{at}.api_key"),
+                        "must be non-empty, without ':' or spaces".into(),
+                    );
+                } else if secret.is_empty()
+                    || crate::frappe::auth_header::token_header(&account.api_key.0, &secret)
+                        .is_err()
+                {
+                    // The secret itself is never echoed.
+                    problem(
+                        format!("{at}.api_secret"),
+                        "is empty or has characters a header cannot carry".into(),
+                    );
+                } else {
+                    secrets.insert((site_name.clone(), account_name.clone()), Secret(secret));
+                }
+            }
+            if let Some(webhook) = &site.webhook {
+                let at = format!("{at}.webhook");
+                let secret = inline_or_file(
+                    &at,
+                    ("secret", webhook.secret.as_ref()),
+                    ("secret_file", webhook.secret_file.as_deref()),
+                );
+                match secret {
+                    Ok(s) if s.is_empty() => problem(at, "the secret is empty".into()),
+                    Ok(s) => {
+                        webhook_secrets.insert(site_name.clone(), Secret(s));
+                    }
+                    Err((path, message)) => problem(path, message),
+                }
+            }
+        }
+
+        if let Some(tls) = &self.tls {
+            for (key, file) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if let Err(e) = std::fs::metadata(file) {
+                    problem(
+                        format!("tls.{key}"),
+                        format!("cannot read {}: {e}", file.display()),
+                    );
+                }
+            }
+        }
+        let cache = &self.cache;
+        if cache.max_entry_bytes.0 == 0 || cache.max_entry_bytes.0 > cache.max_bytes.0 {
+            problem(
+                "cache.max_entry_bytes".into(),
+                "must be more than 0 and at most cache.max_bytes".into(),
+            );
+        }
+        for (i, rule) in cache.rules.iter().enumerate() {
+            let at = format!("cache.rules[{i}]");
+            match (&rule.doctype, &rule.method) {
+                (Some(d), None) if d.trim().is_empty() => {
+                    problem(format!("{at}.doctype"), "is empty".into())
+                }
+                (Some(_), None) => {}
+                (None, Some(m)) => {
+                    let ok = !m.is_empty()
+                        && m.split('.').all(|part| {
+                            !part.is_empty()
+                                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        });
+                    if !ok {
+                        problem(
+                            format!("{at}.method"),
+                            format!("'{m}' is not a method name"),
+                        );
+                    }
+                }
+                _ => problem(at.clone(), "needs exactly one of doctype and method".into()),
+            }
+            if rule.ttl.is_zero() {
+                problem(format!("{at}.ttl"), "must be more than 0".into());
+            }
+            if rule.reads.is_empty() {
+                problem(
+                    format!("{at}.reads"),
+                    "must name list, document or both".into(),
+                );
+            }
+            for site in &rule.sites {
+                if !self.sites.contains_key(site) {
+                    problem(format!("{at}.sites"), format!("unknown site '{site}'"));
+                }
+            }
+        }
+
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if !self.sites.contains_key(&route.site) {
+                problem(
+                    format!("{at}.site"),
+                    format!("no site named '{}'", route.site),
+                );
+            }
+            if route.host.is_none() && route.path_prefix.is_none() {
+                problem(at.clone(), "a route needs host, path_prefix or both".into());
+            }
+            match &route.path_prefix {
+                Some(prefix) => match CanonicalPath::parse(prefix) {
+                    Ok(p) if p.segments().is_empty() => problem(
+                        format!("{at}.path_prefix"),
+                        "'/' matches everything; leave path_prefix out instead".into(),
+                    ),
+                    Ok(_) => {}
+                    Err(e) => problem(format!("{at}.path_prefix"), e.to_string()),
+                },
+                None if route.strip_prefix => {
+                    problem(format!("{at}.strip_prefix"), "needs path_prefix".into())
+                }
+                None => {}
+            }
+        }
+
+        let mut check_quota = |path: String, quota: &Option<QuotaConfig>| {
+            if let Some(Err(e)) = quota.as_ref().map(QuotaConfig::quota) {
+                problem(path, e);
+            }
+        };
+        check_quota("rate_limit".into(), &self.rate_limit);
+        check_quota("write_rate_limit".into(), &self.write_rate_limit);
+        for (name, client) in &self.clients {
+            check_quota(format!("clients.{name}.rate_limit"), &client.rate_limit);
+            check_quota(
+                format!("clients.{name}.write_rate_limit"),
+                &client.write_rate_limit,
+            );
+        }
+        if self.max_in_flight == 0 || self.clients.values().any(|c| c.max_in_flight == Some(0)) {
+            problem(
+                "max_in_flight".into(),
+                "must be at least 1 (here and in every client)".into(),
+            );
+        }
+
+        let mut key_ids = std::collections::HashMap::new();
+        for (client_name, client) in &self.clients {
+            let at = format!("clients.{client_name}");
+            let key = &client.key_id;
+            if key.is_empty() || key.contains(|c: char| c == ':' || c.is_whitespace()) {
+                problem(
+                    format!("{at}.key_id"),
+                    "must be non-empty, without ':' or white space".into(),
+                );
+            }
+            if let Some(other) = key_ids.insert(key.clone(), client_name.clone()) {
+                problem(
+                    format!("{at}.key_id"),
+                    format!("the same key_id as client '{other}'"),
+                );
+            }
+            let hash = &client.secret_sha256.0;
+            if hash.len() != 64 || hex::decode(hash).is_err() {
+                problem(
+                    format!("{at}.secret_sha256"),
+                    "must be 64 hex digits (from `erpgate keygen`)".into(),
+                );
+            }
+            let mut site_account =
+                |path: String, site: &str, account: &str| match self.sites.get(site) {
+                    None => problem(path, format!("no site named '{site}'")),
+                    Some(s) if !s.service_accounts.contains_key(account) => problem(
+                        path,
+                        format!("site '{site}' has no service account named '{account}'"),
+                    ),
+                    Some(_) => {}
+                };
+            site_account(
+                format!("{at}.service_account"),
+                &client.site,
+                &client.service_account,
+            );
+            for (site, account) in &client.extra_sites {
+                site_account(format!("{at}.extra_sites.{site}"), site, account);
+            }
+            if let Some(allow) = &client.allow {
+                for (doctype, ops) in &allow.resources {
+                    for op in ops {
+                        if let Err(e) = parse_operations(op) {
+                            problem(format!("{at}.allow.resources.{doctype}"), e.to_string());
+                        }
+                    }
+                }
+                for (j, method) in allow.methods.iter().enumerate() {
+                    let wildcard_ok = match method.find('*') {
+                        None => true,
+                        Some(pos) => {
+                            pos == method.len() - 1 && method.ends_with(".*") && method.len() > 2
+                        }
+                    };
+                    if method.is_empty() || !wildcard_ok {
+                        problem(
+                            format!("{at}.allow.methods[{j}]"),
+                            format!("'{method}' is not a method name or 'prefix.*'"),
+                        );
+                    }
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(LoadedConfig {
+                config: self,
+                secrets,
+                webhook_secrets,
+                hash: String::new(),
+            })
+        } else {
+            Err(problems)
+        }
+    }
+}
