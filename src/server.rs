@@ -382,14 +382,16 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// File descriptors kept back from public connections: upstream connections, temporary files,
-/// the admin listener and its scrapes, logs.
-const FD_RESERVE: usize = 256;
+/// File descriptors kept back from public connections for upstream connections, temporary
+/// files, the admin listener and its scrapes, logs: an eighth of the limit, at least this many.
+/// (Idle client connections need no upstream connection: the pools are shared and bounded by
+/// the requests actually in flight.)
+const FD_RESERVE_MIN: usize = 256;
 
 impl ConnectionBudget {
     fn new(metrics: &Metrics) -> Arc<Self> {
-        // Each public connection may hold an upstream connection (and a buffer file) too.
-        let fd_cap = open_files_limit().map_or(usize::MAX, |n| n.saturating_sub(FD_RESERVE) / 2);
+        let fd_cap =
+            open_files_limit().map_or(usize::MAX, |n| n.saturating_sub(FD_RESERVE_MIN.max(n / 8)));
         Arc::new(Self {
             open: std::sync::atomic::AtomicUsize::new(0),
             fd_cap: fd_cap.max(16),

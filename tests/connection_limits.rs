@@ -132,3 +132,17 @@ async fn over_the_connection_cap_new_connections_are_closed_at_once_and_admin_an
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn an_admin_connection_that_sends_nothing_is_closed() {
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    let admin = TcpStream::connect(gw.admin.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // The admin listener's head deadline is 10 s.
+    let closed = closed_after(admin, Duration::from_secs(15))
+        .await
+        .expect("an idle admin connection was never closed");
+    assert!(closed >= Duration::from_secs(5), "closed after {closed:?}");
+}

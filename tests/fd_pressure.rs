@@ -23,7 +23,7 @@ async fn a_flood_under_a_low_fd_limit_is_refused_and_the_gateway_keeps_serving()
         .expect("prlimit (util-linux) runs");
     assert!(status.success());
     let up = upstream().await;
-    // No cap in the config: the limit alone bounds connections ((320 - 256) / 2 = 32).
+    // No cap in the config: the limit alone bounds connections (320 - 256 = 64).
     let gw = Gateway::start(&base_config(&up)).await;
     let addr = gw.base.trim_start_matches("http://").to_owned();
     let mut flood = Vec::new();
@@ -44,7 +44,7 @@ async fn a_flood_under_a_low_fd_limit_is_refused_and_the_gateway_keeps_serving()
         }
     }
     assert!(
-        open <= 40,
+        open <= 70,
         "{open} flood connections held under a 320-descriptor limit"
     );
     // The admin listener answers, and with the flood gone a client is served.
@@ -63,5 +63,5 @@ async fn a_flood_under_a_low_fd_limit_is_refused_and_the_gateway_keeps_serving()
         StatusCode::OK
     );
     let metrics = gw.metrics().await;
-    assert!(metric_value(&metrics, "erpgate_connections_refused_total", &[]) >= 100.0);
+    assert!(metric_value(&metrics, "erpgate_connections_refused_total", &[]) >= 80.0);
 }
