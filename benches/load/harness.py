@@ -18,8 +18,9 @@ IDLE_CONNECTIONS = int(os.environ.get("IDLE_CONNECTIONS", "10000"))
 THREADS = 2
 TICKS = os.sysconf("SC_CLK_TCK")
 
-UPSTREAM, NGINX, ERPGATE, ERPGATE_CACHE = 18081, 18082, 18083, 18084
-ADMIN, ADMIN_CACHE = 19083, 19084
+UPSTREAM, NGINX, ERPGATE, ERPGATE_CACHE, ERPGATE_STREAM = 18081, 18082, 18083, 18084, 18085
+ADMIN, ADMIN_CACHE, ADMIN_STREAM = 19083, 19084, 19085
+WEBHOOK_FLOOD = int(os.environ.get("WEBHOOK_FLOOD", "1000"))
 SECRET = "load-test-client-secret"
 TOKEN = f"token ek_load:{SECRET}"
 PATH = "/api/resource/ToDo?limit=20"
@@ -53,15 +54,19 @@ http {{
     return path
 
 
-def erpgate_conf(work, name, port, admin, cache):
+def erpgate_conf(work, name, port, admin, cache, buffering=True):
     secret_hash = hashlib.sha256(SECRET.encode()).hexdigest()
     rules = "cache:\n  rules:\n    - { doctype: ToDo, ttl: 3600s }\n" if cache else ""
+    if not buffering:
+        rules += "buffering: { requests: false, responses: false }\n"
+    webhook = "\n    webhook: { secret: load-webhook-secret }" if cache else ""
     conf = f"""
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin}
 log: {{ format: json, level: error }}
 max_in_flight: 100000
 rate_limit: {{ per_second: 100000000, burst: 100000000 }}
+limits: {{ max_connections: 30000 }}
 sites:
   erp:
     backends: [http://127.0.0.1:{UPSTREAM}]
@@ -69,7 +74,7 @@ sites:
     service_accounts:
       sync: {{ api_key: load-key, api_secret: load-secret }}
     breaker: {{ consecutive_failures: 5 }}
-    retry: {{ max_retries: 2 }}
+    retry: {{ max_retries: 2 }}{webhook}
 clients:
   load:
     key_id: ek_load
@@ -169,6 +174,28 @@ def hold_idle_connections(port, count):
     return conns
 
 
+def webhook_flood(port, pid, count):
+    """RSS of the gateway before, during and after `count` strangers each start a 60 kB webhook
+    body and send one byte (the endpoint needs no key)."""
+    before = rss_kib([pid]) / 1024
+    head = ("POST /_erpgate/webhooks/frappe/erp HTTP/1.1\r\nHost: erp\r\n"
+            "Content-Type: application/json\r\nX-Frappe-Webhook-Signature: c2ln\r\n"
+            "Content-Length: 60000\r\n\r\n{").encode()
+    conns = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head)
+        conns.append(s)
+    time.sleep(1)
+    during = rss_kib([pid]) / 1024
+    time.sleep(6)  # past the 5 s read deadline
+    for s in conns:
+        s.close()
+    time.sleep(1)
+    after = rss_kib([pid]) / 1024
+    return before, during, after
+
+
 def main():
     work = tempfile.mkdtemp(prefix="erpgate-load-")
     procs = []
@@ -201,19 +228,25 @@ def main():
                                        erpgate_conf(work, "erpgate-cache", ERPGATE_CACHE, ADMIN_CACHE, True)],
                                       stdout=subprocess.DEVNULL)
         procs.append(gate_cache)
-        for port in (UPSTREAM, NGINX, ERPGATE, ERPGATE_CACHE):
+        gate_stream = subprocess.Popen(["target/release/erpgate", "run", "--config",
+                                        erpgate_conf(work, "erpgate-stream", ERPGATE_STREAM, ADMIN_STREAM,
+                                                     False, buffering=False)],
+                                       stdout=subprocess.DEVNULL)
+        procs.append(gate_stream)
+        for port in (UPSTREAM, NGINX, ERPGATE, ERPGATE_CACHE, ERPGATE_STREAM):
             wait_port(port)
         time.sleep(0.5)
         idle_rss = rss_kib([gate.pid]) / 1024
 
         # Warm-up: pools, caches, page faults.
-        for port in (UPSTREAM, NGINX, ERPGATE, ERPGATE_CACHE):
+        for port in (UPSTREAM, NGINX, ERPGATE, ERPGATE_CACHE, ERPGATE_STREAM):
             wrk(port, PATH, duration=2)
 
         targets = [("direct", UPSTREAM, pids_of(upstream.pid)),
                    ("nginx", NGINX, pids_of(nginx.pid)),
                    ("erpgate", ERPGATE, [gate.pid]),
-                   ("erpgate cache", ERPGATE_CACHE, [gate_cache.pid])]
+                   ("erpgate cache", ERPGATE_CACHE, [gate_cache.pid]),
+                   ("erpgate unbuffered", ERPGATE_STREAM, [gate_stream.pid])]
         runs = {name: [] for name, _, _ in targets}
         for r in range(ROUNDS):
             print(f"round {r + 1}/{ROUNDS}", file=sys.stderr)
@@ -234,6 +267,8 @@ def main():
         paced = {}
         for name, port in (("direct", UPSTREAM), ("erpgate", ERPGATE), ("direct", UPSTREAM), ("erpgate", ERPGATE)):
             paced.setdefault(name, []).append(wrk(port, PATH, extra=["-s", script]))
+
+        flood = webhook_flood(ERPGATE_CACHE, gate_cache.pid, WEBHOOK_FLOOD)
 
         conns = hold_idle_connections(ERPGATE, IDLE_CONNECTIONS)
         time.sleep(1)
@@ -260,6 +295,11 @@ def main():
         print(f"| erpgate ÷ nginx CPU per request | {med('erpgate', 'cpu_per_10k') / med('nginx', 'cpu_per_10k'):.2f} | ≤ 1.0 |")
         print(f"| erpgate cache hit ÷ erpgate req/s | {med('erpgate cache', 'rps') / med('erpgate', 'rps'):.2f} | ≥ 2.0 |")
         print(f"| erpgate ÷ direct req/s | {med('erpgate', 'rps') / med('direct', 'rps'):.2f} | |")
+        print(f"| erpgate buffered ÷ unbuffered req/s | {med('erpgate', 'rps') / med('erpgate unbuffered', 'rps'):.2f} | |")
+        print(f"| erpgate buffered ÷ unbuffered CPU per request | "
+              f"{med('erpgate', 'cpu_per_10k') / med('erpgate unbuffered', 'cpu_per_10k'):.2f} | |")
+        print(f"| RSS under a flood of {WEBHOOK_FLOOD} slow webhook bodies: before / during / after | "
+              f"{flood[0]:.1f} / {flood[1]:.1f} / {flood[2]:.1f} MiB | |")
         print(f"| p99 at {rate:.0f} req/s (half of erpgate's saturation): erpgate − direct | "
               f"{p99_gate - p99_direct:.2f} ms ({p99_gate:.2f} vs {p99_direct:.2f}) | ≤ 1 ms |")
         print(f"| erpgate idle RSS | {idle_rss:.1f} MiB | ≤ 20 MiB |")
