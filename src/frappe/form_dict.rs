@@ -14,7 +14,7 @@
 //!
 //! So `form_dict` is the JSON body alone when the body is non-empty and werkzeug's `is_json`
 //! holds, else the query string overlaid with `request.form` — werkzeug fills that from
-//! urlencoded *and* multipart bodies (`formparser.FormDataParser.parse_functions`). erpgate
+//! urlencoded *and* multipart bodies (`formparser.FormDataParser.parse`). erpgate
 //! reads every carrier and keeps every occurrence of the keys it acts on; it never needs to guess
 //! which one Frappe keeps, because a restricted request is allowed only if all of them are.
 //!
@@ -35,7 +35,9 @@ use super::python_json::{self, Member, PyJson, PyJsonError};
 /// How a request body is encoded, as werkzeug reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
-    /// `application/x-www-form-urlencoded` or werkzeug's alias `application/x-url-encoded`.
+    /// `application/x-www-form-urlencoded`; also `application/x-url-encoded`, which werkzeug
+    /// parsed as a form before 3.0 (3.0 dropped it): read as a form anyway, since judging a body
+    /// Frappe ignores can only refuse, never grant.
     Form,
     /// `application/json` or `application/*+json` (werkzeug's `is_json`).
     Json,
@@ -55,7 +57,7 @@ impl BodyFormat {
     /// The format werkzeug gives a `Content-Type`: `Request.mimetype` is the part before the
     /// first `;`, stripped and lower-cased (`sansio/request.py`, `http.parse_options_header`);
     /// `is_json` is `application/json` or `application/*+json`; the form parsers are keyed by
-    /// mimetype (`formparser.FormDataParser.parse_functions`). A value with bytes outside
+    /// mimetype (`formparser.FormDataParser.parse`). A value with bytes outside
     /// printable ASCII is refused: gunicorn passes it on as latin-1 and werkzeug would still
     /// read its mimetype, so erpgate must not treat it as unreadable-and-opaque.
     pub fn from_content_type(value: Option<&HeaderValue>) -> Result<Self, UnreadableContentType> {
