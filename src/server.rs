@@ -309,9 +309,12 @@ impl Activity {
         })
     }
 
-    fn started(&self) {
+    /// A request began; it ends when the returned guard drops (answered, or its future
+    /// dropped by a client that reset the stream or hung up).
+    fn started(self: &Arc<Self>) -> RequestInFlight {
         self.seen_request.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestInFlight(self.clone())
     }
 
     fn ended(&self) {
@@ -332,6 +335,15 @@ impl Activity {
         }
         let last = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
         (last + idle).checked_sub(elapsed).filter(|d| !d.is_zero())
+    }
+}
+
+/// One request in flight on a connection.
+struct RequestInFlight(Arc<Activity>);
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        self.0.ended();
     }
 }
 
@@ -480,13 +492,12 @@ fn connection_service(
             request.extensions_mut().insert(ArrivedOverTls);
         }
         let future = live.load().service.clone().oneshot(request);
-        let activity = activity.clone();
-        activity.started();
+        let in_flight = activity.started();
         // The stack renders its own errors; one escaping means a broken layer, and the client
         // still gets an answer rather than a dropped connection.
         async move {
             let result = future.await;
-            activity.ended();
+            drop(in_flight);
             Ok::<_, Infallible>(result.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "unhandled error reached the listener");
                 let mut response = Response::new(full_body("internal gateway error\n"));
@@ -642,11 +653,10 @@ async fn serve_admin(listener: TcpListener, admin: Admin) {
         let tracked = activity.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let admin = admin.clone();
-            let activity = tracked.clone();
-            activity.started();
+            let in_flight = tracked.started();
             async move {
                 let response = admin.respond(&request).await;
-                activity.ended();
+                drop(in_flight);
                 Ok::<_, Infallible>(response)
             }
         });

@@ -166,15 +166,18 @@ impl Upstream {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        // A streamed body (a `streaming: true` route) reports when it has all been sent: a
-        // timeout before then is the client's slowness, not the site's.
-        let sent = Arc::new(std::sync::atomic::AtomicBool::new(replay.is_some()));
-        let mut body = Some(match replay {
-            Some(_) => body,
-            None => Body::new(Sent {
+        // A body streamed from the client (a `streaming: true` route) reports when it has all
+        // been sent: a timeout before then is the client's slowness, not the site's. A body the
+        // gateway holds (in memory or spooled to a file) is never the client's doing.
+        let held = replay.is_some() || parts.extensions.get::<HeldBody>().is_some();
+        let sent = Arc::new(std::sync::atomic::AtomicBool::new(held));
+        let mut body = Some(if held {
+            body
+        } else {
+            Body::new(Sent {
                 inner: body,
                 sent: sent.clone(),
-            }),
+            })
         });
         let attempts = if replay.is_some() {
             self.backends.len()
@@ -247,6 +250,11 @@ impl Upstream {
         .into())
     }
 }
+
+/// Marks a request whose body the gateway already holds whole (spooled by the buffer layer): how
+/// fast it goes out is up to the site, not the client.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldBody;
 
 /// A request body that says when it has been sent whole.
 struct Sent {

@@ -680,7 +680,7 @@ async fn multipart_uploads_keep_working_and_cannot_call_other_methods() {
 async fn a_50_mb_multipart_upload_streams_through_intact() {
     let up = upstream().await;
     // Uploads buffer by default; a streaming route lets them flow, judged on the way.
-    let config = uploader_config(&up)
+    let config = uploader_config(&up).replace("request: 3s", "request: 30s")
         + "routes:\n  - { path_prefix: /api/method/upload_file, site: erp, streaming: true }\n";
     let gw = Gateway::start(&config).await;
     const CHUNK: usize = 1 << 20;

@@ -51,7 +51,7 @@ async fn slow_senders_never_hold_the_sites_workers() {
     let up = upstream().await;
     up.set_sync_workers(2);
     let gw = std::sync::Arc::new(Gateway::start(&base_config(&up)).await);
-    // Four slow uploads, ~2 s each.
+    // Four slow uploads, ~6 s each.
     let slow: Vec<_> = (0..4)
         .map(|_| {
             let gw = gw.clone();
@@ -59,8 +59,8 @@ async fn slow_senders_never_hold_the_sites_workers() {
                 slow_post(
                     &gw,
                     "/api/method/upload_file",
-                    20,
-                    Duration::from_millis(100),
+                    30,
+                    Duration::from_millis(200),
                 )
                 .await
             })
@@ -73,7 +73,7 @@ async fn slow_senders_never_hold_the_sites_workers() {
     let waited = started.elapsed();
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert!(
-        waited < Duration::from_millis(1500),
+        waited < Duration::from_secs(3),
         "a bystander waited {waited:?} behind slow senders"
     );
     assert_eq!(
@@ -84,7 +84,7 @@ async fn slow_senders_never_hold_the_sites_workers() {
     for upload in slow {
         let reply = upload.await.unwrap();
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        assert_eq!(reply.json()["message"]["size"], 20);
+        assert_eq!(reply.json()["message"]["size"], 30);
     }
     assert_eq!(up.count(), 5);
 }
@@ -165,7 +165,7 @@ async fn slow_readers_never_hold_the_sites_workers() {
     let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_millis(2500),
         "a bystander waited {:?} behind slow readers",
         started.elapsed()
     );

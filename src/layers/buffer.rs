@@ -34,7 +34,7 @@ use tower::{Layer, Service};
 use crate::error::GatewayError;
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
-use crate::upstream::ReplayableBody;
+use crate::upstream::{HeldBody, ReplayableBody};
 use crate::{full_body, Body, BoxError};
 
 /// What is buffered, and how.
@@ -241,6 +241,7 @@ where
                 if let Some(bytes) = bytes {
                     parts.extensions.insert(ReplayableBody(bytes));
                 }
+                parts.extensions.insert(HeldBody);
                 Request::from_parts(parts, body)
             } else {
                 request
