@@ -245,6 +245,15 @@ pub struct Auth<S> {
     layer: AuthLayer,
 }
 
+/// Why a credential was not accepted.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// Missing, malformed, unknown or wrong: the `reason` label of the failure metric.
+    Failed(&'static str),
+    /// The key id is over its failure quota: refused for this long, secret unchecked.
+    KeyIdThrottled(Duration),
+}
+
 /// Hash compared against when the key id is unknown, so both failures cost the same.
 const DECOY_HASH: [u8; 32] = [0x5a; 32];
 
@@ -254,14 +263,14 @@ impl AuthLayer {
     fn authenticate<B>(
         &self,
         request: &Request<B>,
-    ) -> (Result<Arc<Client>, &'static str>, Option<FailureKey>) {
+    ) -> (Result<Arc<Client>, Refusal>, Option<FailureKey>) {
         let credential = match parse_credential(request.headers().get(header::AUTHORIZATION)) {
             Ok(credential) => credential,
             Err(crate::frappe::auth_header::CredentialError::Missing) => {
-                return (Err("missing"), None)
+                return (Err(Refusal::Failed("missing")), None)
             }
             Err(crate::frappe::auth_header::CredentialError::Malformed) => {
-                return (Err("malformed"), None)
+                return (Err(Refusal::Failed("malformed")), None)
             }
         };
         let client = self.clients.by_key_id.get(&credential.key_id);
@@ -271,16 +280,16 @@ impl AuthLayer {
         };
         // A key id under brute force is refused without its secret being checked, so the
         // guesser learns nothing, whichever address the guesses come from.
-        if self.failures.blocked_for(&bucket).is_some() {
-            return (Err("key_id_throttled"), Some(bucket));
+        if let Some(retry_after) = self.failures.blocked_for(&bucket) {
+            return (Err(Refusal::KeyIdThrottled(retry_after)), Some(bucket));
         }
         let expected = client.map_or(&DECOY_HASH, |c| &c.secret_sha256);
         let presented: [u8; 32] = Sha256::digest(credential.secret.as_bytes()).into();
         let matches: bool = presented.ct_eq(expected).into();
         let result = match client {
             Some(client) if matches => Ok(client.clone()),
-            Some(_) => Err("wrong_secret"),
-            None => Err("unknown_key"),
+            Some(_) => Err(Refusal::Failed("wrong_secret")),
+            None => Err(Refusal::Failed("unknown_key")),
         };
         (result, Some(bucket))
     }
@@ -321,17 +330,17 @@ where
                 request.extensions_mut().insert(client);
                 EarlyReturn::inner(self.inner.call(request))
             }
-            Err(reason) => {
+            Err(refusal) => {
                 let limiter = &self.layer.failures;
-                let throttled = match reason {
-                    "key_id_throttled" => key_bucket.as_ref().and_then(|k| limiter.blocked_for(k)),
-                    _ => {
+                let (reason, throttled) = match refusal {
+                    Refusal::KeyIdThrottled(retry_after) => ("throttled", Some(retry_after)),
+                    Refusal::Failed(reason) => {
                         tracing::info!(%ip, reason, "authentication failed");
                         let by_address = limiter
                             .blocked_for(&address)
                             .or_else(|| limiter.record_failure(address));
                         let by_key = key_bucket.and_then(|k| limiter.record_failure(k));
-                        by_address.max(by_key)
+                        (reason, by_address.max(by_key))
                     }
                 };
                 match throttled {
