@@ -12,6 +12,7 @@ pub mod layers;
 pub mod metrics;
 pub mod routing;
 pub mod server;
+pub mod shared_state;
 pub mod site;
 pub mod stack;
 pub mod tags;

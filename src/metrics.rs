@@ -57,6 +57,81 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `erpgate_config_info{hash}`: 1 for the configuration in force.
     pub config_info: IntGaugeVec,
+    /// Shared state (Redis): reachable or not, command latency and errors, fallbacks to
+    /// per-replica state, pub/sub traffic.
+    pub redis: RedisMetrics,
+}
+
+/// The shared-state metrics.
+#[derive(Clone, Debug)]
+pub struct RedisMetrics {
+    /// 1 while Redis answers, 0 while the replica runs on its own state.
+    pub up: IntGauge,
+    /// Time of one Redis command, by command.
+    pub command_duration: HistogramVec,
+    /// Redis commands that failed or timed out, by command.
+    pub errors: IntCounterVec,
+    /// Decisions made without Redis, by what fell back.
+    pub fallbacks: IntCounterVec,
+    /// Pub/sub messages, by direction (`sent`, `received`).
+    pub pubsub_messages: IntCounterVec,
+}
+
+impl RedisMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let up = IntGauge::new(
+            "erpgate_redis_up",
+            "1 while the shared-state Redis answers; 0 while this replica runs on its own state.",
+        )?;
+        let command_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "erpgate_redis_command_duration_seconds",
+                "Time of one shared-state Redis command.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            &["command"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "erpgate_redis_errors_total",
+                "Shared-state Redis commands that failed or timed out.",
+            ),
+            &["command"],
+        )?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "erpgate_shared_state_fallbacks_total",
+                "Decisions made without the shared state: quota and auth_failures (local \
+                 limiter), idempotency_refused, idempotency_unprotected, cache_bypass.",
+            ),
+            &["what"],
+        )?;
+        let pubsub_messages = IntCounterVec::new(
+            Opts::new(
+                "erpgate_redis_pubsub_messages_total",
+                "Invalidation and block messages exchanged with other replicas.",
+            ),
+            &["direction"],
+        )?;
+        for collector in [
+            Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(command_duration.clone()),
+            Box::new(errors.clone()),
+            Box::new(fallbacks.clone()),
+            Box::new(pubsub_messages.clone()),
+        ] {
+            registry.register(collector)?;
+        }
+        Ok(Self {
+            up,
+            command_duration,
+            errors,
+            fallbacks,
+            pubsub_messages,
+        })
+    }
 }
 
 impl Metrics {
@@ -186,6 +261,7 @@ impl Metrics {
         registry.register(Box::new(upstream_duration.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
+        let redis = RedisMetrics::new(&registry)?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -211,6 +287,7 @@ impl Metrics {
             cache_entries,
             config_reloads,
             config_info,
+            redis,
         })
     }
 

@@ -479,3 +479,72 @@ fn connection_limits_and_the_admin_token_load_with_defaults() {
     assert!(!format!("{:?}", loaded.config.admin_token).contains("tok"));
     assert!(!problems(&format!("limits: {{ max_connections: lots }}\n{}", valid())).is_empty());
 }
+
+#[test]
+fn shared_state_settings_load_with_defaults_and_bad_ones_are_rejected() {
+    assert!(Config::from_yaml(&valid(), "t")
+        .unwrap()
+        .config
+        .shared_state
+        .is_none());
+    let dir = std::env::temp_dir().join(format!("erpgate-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("password");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let yaml = format!(
+        "shared_state:\n  redis: {{ url: \"rediss://redis.example:6380/2\", username: gw, password_file: {} }}\n{}",
+        file.display(),
+        valid()
+    );
+    let loaded = Config::from_yaml(&yaml, "t").unwrap();
+    let redis = &loaded.config.shared_state.as_ref().unwrap().redis;
+    assert_eq!(redis.key_prefix, "erpgate:");
+    assert_eq!(redis.command_timeout, Duration::from_millis(250));
+    assert_eq!(redis.connect_timeout, Duration::from_secs(1));
+    assert_eq!(redis.idempotency_when_unavailable, WhenUnavailable::Refuse);
+    assert!(!redis.readyz_requires_redis);
+    assert_eq!(loaded.redis_password.as_ref().unwrap().0, "from-a-file");
+    // The password never prints.
+    assert!(!format!("{loaded:?}").contains("from-a-file"));
+
+    for (redis, expect) in [
+        ("{ url: \"http://redis:6379\" }", "redis:// or rediss://"),
+        (
+            "{ url: \"redis://user:pw@redis:6379\" }",
+            "must not carry credentials",
+        ),
+        ("{ url: \"redis://\" }", "has no host"),
+        ("{ url: \"redis://r\", db: 2 }", "unknown field"),
+        (
+            "{ url: \"redis://r\", idempotency_when_unavailable: maybe }",
+            "unknown variant",
+        ),
+    ] {
+        let p = problems(&format!("shared_state:\n  redis: {redis}\n{}", valid()));
+        assert!(
+            p.iter().any(|p| p.message.contains(expect)),
+            "{redis}: {p:?}"
+        );
+    }
+    for (redis, path) in [
+        (
+            "{ url: \"redis://r\", password: a, password_file: /x }".to_owned(),
+            "shared_state.redis",
+        ),
+        (
+            "{ url: \"redis://r\", password_file: /nonexistent/pw }".to_owned(),
+            "shared_state.redis.password_file",
+        ),
+        (
+            "{ url: \"redis://r\", key_prefix: \"\" }".to_owned(),
+            "shared_state.redis.key_prefix",
+        ),
+        (
+            "{ url: \"redis://r\", command_timeout: 0s }".to_owned(),
+            "shared_state.redis.command_timeout",
+        ),
+    ] {
+        let p = problems(&format!("shared_state:\n  redis: {redis}\n{}", valid()));
+        assert!(p.iter().any(|p| p.path == path), "{redis}: {p:?}");
+    }
+}

@@ -81,6 +81,11 @@ pub struct Config {
     /// wakes another thread. Default: the number of CPUs. Takes effect on restart.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// State the replicas of one deployment share: quotas, auth-failure limits,
+    /// `Idempotency-Key` records and cache invalidations. Default: none, each process keeps its
+    /// own (one replica, or a sidecar).
+    #[serde(default)]
+    pub shared_state: Option<SharedStateConfig>,
 }
 
 impl Config {
@@ -490,6 +495,113 @@ pub struct IdempotencyConfig {
     pub max_response_bytes: ByteSize,
 }
 
+/// Where shared state lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedStateConfig {
+    /// A Redis server (a bench's own `redis_cache` will do, with a `key_prefix`).
+    pub redis: RedisConfig,
+}
+
+/// A Redis server for shared state.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://` (TLS, system roots); `${ENV}` allowed. Put no
+    /// password here: use `password` / `password_file`.
+    #[serde(deserialize_with = "parse_env")]
+    pub url: RedisUrl,
+    /// ACL user (Redis 6+). Default: none (the `default` user).
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub username: Option<EnvString>,
+    /// Password; use `${ENV}`. At most one of `password` and `password_file`.
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub password: Option<EnvString>,
+    /// A file holding the password (a Kubernetes Secret mount); trailing newline ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Put before every key and channel name, so one Redis serves several deployments (or a
+    /// bench) safely. Default `erpgate:`.
+    #[serde(default = "defaults::redis_key_prefix")]
+    pub key_prefix: String,
+    /// Time to open a connection. Default `1s`.
+    #[serde(
+        default = "defaults::redis_connect_timeout",
+        deserialize_with = "parse_duration"
+    )]
+    pub connect_timeout: Duration,
+    /// Longest a request waits for one Redis command; then Redis counts as down. Default
+    /// `250ms`.
+    #[serde(
+        default = "defaults::redis_command_timeout",
+        deserialize_with = "parse_duration"
+    )]
+    pub command_timeout: Duration,
+    /// What a request with an `Idempotency-Key` gets while Redis is down: `refuse` (503 with
+    /// `Retry-After`: exactly-once cannot be promised) or `unprotected` (it runs, unrecorded).
+    /// Default `refuse`.
+    #[serde(default)]
+    pub idempotency_when_unavailable: WhenUnavailable,
+    /// `/readyz` answers 503 while Redis is down. Default `false`: the gateway still serves,
+    /// on local quotas.
+    #[serde(default)]
+    pub readyz_requires_redis: bool,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field(
+                "idempotency_when_unavailable",
+                &self.idempotency_when_unavailable,
+            )
+            .field("readyz_requires_redis", &self.readyz_requires_redis)
+            .finish()
+    }
+}
+
+/// A Redis URL without credentials (they have their own keys, so they never print).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub String);
+
+impl std::str::FromStr for RedisUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .strip_prefix("redis://")
+            .or_else(|| s.strip_prefix("rediss://"))
+            .ok_or("must start with redis:// or rediss://")?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(
+                "must not carry credentials: use username and password / password_file".into(),
+            );
+        }
+        if authority.is_empty() {
+            return Err("has no host".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// What keyed requests get while shared state is unavailable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenUnavailable {
+    /// 503 with `Retry-After`.
+    #[default]
+    Refuse,
+    /// Run without a record.
+    Unprotected,
+}
+
 /// Credentials of one ERPNext service account.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -878,6 +990,15 @@ mod defaults {
         ]
         .map(String::from)
         .to_vec()
+    }
+    pub fn redis_key_prefix() -> String {
+        "erpgate:".into()
+    }
+    pub fn redis_connect_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn redis_command_timeout() -> Duration {
+        Duration::from_millis(250)
     }
     pub fn idempotency_ttl() -> Duration {
         Duration::from_secs(24 * 3600)

@@ -334,11 +334,45 @@ impl Config {
             }
         }
 
+        let mut redis_password = None;
+        if let Some(shared) = &self.shared_state {
+            let redis = &shared.redis;
+            let at = "shared_state.redis";
+            if redis.password.is_some() || redis.password_file.is_some() {
+                match inline_or_file(
+                    at,
+                    ("password", redis.password.as_ref()),
+                    ("password_file", redis.password_file.as_deref()),
+                ) {
+                    Ok(p) => redis_password = Some(Secret(p)),
+                    Err((path, message)) => problem(path, message),
+                }
+            }
+            if redis.key_prefix.is_empty() || redis.key_prefix.len() > 64 {
+                problem(
+                    format!("{at}.key_prefix"),
+                    "must be 1 to 64 characters".into(),
+                );
+            }
+            for (key, value) in [
+                ("connect_timeout", redis.connect_timeout),
+                ("command_timeout", redis.command_timeout),
+            ] {
+                if value.is_zero() || value > Duration::from_secs(30) {
+                    problem(
+                        format!("{at}.{key}"),
+                        "must be more than 0 and at most 30s".into(),
+                    );
+                }
+            }
+        }
+
         if problems.is_empty() {
             Ok(LoadedConfig {
                 config: self,
                 secrets,
                 webhook_secrets,
+                redis_password,
                 hash: String::new(),
             })
         } else {

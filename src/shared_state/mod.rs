@@ -1,0 +1,292 @@
+//! State the replicas of one deployment share, kept in Redis: GCRA quotas ([`gcra`]),
+//! `Idempotency-Key` claims and outcomes ([`records`]), and the messages that carry cache
+//! invalidations and auth-failure blocks to every replica ([`messages`]).
+//!
+//! Redis is never allowed to take the gateway down with it. Every command has the configured
+//! command timeout; the first failure marks Redis *down* (logged once at `warn`, the
+//! `erpgate_redis_up` gauge at 0) and from then on requests decide on the replica's own state
+//! without waiting for Redis at all, until a background ping finds it again (every 500 ms) and
+//! shared mode comes back by itself. What each decision does while Redis is down is the caller's
+//! (quotas: the local limiter; keyed writes: 503 or unprotected; cache: bypass).
+//!
+//! This module knows Redis and nothing of the layers: they call it, and what must hear other
+//! replicas' messages registers as a [`Listener`].
+
+pub mod gcra;
+pub mod messages;
+pub mod records;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, RedisResult};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::{LoadedConfig, RedisConfig, WhenUnavailable};
+use crate::metrics::RedisMetrics;
+pub use messages::{Listener, Message};
+
+/// How often a replica that lost Redis looks for it again.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Messages waiting to be published; more make one "invalidate everything" instead.
+const OUTBOX: usize = 4096;
+
+/// Redis could not answer in time: decide without it.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("shared state unavailable")]
+pub struct Unavailable;
+
+/// The connection to the shared state and what depends on its health.
+pub struct SharedState {
+    client: redis::Client,
+    connection: ArcSwapOption<ConnectionManager>,
+    prefix: String,
+    channel: String,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    up: AtomicBool,
+    /// True while this replica hears every message: cached answers are safe to serve.
+    subscribed: AtomicBool,
+    /// Wakes the subscriber when a command finds Redis gone, so it resubscribes.
+    lost: Arc<Notify>,
+    /// This replica's id, so it ignores its own messages.
+    replica: String,
+    when_unavailable: WhenUnavailable,
+    readyz_requires_redis: bool,
+    metrics: RedisMetrics,
+    outbox: mpsc::Sender<Message>,
+    outbox_overflowed: AtomicBool,
+    listeners: ArcSwap<Vec<Weak<dyn Listener>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedState")
+            .field("prefix", &self.prefix)
+            .field("up", &self.up)
+            .field("subscribed", &self.subscribed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SharedState {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.get_mut() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Why the shared state could not be set up from a validated config.
+#[derive(Debug, thiserror::Error)]
+#[error("shared_state.redis: {0}")]
+pub struct SetupError(String);
+
+impl SharedState {
+    /// Connects in the background (the gateway starts whether Redis is there or not) and
+    /// starts the health probe, the publisher and the subscriber. Must run inside a Tokio
+    /// runtime that lives as long as the gateway.
+    pub fn start(
+        config: &RedisConfig,
+        loaded: &LoadedConfig,
+        metrics: RedisMetrics,
+    ) -> Result<Arc<Self>, SetupError> {
+        let mut info = config
+            .url
+            .0
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| SetupError(format!("url: {e}")))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &config.username {
+            settings = settings.set_username(&user.0);
+        }
+        if let Some(password) = &loaded.redis_password {
+            settings = settings.set_password(&password.0);
+        }
+        info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(|e| SetupError(e.to_string()))?;
+        let (outbox, outgoing) = mpsc::channel(OUTBOX);
+        let replica = format!("{:016x}", rand::random::<u64>());
+        metrics.up.set(0);
+        let state = Arc::new(Self {
+            client,
+            connection: ArcSwapOption::empty(),
+            prefix: config.key_prefix.clone(),
+            channel: format!("{}events", config.key_prefix),
+            connect_timeout: config.connect_timeout,
+            command_timeout: config.command_timeout,
+            up: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            lost: Arc::new(Notify::new()),
+            replica,
+            when_unavailable: config.idempotency_when_unavailable,
+            readyz_requires_redis: config.readyz_requires_redis,
+            metrics,
+            outbox,
+            outbox_overflowed: AtomicBool::new(false),
+            listeners: ArcSwap::from_pointee(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&state);
+        let tasks = vec![
+            tokio::spawn(probe(weak.clone())),
+            tokio::spawn(messages::publish(weak.clone(), outgoing)),
+            tokio::spawn(messages::subscribe(weak)),
+        ];
+        if let Ok(mut held) = state.tasks.lock() {
+            *held = tasks;
+        }
+        Ok(state)
+    }
+
+    /// `name` under this deployment's prefix.
+    pub fn key(&self, name: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + name.len());
+        key.push_str(&self.prefix);
+        key.push_str(name);
+        key
+    }
+
+    /// Whether Redis answered the last command (requests then use it).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether this replica hears every other replica's invalidations now.
+    pub fn in_sync(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// What keyed writes get while Redis is down.
+    pub fn when_unavailable(&self) -> WhenUnavailable {
+        self.when_unavailable
+    }
+
+    /// Whether `/readyz` follows Redis.
+    pub fn readyz_requires_redis(&self) -> bool {
+        self.readyz_requires_redis
+    }
+
+    /// Counts a decision made without Redis.
+    pub fn count_fallback(&self, what: &str) {
+        self.metrics.fallbacks.with_label_values(&[what]).inc();
+    }
+
+    /// Replaces who hears other replicas' messages (a reload builds new ones).
+    pub fn set_listeners(&self, listeners: Vec<Weak<dyn Listener>>) {
+        self.listeners.store(Arc::new(listeners));
+    }
+
+    /// Runs one command under the command timeout; a failure marks Redis down.
+    pub async fn run<T, F>(
+        &self,
+        command: &'static str,
+        call: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, Unavailable>
+    where
+        F: Future<Output = RedisResult<T>>,
+    {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        let Some(connection) = self.connection.load_full() else {
+            return Err(Unavailable);
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            self.command_timeout,
+            call(ConnectionManager::clone(&connection)),
+        )
+        .await;
+        self.metrics
+            .command_duration
+            .with_label_values(&[command])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.metrics.errors.with_label_values(&[command]).inc();
+                self.mark_down(command, &e.to_string());
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.metrics.errors.with_label_values(&[command]).inc();
+                self.mark_down(command, "timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    fn mark_down(&self, command: &str, error: &str) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.metrics.up.set(0);
+            tracing::warn!(
+                command,
+                error,
+                "shared state: Redis unavailable; quotas are per replica, keyed writes follow \
+                 idempotency_when_unavailable, the cache is bypassed until Redis is back"
+            );
+        }
+        self.lost.notify_waiters();
+    }
+
+    fn mark_up(&self) {
+        if !self.up.swap(true, Ordering::AcqRel) {
+            self.metrics.up.set(1);
+            tracing::warn!("shared state: Redis reachable; quotas and records are shared again");
+        }
+    }
+
+    /// Queues `message` for every other replica; never waits.
+    pub fn broadcast(&self, message: Message) {
+        if self.outbox.try_send(message).is_err() {
+            // Too many to keep: the publisher sends "everything is invalid" instead, which
+            // covers whatever was dropped.
+            self.outbox_overflowed.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Connects, then checks Redis while it is down and brings shared mode back when it answers.
+async fn probe(state: Weak<SharedState>) {
+    loop {
+        let Some(shared) = state.upgrade() else {
+            return;
+        };
+        if !shared.is_up() {
+            if shared.connection.load().is_none() {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(shared.connect_timeout))
+                    .set_response_timeout(Some(shared.command_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(PROBE_INTERVAL);
+                let client = shared.client.clone();
+                let connecting = client.get_connection_manager_with_config(config);
+                match tokio::time::timeout(shared.connect_timeout * 2, connecting).await {
+                    Ok(Ok(connection)) => shared.connection.store(Some(Arc::new(connection))),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "shared state: connecting"),
+                    Err(_) => tracing::debug!("shared state: connecting timed out"),
+                }
+            }
+            if let Some(connection) = shared.connection.load_full() {
+                let mut connection = ConnectionManager::clone(&connection);
+                let command = redis::cmd("PING");
+                let ping = command.query_async::<String>(&mut connection);
+                if let Ok(Ok(_)) = tokio::time::timeout(shared.command_timeout, ping).await {
+                    shared.mark_up();
+                }
+            }
+        }
+        drop(shared);
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
