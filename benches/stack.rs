@@ -197,7 +197,11 @@ fn benches(c: &mut Criterion) {
             extra_sites: Default::default(),
             rules: None,
             quotas: ClientQuotas {
-                requests: Some(Arc::new(QuotaPolicy::new("default", quota))),
+                requests: Some(Arc::new(QuotaPolicy::new(
+                    "default",
+                    quota,
+                    "erpgate:rl:bench",
+                ))),
                 writes: None,
             },
             in_flight: Arc::new(tokio::sync::Semaphore::new(1024)),
@@ -211,6 +215,7 @@ fn benches(c: &mut Criterion) {
             Arc::new(AuthFailureLimiter::new(one, one)),
             TrustedProxies::default(),
             m.auth_failures.clone(),
+            None,
         )
     );
     layer!(
@@ -220,7 +225,7 @@ fn benches(c: &mut Criterion) {
     layer!("classify", layers::classify::ClassifyLayer::new(1 << 20));
     layer!(
         "rate_limit",
-        layers::rate_limit::RateLimitLayer::new(m.rate_limited.clone())
+        layers::rate_limit::RateLimitLayer::new(m.rate_limited.clone(), None)
     );
     layer!(
         "concurrency",
@@ -240,6 +245,7 @@ fn benches(c: &mut Criterion) {
             )),
             1 << 20,
             1 << 20,
+            Duration::from_secs(60),
         )
     );
     layer!("deadline", layers::deadline::DeadlineLayer);

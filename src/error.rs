@@ -63,6 +63,10 @@ pub enum GatewayError {
     /// The connection to the site failed after the request was sent.
     #[error("site {site} failed to answer")]
     BadGateway { site: String },
+    /// An `Idempotency-Key` request while the shared records cannot be reached: exactly-once
+    /// cannot be promised, so it is not run.
+    #[error("Idempotency-Key requests cannot be accepted right now (shared state unavailable); retry later")]
+    SharedStateUnavailable { retry_after: Duration },
     /// The client did not send its request body in time: the client's slowness, never the
     /// site's, so no breaker counts it.
     #[error("the request body was not received within {timeout:?}")]
@@ -89,6 +93,9 @@ impl GatewayError {
             Self::ClientTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsError"),
             Self::BreakerOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UpstreamUnavailable"),
+            Self::SharedStateUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "SharedStateUnavailable")
+            }
             Self::IdempotencyInFlight => (StatusCode::CONFLICT, "IdempotencyKeyInUse"),
             Self::IdempotencyMismatch => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "IdempotencyKeyMismatch")
@@ -100,7 +107,8 @@ impl GatewayError {
         match self {
             Self::AuthThrottled { retry_after }
             | Self::TooManyRequests { retry_after, .. }
-            | Self::BreakerOpen { retry_after, .. } => Some(*retry_after),
+            | Self::BreakerOpen { retry_after, .. }
+            | Self::SharedStateUnavailable { retry_after } => Some(*retry_after),
             _ => None,
         }
     }

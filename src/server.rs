@@ -608,10 +608,16 @@ fn same_listener_settings(a: &ServerSettings, b: &ServerSettings) -> bool {
         && a.http2_keepalive_interval == b.http2_keepalive_interval
 }
 
-/// Why `/readyz` should say no: draining, or (when the config asks) an open breaker.
+/// Why `/readyz` should say no: draining, or (when the config asks) an open breaker or Redis
+/// down.
 fn unready_reason(draining: &AtomicBool, gateway: &Gateway) -> Option<String> {
     if draining.load(Ordering::SeqCst) {
         return Some("draining".into());
+    }
+    if let Some(shared) = &gateway.shared_state {
+        if shared.readyz_requires_redis() && !shared.is_up() {
+            return Some("shared state (Redis) unavailable".into());
+        }
     }
     if !gateway.readyz_requires_closed_breakers {
         return None;

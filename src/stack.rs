@@ -35,7 +35,7 @@ use crate::layers::credential_swap::CredentialSwapLayer;
 use crate::layers::deadline::DeadlineLayer;
 use crate::layers::error_response::ErrorResponseLayer;
 use crate::layers::forward::Forward;
-use crate::layers::idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
+use crate::layers::idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, SharedStore};
 use crate::layers::observe::ObserveLayer;
 use crate::layers::rate_limit::{ClientQuotas, QuotaPolicy, RateLimitLayer};
 use crate::layers::request_id::RequestIdLayer;
@@ -44,6 +44,7 @@ use crate::layers::route::RouteLayer;
 use crate::layers::webhook::WebhookLayer;
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
+use crate::shared_state::{Listener, SharedState};
 use crate::site::breaker::{Breaker, BreakerSettings};
 use crate::site::{identity_of, RetrySettings, ServiceAccount, Site};
 use crate::upstream::{Upstream, UpstreamBuildError};
@@ -95,6 +96,8 @@ pub struct Gateway {
     pub router: Arc<Router>,
     /// The response cache, when rules are configured.
     pub cache: Option<Arc<Cache>>,
+    /// The shared state, when configured.
+    pub shared_state: Option<Arc<SharedState>>,
     /// TLS for the public listener, when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// `/readyz` follows the breakers.
@@ -114,6 +117,7 @@ pub struct Gateway {
 /// Stateful parts a reload carries over when their configuration is unchanged: the clients'
 /// limiters (by client), the auth-failure limiter, the idempotency records and the cache.
 struct Kept {
+    shared: (String, Option<Arc<SharedState>>),
     clients: Arc<ClientTable>,
     failures: (String, Arc<AuthFailureLimiter>),
     idempotency: (String, Arc<dyn IdempotencyStore>),
@@ -148,8 +152,13 @@ where
 {
     let config = &loaded.config;
     let kept = previous.map(|p| &p.kept);
+    let shared = build_shared_state(loaded, metrics, kept.map(|k| &k.shared))?;
+    let prefix = config
+        .shared_state
+        .as_ref()
+        .map_or("", |s| s.redis.key_prefix.as_str());
     let router = Arc::new(build_router(loaded, metrics)?);
-    let clients = Arc::new(build_clients(config, kept.map(|k| &*k.clients))?);
+    let clients = Arc::new(build_clients(config, prefix, kept.map(|k| &*k.clients))?);
     let trusted = TrustedProxies::new(config.trusted_proxies.iter().map(|p| p.0).collect());
     let failures = reuse(
         kept.map(|k| &k.failures),
@@ -165,20 +174,34 @@ where
     let max_body = config.limits.max_body_bytes.0;
     let idempotency = reuse(
         kept.map(|k| &k.idempotency),
-        format!("{:?}", config.idempotency),
+        format!("{:?} {}", config.idempotency, shared.0),
         || -> Arc<dyn IdempotencyStore> {
-            Arc::new(MemoryStore::new(
-                config.idempotency.ttl,
-                config.idempotency.max_bytes.0,
-                metrics.idempotency_evictions.clone(),
-            ))
+            match &shared.1 {
+                Some(state) => Arc::new(SharedStore::new(state.clone(), config.idempotency.ttl)),
+                None => Arc::new(MemoryStore::new(
+                    config.idempotency.ttl,
+                    config.idempotency.max_bytes.0,
+                    metrics.idempotency_evictions.clone(),
+                )),
+            }
         },
     );
     let cache = reuse(
         kept.map(|k| &k.cache),
-        format!("{:?}", config.cache),
-        || build_cache(config, metrics),
+        format!("{:?} {}", config.cache, shared.0),
+        || build_cache(config, metrics, shared.1.clone()),
     );
+    // Other replicas' invalidations reach this cache, their blocks this failure limiter.
+    if let Some(state) = &shared.1 {
+        let mut listeners: Vec<std::sync::Weak<dyn Listener>> = Vec::new();
+        let failures: Arc<dyn Listener> = failures.1.clone();
+        listeners.push(Arc::downgrade(&failures));
+        if let Some(cache) = &cache.1 {
+            let cache: Arc<dyn Listener> = cache.clone();
+            listeners.push(Arc::downgrade(&cache));
+        }
+        state.set_listeners(listeners);
+    }
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
 
     let webhooks = cache.1.as_ref().map(|cache| {
@@ -207,6 +230,7 @@ where
             failures.1.clone(),
             trusted.clone(),
             metrics.auth_failures.clone(),
+            shared.1.clone(),
         ))
         // Before classification: the canonical, prefix-stripped path is what Frappe will see,
         // so it is what the rules must judge.
@@ -215,7 +239,10 @@ where
         .layer(ClassifyLayer::new(config.limits.max_inspected_body_bytes.0))
         // Per-client quotas need the kind (writes have their own); before the rules, so probing
         // them costs quota too.
-        .layer(RateLimitLayer::new(metrics.rate_limited.clone()))
+        .layer(RateLimitLayer::new(
+            metrics.rate_limited.clone(),
+            shared.1.clone(),
+        ))
         // Per-client requests in flight, held until the response body is sent.
         .layer(ConcurrencyLayer::new(metrics.rate_limited.clone()))
         // Whether this client may do it; 403 before anything is sent, recorded, cached or retried.
@@ -228,6 +255,7 @@ where
             idempotency.1.clone(),
             config.limits.max_inspected_body_bytes.0,
             config.idempotency.max_response_bytes.0,
+            config.idempotency.ttl,
         ))
         // Whole bodies both ways before and after the site (as nginx in front of gunicorn): a
         // slow client never holds a Frappe worker, and the site's deadline starts once the
@@ -256,6 +284,7 @@ where
         service: BoxCloneSyncService::new(service),
         router,
         cache: cache.1.clone(),
+        shared_state: shared.1.clone(),
         tls,
         readyz_requires_closed_breakers: config.readyz_requires_closed_breakers,
         config_hash: loaded.hash.clone(),
@@ -271,6 +300,7 @@ where
         admin_token: config.admin_token.as_ref().map(|t| t.0.clone()),
         reload: config.reload.clone(),
         kept: Kept {
+            shared,
             clients,
             failures,
             idempotency,
@@ -291,8 +321,37 @@ fn reuse<T: Clone>(
     }
 }
 
+/// The connection to the shared state, when configured; kept over a reload that leaves its
+/// settings (and password) alone.
+fn build_shared_state(
+    loaded: &LoadedConfig,
+    metrics: &Metrics,
+    previous: Option<&(String, Option<Arc<SharedState>>)>,
+) -> Result<(String, Option<Arc<SharedState>>), BuildError> {
+    let password = loaded.redis_password.as_ref().map(|p| {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(p.0.as_bytes()))
+    });
+    let fingerprint = format!("{:?} {password:?}", loaded.config.shared_state);
+    if let Some((was, state)) = previous.filter(|(was, _)| *was == fingerprint) {
+        return Ok((was.clone(), state.clone()));
+    }
+    let state = match &loaded.config.shared_state {
+        None => None,
+        Some(shared) => Some(
+            SharedState::start(&shared.redis, loaded, metrics.redis.clone())
+                .map_err(|e| BuildError::Invalid(e.to_string()))?,
+        ),
+    };
+    Ok((fingerprint, state))
+}
+
 /// The cache, unless no rule is configured.
-fn build_cache(config: &Config, metrics: &Metrics) -> Option<Arc<Cache>> {
+fn build_cache(
+    config: &Config,
+    metrics: &Metrics,
+    shared: Option<Arc<SharedState>>,
+) -> Option<Arc<Cache>> {
     let c = &config.cache;
     if c.rules.is_empty() {
         return None;
@@ -324,6 +383,7 @@ fn build_cache(config: &Config, metrics: &Metrics) -> Option<Arc<Cache>> {
         c.max_bytes.0,
         c.max_entry_bytes.0,
         metrics.clone(),
+        shared,
     )))
 }
 
@@ -458,11 +518,12 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
 fn quota_policy(
     name: &'static str,
     quota: Option<&crate::config::QuotaConfig>,
+    shared_key: &str,
 ) -> Result<Option<Arc<QuotaPolicy>>, BuildError> {
     quota
         .map(|q| {
             q.quota()
-                .map(|quota| Arc::new(QuotaPolicy::new(name, quota)))
+                .map(|quota| Arc::new(QuotaPolicy::new(name, quota, shared_key)))
                 .map_err(BuildError::Invalid)
         })
         .transpose()
@@ -470,6 +531,7 @@ fn quota_policy(
 
 fn build_clients(
     config: &Config,
+    shared_prefix: &str,
     previous: Option<&ClientTable>,
 ) -> Result<ClientTable, BuildError> {
     let mut table = Vec::new();
@@ -480,7 +542,9 @@ fn build_clients(
             .as_ref()
             .or(config.write_rate_limit.as_ref());
         let max_in_flight = client.max_in_flight.unwrap_or(config.max_in_flight);
-        let limits_fingerprint = format!("{requests:?} {writes:?} {max_in_flight}");
+        // Length-prefixed: no two client names share a key.
+        let shared_key = format!("{shared_prefix}rl:{}:{name}", name.len());
+        let limits_fingerprint = format!("{requests:?} {writes:?} {max_in_flight} {shared_key}");
         // A client whose limits did not change keeps its limiters and in-flight slots.
         let (quotas, in_flight) = match previous.and_then(|p| p.by_name(name)) {
             Some(was) if was.limits_fingerprint == limits_fingerprint => {
@@ -488,8 +552,8 @@ fn build_clients(
             }
             _ => (
                 ClientQuotas {
-                    requests: quota_policy("default", requests)?,
-                    writes: quota_policy("writes", writes)?,
+                    requests: quota_policy("default", requests, &shared_key)?,
+                    writes: quota_policy("writes", writes, &shared_key)?,
                 },
                 Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize)),
             ),

@@ -22,27 +22,6 @@ fn config(up: &FrappeUpstream) -> String {
         )
 }
 
-async fn keyed_post(
-    gw: &Gateway,
-    path: &str,
-    credential: Credential,
-    key: &str,
-    body: &str,
-) -> Reply {
-    let auth = token(credential);
-    send(
-        Method::POST,
-        &gw.url(path),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-            ("idempotency-key", key),
-        ],
-        body.to_owned(),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn one_clients_flood_never_evicts_another_clients_record() {
     let up = upstream().await;

@@ -52,22 +52,6 @@ async fn get_path(gw: &Gateway, path: &str, credential: Credential) -> Reply {
     get(&gw.url(path), credential).await
 }
 
-/// POST with an `Idempotency-Key`.
-async fn post_with_key(gw: &Gateway, path: &str, key: &str, body: &str) -> Reply {
-    let auth = token(FULL);
-    send(
-        Method::POST,
-        &gw.url(path),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-            ("idempotency-key", key),
-        ],
-        body.to_owned(),
-    )
-    .await
-}
-
 fn posts(up: &FrappeUpstream) -> usize {
     up.received()
         .iter()
@@ -391,7 +375,7 @@ async fn concurrent_posts_with_one_idempotency_key_create_one_document() {
     for _ in 0..10 {
         let gw = gw.clone();
         tasks.push(tokio::spawn(async move {
-            post_with_key(&gw, "/api/resource/ToDo", "order-42", body).await
+            keyed_post(&gw, "/api/resource/ToDo", FULL, "order-42", body).await
         }));
     }
     let mut answers = Vec::new();
@@ -419,16 +403,17 @@ async fn concurrent_posts_with_one_idempotency_key_create_one_document() {
         .to_owned();
 
     // A later repeat replays the first answer without reaching the site.
-    let replay = post_with_key(&gw, "/api/resource/ToDo", "order-42", body).await;
+    let replay = keyed_post(&gw, "/api/resource/ToDo", FULL, "order-42", body).await;
     assert_eq!(replay.status, StatusCode::OK);
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     assert_eq!(replay.json()["data"]["name"], name.as_str());
     assert_eq!(posts(&up), 1);
 
     // The same key for a different request is refused.
-    let other = post_with_key(
+    let other = keyed_post(
         &gw,
         "/api/resource/ToDo",
+        FULL,
         "order-42",
         r#"{"description": "x"}"#,
     )
@@ -455,7 +440,7 @@ async fn idempotency_keys_are_private_to_each_client() {
     );
     let gw = Gateway::start(&yaml).await;
     let body = r#"{"description": "mine"}"#;
-    let first = post_with_key(&gw, "/api/resource/ToDo", "shared-key", body).await;
+    let first = keyed_post(&gw, "/api/resource/ToDo", FULL, "shared-key", body).await;
     assert_eq!(first.status, StatusCode::OK);
     let auth = token(TODO_READER);
     let second = send(

@@ -2,7 +2,9 @@
 # Installs what the tests need when it is missing (part of the README's test command):
 #   - prometheus + promtool (Debian package `prometheus`): tests/prometheus.rs starts a real
 #     Prometheus; deploy/validate.sh runs promtool;
-#   - kubernetes-validate (PyPI): deploy/validate.sh checks the Kubernetes manifests offline.
+#   - kubernetes-validate (PyPI): deploy/validate.sh checks the Kubernetes manifests offline;
+#   - redis-server (Debian package `redis-server`): tests/scale_out.rs starts its own, on a free
+#     port, for the shared state replicas use.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -11,6 +13,13 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   echo "== installing prometheus (Debian package)"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+if ! command -v redis-server >/dev/null; then
+  echo "== installing redis-server (Debian package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # Tests start their own servers; the package's own service is not needed.
+  as_root service redis-server stop >/dev/null 2>&1 || true
 fi
 if ! command -v kubernetes-validate >/dev/null; then
   echo "== installing kubernetes-validate (PyPI)"

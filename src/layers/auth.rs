@@ -41,9 +41,12 @@ use crate::forwarding::{PeerAddr, TrustedProxies};
 use crate::frappe::auth_header::parse_credential;
 use crate::frappe::headers::repeated_singleton;
 use crate::frappe::AccessRules;
-use crate::layers::EarlyReturn;
+use crate::layers::{BoxResponseFuture, EarlyReturn};
+use crate::shared_state::gcra::{Charge, Mode};
+use crate::shared_state::{Listener, Message, SharedState};
 use crate::tags::RequestTags;
 use crate::{Body, BoxError};
+use futures_util::future::Either;
 
 /// A client of the gateway, as a request extension once authenticated.
 #[derive(Debug)]
@@ -114,6 +117,26 @@ pub enum FailureKey {
 }
 
 impl FailureKey {
+    /// Its name between replicas: `address:<ip>`, `key:<id>` or `unknown-keys`.
+    pub fn bucket(&self) -> String {
+        match self {
+            Self::Address(ip) => format!("address:{ip}"),
+            Self::KeyId(id) => format!("key:{id}"),
+            Self::UnknownKeyIds => "unknown-keys".into(),
+        }
+    }
+
+    /// The key a bucket name stands for.
+    pub fn from_bucket(bucket: &str) -> Option<Self> {
+        if let Some(ip) = bucket.strip_prefix("address:") {
+            return ip.parse().ok().map(Self::address);
+        }
+        if let Some(id) = bucket.strip_prefix("key:") {
+            return Some(Self::KeyId(id.into()));
+        }
+        (bucket == "unknown-keys").then_some(Self::UnknownKeyIds)
+    }
+
     /// The address bucket of `ip`: itself for IPv4 (and IPv4-mapped IPv6), its /64 for IPv6.
     pub fn address(ip: IpAddr) -> Self {
         match ip {
@@ -139,6 +162,8 @@ pub struct AuthFailureLimiter {
     /// of a read lock on every shard.
     any_blocked: AtomicBool,
     failures: AtomicU64,
+    interval: Duration,
+    burst: u32,
 }
 
 impl std::fmt::Debug for AuthFailureLimiter {
@@ -153,8 +178,11 @@ impl AuthFailureLimiter {
     /// Allows `per_minute` sustained failures with bursts of `burst`, per address and per key
     /// id alike.
     pub fn new(per_minute: NonZeroU32, burst: NonZeroU32) -> Self {
+        let quota = Quota::per_minute(per_minute).allow_burst(burst);
         Self {
-            quota: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
+            interval: quota.replenish_interval(),
+            burst: burst.get(),
+            quota: RateLimiter::keyed(quota),
             blocked: DashMap::new(),
             any_blocked: AtomicBool::new(false),
             failures: AtomicU64::new(0),
@@ -196,10 +224,33 @@ impl AuthFailureLimiter {
         let wait = not_until
             .wait_time_from(DefaultClock::default().now())
             .max(Duration::from_secs(1));
-        self.blocked.insert(key, Instant::now() + wait);
-        self.any_blocked.store(true, Ordering::SeqCst);
+        self.block(key, wait);
         Some(wait)
     }
+
+    /// Blocks `key` for `wait` (another replica found it over the shared quota, or this one did).
+    pub fn block(&self, key: FailureKey, wait: Duration) {
+        let until = Instant::now() + wait;
+        self.blocked
+            .entry(key)
+            .and_modify(|was| *was = (*was).max(until))
+            .or_insert(until);
+        self.any_blocked.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Listener for AuthFailureLimiter {
+    fn on_message(&self, message: &Message) {
+        if let Message::Block { bucket, millis } = message {
+            if let Some(key) = FailureKey::from_bucket(bucket) {
+                // A replica's word is bounded: no message blocks a bucket for over an hour.
+                let wait = Duration::from_millis(*millis).min(Duration::from_secs(3600));
+                self.block(key, wait);
+            }
+        }
+    }
+
+    fn on_missed(&self) {}
 }
 
 /// Authenticates requests.
@@ -209,21 +260,30 @@ pub struct AuthLayer {
     failures: Arc<AuthFailureLimiter>,
     trusted: TrustedProxies,
     failure_metric: IntCounterVec,
+    /// Failure quotas shared by every replica, while the shared state answers.
+    shared: Option<Arc<SharedState>>,
+    /// The failure quota's refill interval and burst, for the shared quotas.
+    failure_quota: (Duration, u32),
 }
 
 impl AuthLayer {
-    /// Authenticates against `clients`, counting failures in `failure_metric{reason}`.
+    /// Authenticates against `clients`, counting failures in `failure_metric{reason}`, in
+    /// `shared` while it answers, else in `failures`.
     pub fn new(
         clients: Arc<ClientTable>,
         failures: Arc<AuthFailureLimiter>,
         trusted: TrustedProxies,
         failure_metric: IntCounterVec,
+        shared: Option<Arc<SharedState>>,
     ) -> Self {
+        let failure_quota = (failures.interval, failures.burst);
         Self {
             clients,
             failures,
             trusted,
             failure_metric,
+            shared,
+            failure_quota,
         }
     }
 }
@@ -301,7 +361,7 @@ where
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = EarlyReturn<S::Future>;
+    type Future = Either<EarlyReturn<S::Future>, BoxResponseFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -309,9 +369,9 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         if let Some(name) = repeated_singleton(request.headers()) {
-            return EarlyReturn::error(GatewayError::BadRequest(format!(
+            return Either::Left(EarlyReturn::error(GatewayError::BadRequest(format!(
                 "the {name} header must appear once"
-            )));
+            ))));
         }
         let peer = request
             .extensions()
@@ -328,36 +388,111 @@ where
                 }
                 request.headers_mut().remove(header::AUTHORIZATION);
                 request.extensions_mut().insert(client);
-                EarlyReturn::inner(self.inner.call(request))
+                Either::Left(EarlyReturn::inner(self.inner.call(request)))
             }
-            Err(refusal) => {
-                let limiter = &self.layer.failures;
-                let (reason, throttled) = match refusal {
-                    Refusal::KeyIdThrottled(retry_after) => ("throttled", Some(retry_after)),
-                    Refusal::Failed(reason) => {
-                        tracing::info!(%ip, reason, "authentication failed");
-                        let by_address = limiter
-                            .blocked_for(&address)
-                            .or_else(|| limiter.record_failure(address));
-                        let by_key = key_bucket.and_then(|k| limiter.record_failure(k));
-                        (reason, by_address.max(by_key))
-                    }
-                };
-                match throttled {
-                    Some(retry_after) => {
-                        self.layer
-                            .failure_metric
-                            .with_label_values(&["throttled"])
-                            .inc();
-                        EarlyReturn::error(GatewayError::AuthThrottled { retry_after })
-                    }
+            Err(Refusal::KeyIdThrottled(retry_after)) => Either::Left(EarlyReturn::error(
+                self.layer.refusal("throttled", Some(retry_after)),
+            )),
+            Err(Refusal::Failed(reason)) => {
+                tracing::info!(%ip, reason, "authentication failed");
+                match self.layer.shared.clone().filter(|s| s.is_up()) {
                     None => {
-                        self.layer.failure_metric.with_label_values(&[reason]).inc();
-                        EarlyReturn::error(GatewayError::Unauthenticated(reason))
+                        let throttled = self.layer.count_locally(address, key_bucket);
+                        Either::Left(EarlyReturn::error(self.layer.refusal(reason, throttled)))
+                    }
+                    Some(shared) => {
+                        let layer = self.layer.clone();
+                        Either::Right(Box::pin(async move {
+                            let throttled = layer.count_shared(&shared, address, key_bucket).await;
+                            Err(layer.refusal(reason, throttled).into())
+                        }))
                     }
                 }
             }
         }
+    }
+}
+
+impl AuthLayer {
+    /// The answer to a refused credential: 429 while throttled, else 401.
+    fn refusal(&self, reason: &'static str, throttled: Option<Duration>) -> GatewayError {
+        match throttled {
+            Some(retry_after) => {
+                self.failure_metric.with_label_values(&["throttled"]).inc();
+                GatewayError::AuthThrottled { retry_after }
+            }
+            None => {
+                self.failure_metric.with_label_values(&[reason]).inc();
+                GatewayError::Unauthenticated(reason)
+            }
+        }
+    }
+
+    /// Counts a failure against its address (unless already blocked) and key id here; how long
+    /// they are now blocked, if they are.
+    fn count_locally(&self, address: FailureKey, key: Option<FailureKey>) -> Option<Duration> {
+        let limiter = &self.failures;
+        let by_address = limiter
+            .blocked_for(&address)
+            .or_else(|| limiter.record_failure(address));
+        let by_key = key.and_then(|k| limiter.record_failure(k));
+        by_address.max(by_key)
+    }
+
+    /// [`Self::count_locally`] on quotas shared by every replica: a bucket found over its
+    /// quota is blocked here and, by message, on every other replica.
+    async fn count_shared(
+        &self,
+        shared: &SharedState,
+        address: FailureKey,
+        key: Option<FailureKey>,
+    ) -> Option<Duration> {
+        let limiter = &self.failures;
+        let already = limiter.blocked_for(&address);
+        let mut buckets: Vec<FailureKey> = Vec::with_capacity(2);
+        if already.is_none() {
+            buckets.push(address.clone());
+        }
+        buckets.extend(key.clone());
+        if buckets.is_empty() {
+            return already;
+        }
+        let names: Vec<String> = buckets
+            .iter()
+            .map(|b| {
+                shared.key(&format!(
+                    "af:{}:{}:{}",
+                    b.bucket(),
+                    self.failure_quota.1,
+                    self.failure_quota.0.as_micros()
+                ))
+            })
+            .collect();
+        let charges: Vec<Charge<'_>> = names
+            .iter()
+            .map(|name| Charge {
+                key: name,
+                interval: self.failure_quota.0,
+                burst: self.failure_quota.1,
+            })
+            .collect();
+        let Ok(verdicts) = shared.charge(&charges, Mode::Each).await else {
+            shared.count_fallback("auth_failures");
+            return self.count_locally(address, key);
+        };
+        let mut throttled = already;
+        for (bucket, verdict) in buckets.into_iter().zip(verdicts) {
+            if !verdict.allowed {
+                let wait = verdict.wait.max(Duration::from_secs(1));
+                shared.broadcast(Message::Block {
+                    bucket: bucket.bucket(),
+                    millis: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                });
+                limiter.block(bucket, wait);
+                throttled = throttled.max(Some(wait));
+            }
+        }
+        throttled
     }
 }
 

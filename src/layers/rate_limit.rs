@@ -8,6 +8,12 @@
 //! After classification (a write quota needs to know what a request does) and before the
 //! access rules, so that probing the rules costs quota too.
 //!
+//! With `shared_state`, the quotas hold across all replicas: the same GCRA runs in Redis (one
+//! script, one round trip for both quotas, see [`crate::shared_state::gcra`]) and the headers
+//! are computed from the shared state. While Redis is down each replica falls back to its own
+//! limiter (counted in `erpgate_shared_state_fallbacks_total{what="quota"}`): up to the quota
+//! per replica, until Redis answers again.
+//!
 //! How GCRA maps to the headers: the quota `q` is the burst, the window `w` the time to refill
 //! a whole burst, the remaining `r` the burst capacity left now, and the reset `t` the seconds
 //! until the capacity is whole again (or, when exhausted, until the next request is allowed).
@@ -29,6 +35,9 @@ use crate::error::{GatewayError, WithHeaders};
 use crate::frappe::FrappeRequest;
 use crate::layers::auth::Client;
 use crate::layers::route::RouteTarget;
+use crate::layers::BoxResponseFuture;
+use crate::shared_state::gcra::{Charge, Mode, Verdict};
+use crate::shared_state::SharedState;
 use crate::{Body, BoxError};
 
 type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
@@ -41,6 +50,9 @@ pub struct QuotaPolicy {
     interval: Duration,
     /// `"name";q=..;w=..`, made once: it never changes.
     policy: HeaderValue,
+    /// Its key in the shared state; the quota's shape is part of it, so a changed quota
+    /// starts afresh.
+    shared_key: String,
 }
 
 impl std::fmt::Debug for QuotaPolicy {
@@ -68,8 +80,9 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 impl QuotaPolicy {
-    /// A policy named `name` (`default` or `writes`) enforcing `quota`.
-    pub fn new(name: &'static str, quota: Quota) -> Self {
+    /// A policy named `name` (`default` or `writes`) enforcing `quota`; `shared_key` names it
+    /// in the shared state (the prefix and the client).
+    pub fn new(name: &'static str, quota: Quota, shared_key: &str) -> Self {
         let burst = quota.burst_size().get();
         let interval = quota.replenish_interval();
         let window_secs = ceil_secs(interval * burst);
@@ -81,6 +94,37 @@ impl QuotaPolicy {
             burst,
             interval,
             policy,
+            shared_key: format!("{shared_key}:{name}:{burst}:{}", interval.as_micros()),
+        }
+    }
+
+    fn usage(&self, remaining: u32, reset: Duration) -> Usage {
+        Usage {
+            name: self.name,
+            policy: self.policy.clone(),
+            limit: self.burst,
+            remaining,
+            reset_secs: ceil_secs(reset),
+            window_secs: ceil_secs(self.interval * self.burst),
+        }
+    }
+
+    fn charge(&self) -> Charge<'_> {
+        Charge {
+            key: &self.shared_key,
+            interval: self.interval,
+            burst: self.burst,
+        }
+    }
+
+    /// The usage after a shared verdict, or the usage and the wait.
+    fn judge(&self, verdict: &Verdict) -> Result<Usage, (Usage, Duration)> {
+        if verdict.allowed {
+            Ok(self.usage(verdict.remaining(self.interval, self.burst), verdict.fill))
+        } else {
+            let mut usage = self.usage(0, verdict.wait);
+            usage.reset_secs = usage.reset_secs.max(1);
+            Err((usage, verdict.wait))
         }
     }
 
@@ -180,12 +224,14 @@ pub fn write_headers(usages: &[Usage], headers: &mut HeaderMap) {
 #[derive(Clone)]
 pub struct RateLimitLayer {
     rejected: IntCounterVec,
+    shared: Option<Arc<SharedState>>,
 }
 
 impl RateLimitLayer {
-    /// Counts rejections in `rejected{client,reason}`.
-    pub fn new(rejected: IntCounterVec) -> Self {
-        Self { rejected }
+    /// Counts rejections in `rejected{client,reason}`; keeps quota state in `shared` while it
+    /// answers.
+    pub fn new(rejected: IntCounterVec, shared: Option<Arc<SharedState>>) -> Self {
+        Self { rejected, shared }
     }
 }
 
@@ -194,7 +240,7 @@ impl<S> Layer<S> for RateLimitLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
-            rejected: self.rejected.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -203,42 +249,20 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Clone)]
 pub struct RateLimit<S> {
     inner: S,
-    rejected: IntCounterVec,
+    layer: RateLimitLayer,
 }
 
-impl<S> RateLimit<S> {
-    /// Charges the request to its client's quotas; the usages to report, or the rejection.
-    fn charge(&self, request: &Request<Body>) -> Result<Vec<Usage>, BoxError> {
-        let Some(client) = request.extensions().get::<Arc<Client>>() else {
-            return Ok(Vec::new());
-        };
+/// The quotas one request is charged to (at most two), each with its rejection reason.
+type Applicable = ([Option<(Arc<QuotaPolicy>, &'static str)>; 2], Arc<str>);
+
+impl RateLimitLayer {
+    /// The quotas `request` is charged to, and its client's name.
+    fn applicable(request: &Request<Body>) -> Option<Applicable> {
+        let client = request.extensions().get::<Arc<Client>>()?;
         let quotas = &client.quotas;
-        let mut usages = Vec::new();
-        let reject = |usages: &mut Vec<Usage>, usage, wait, reason: &'static str| {
-            usages.push(usage);
-            self.rejected
-                .with_label_values(&[&client.name, reason])
-                .inc();
-            let mut headers = HeaderMap::new();
-            write_headers(usages, &mut headers);
-            let source = GatewayError::TooManyRequests {
-                message: "rate limit exceeded",
-                retry_after: wait,
-            };
-            let error: BoxError = Box::new(WithHeaders {
-                headers,
-                source: source.into(),
-            });
-            error
-        };
-        if let Some(policy) = &quotas.requests {
-            match policy.check() {
-                Ok(usage) => usages.push(usage),
-                Err((usage, wait)) => return Err(reject(&mut usages, usage, wait, "rate")),
-            }
-        }
-        if let Some(policy) = &quotas.writes {
-            let is_write = match (
+        let requests = quotas.requests.clone().map(|p| (p, "rate"));
+        let writes = quotas.writes.as_ref().filter(|_| {
+            match (
                 request.extensions().get::<FrappeRequest>(),
                 request.extensions().get::<RouteTarget>(),
             ) {
@@ -246,39 +270,122 @@ impl<S> RateLimit<S> {
                     classified.is_write(request.method(), &target.site.read_only_methods)
                 }
                 _ => request.method() != Method::GET && request.method() != Method::HEAD,
-            };
-            if is_write {
-                match policy.check() {
-                    Ok(usage) => usages.push(usage),
-                    Err((usage, wait)) => {
-                        return Err(reject(&mut usages, usage, wait, "write_rate"))
-                    }
+            }
+        });
+        let writes = writes.map(|p| (p.clone(), "write_rate"));
+        if requests.is_none() && writes.is_none() {
+            return None;
+        }
+        Some(([requests, writes], client.name.clone()))
+    }
+
+    /// The usages to report, or the rejection; `judge` gives each policy's verdict.
+    fn decide(
+        &self,
+        applicable: &Applicable,
+        mut judge: impl FnMut(usize, &QuotaPolicy) -> Result<Usage, (Usage, Duration)>,
+    ) -> Result<Vec<Usage>, BoxError> {
+        let (policies, client) = applicable;
+        let mut usages = Vec::with_capacity(2);
+        for (i, (policy, reason)) in policies.iter().flatten().enumerate() {
+            match judge(i, policy) {
+                Ok(usage) => usages.push(usage),
+                Err((usage, wait)) => {
+                    usages.push(usage);
+                    self.rejected.with_label_values(&[&**client, reason]).inc();
+                    let mut headers = HeaderMap::new();
+                    write_headers(&usages, &mut headers);
+                    let source = GatewayError::TooManyRequests {
+                        message: "rate limit exceeded",
+                        retry_after: wait,
+                    };
+                    return Err(Box::new(WithHeaders {
+                        headers,
+                        source: source.into(),
+                    }));
                 }
             }
         }
         Ok(usages)
     }
+
+    /// Charges the quotas in this replica's limiters.
+    fn charge_locally(&self, applicable: &Applicable) -> Result<Vec<Usage>, BoxError> {
+        self.decide(applicable, |_, policy| policy.check())
+    }
+
+    /// Charges the quotas in the shared state, or locally when it does not answer.
+    async fn charge_shared(
+        &self,
+        shared: &SharedState,
+        applicable: &Applicable,
+    ) -> Result<Vec<Usage>, BoxError> {
+        let charges: Vec<Charge<'_>> = applicable
+            .0
+            .iter()
+            .flatten()
+            .map(|(policy, _)| policy.charge())
+            .collect();
+        match shared.charge(&charges, Mode::All).await {
+            Ok(verdicts) => self.decide(applicable, |i, policy| match verdicts.get(i) {
+                Some(verdict) => policy.judge(verdict),
+                None => policy.check(),
+            }),
+            Err(_) => {
+                shared.count_fallback("quota");
+                self.charge_locally(applicable)
+            }
+        }
+    }
 }
 
 impl<S> Service<Request<Body>> for RateLimit<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = RateLimitFuture<S::Future>;
+    type Future = futures_util::future::Either<RateLimitFuture<S::Future>, BoxResponseFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        match self.charge(&request) {
-            Ok(usages) => RateLimitFuture::Inner {
+        use futures_util::future::Either;
+        let Some(applicable) = RateLimitLayer::applicable(&request) else {
+            return Either::Left(RateLimitFuture::Inner {
                 future: self.inner.call(request),
-                usages,
-            },
-            Err(e) => RateLimitFuture::Ready { error: Some(e) },
+                usages: Vec::new(),
+            });
+        };
+        match self.layer.shared.clone().filter(|s| s.is_up()) {
+            None => Either::Left(match self.layer.charge_locally(&applicable) {
+                Ok(usages) => RateLimitFuture::Inner {
+                    future: self.inner.call(request),
+                    usages,
+                },
+                Err(e) => RateLimitFuture::Ready { error: Some(e) },
+            }),
+            Some(shared) => {
+                // The inner service was made ready by `poll_ready`: it goes with the request.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let layer = self.layer.clone();
+                Either::Right(Box::pin(async move {
+                    match layer.charge_shared(&shared, &applicable).await {
+                        Ok(usages) => {
+                            RateLimitFuture::Inner {
+                                future: inner.call(request),
+                                usages,
+                            }
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }))
+            }
         }
     }
 }
@@ -332,6 +439,7 @@ mod tests {
         let policy = QuotaPolicy::new(
             "default",
             Quota::per_second(NonZeroU32::new(2).unwrap()).allow_burst(NonZeroU32::new(3).unwrap()),
+            "erpgate:rl:shop",
         );
         let remaining: Vec<u32> = (0..3).map(|_| policy.check().unwrap().remaining).collect();
         assert_eq!(remaining, vec![2, 1, 0]);

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod frappe;
+pub mod redis;
 pub mod werkzeug;
 
 use std::convert::Infallible;
@@ -260,4 +261,26 @@ pub fn scratch_file(name: &str, contents: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
     path
+}
+
+/// POST `body` as JSON with an `Idempotency-Key`.
+pub async fn keyed_post(
+    gw: &Gateway,
+    path: &str,
+    credential: Credential,
+    key: &str,
+    body: &str,
+) -> Reply {
+    let auth = token(credential);
+    send(
+        Method::POST,
+        &gw.url(path),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+            ("idempotency-key", key),
+        ],
+        body.to_owned(),
+    )
+    .await
 }

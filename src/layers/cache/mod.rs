@@ -42,6 +42,7 @@ use crate::frappe::FrappeRequest;
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::metrics::Metrics;
+use crate::shared_state::{Listener, Message, SharedState};
 use crate::upstream::ReplayableBody;
 use crate::{empty_body, full_body, Body, BoxError};
 
@@ -147,6 +148,17 @@ impl std::error::Error for SharedError {
     }
 }
 
+impl Listener for Cache {
+    fn on_message(&self, message: &Message) {
+        self.apply(message, "replica");
+    }
+
+    fn on_missed(&self) {
+        // Whatever was missed, nothing older than now is trusted.
+        self.apply(&Message::All, "resync");
+    }
+}
+
 /// What `GET /cache/stats` reports.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheStats {
@@ -166,6 +178,9 @@ pub struct Cache {
     max_entry_bytes: usize,
     in_flight: DashMap<CacheKey, Flight>,
     metrics: Metrics,
+    /// The other replicas, told of every invalidation; while this replica may miss theirs, it
+    /// bypasses the cache.
+    peers: Option<Arc<SharedState>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -178,9 +193,17 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
-    /// A cache for `rules`, holding at most `max_bytes`, each body at most `max_entry_bytes`.
-    pub fn new(rules: CacheRules, max_bytes: u64, max_entry_bytes: u64, metrics: Metrics) -> Self {
+    /// A cache for `rules`, holding at most `max_bytes`, each body at most `max_entry_bytes`;
+    /// invalidations are shared with `peers` when given.
+    pub fn new(
+        rules: CacheRules,
+        max_bytes: u64,
+        max_entry_bytes: u64,
+        metrics: Metrics,
+        peers: Option<Arc<SharedState>>,
+    ) -> Self {
         Self {
+            peers,
             marks: Invalidations::new(rules.longest_life()),
             rules,
             store: Store::new(max_bytes, metrics.cache_evictions.clone()),
@@ -198,31 +221,90 @@ impl Cache {
             .inc();
     }
 
-    /// Drops every entry of `doctype` on `site`.
+    /// Drops every entry of `doctype` on `site`, here and on every replica.
     pub fn invalidate_doctype(&self, site: &str, doctype: &str, reason: &str) {
-        tracing::debug!(site, doctype, reason, "cache: doctype invalidated");
-        self.invalidate(site, doctype_tag(site, doctype), reason);
+        self.apply_and_share(
+            Message::Doctype {
+                site: site.to_owned(),
+                doctype: doctype.to_owned(),
+            },
+            reason,
+        );
     }
 
-    /// Drops one document's entries and the lists of its doctype on `site`.
+    /// Drops one document's entries and the lists of its doctype on `site`, here and on
+    /// every replica.
     pub fn invalidate_document(&self, site: &str, doctype: &str, name: &str, reason: &str) {
-        tracing::debug!(site, doctype, reason, "cache: document invalidated");
-        self.marks.invalidate(document_tag(site, doctype, name));
-        self.invalidate(site, lists_tag(site, doctype), reason);
+        self.apply_and_share(
+            Message::Document {
+                site: site.to_owned(),
+                doctype: doctype.to_owned(),
+                name: name.to_owned(),
+            },
+            reason,
+        );
     }
 
-    /// Admin purge: a site's doctype, a whole site, or everything.
+    /// Admin purge: a site's doctype, a whole site, or everything; here and on every replica.
     pub fn purge(&self, site: Option<&str>, doctype: Option<&str>) {
-        match (site, doctype) {
-            (Some(site), Some(doctype)) => self.invalidate_doctype(site, doctype, "purge"),
-            (Some(site), None) => self.invalidate(site, site_tag(site), "purge"),
-            _ => {
+        let message = match (site, doctype) {
+            (Some(site), Some(doctype)) => Message::Doctype {
+                site: site.to_owned(),
+                doctype: doctype.to_owned(),
+            },
+            (Some(site), None) => Message::Site {
+                site: site.to_owned(),
+            },
+            _ => Message::All,
+        };
+        self.apply_and_share(message, "purge");
+    }
+
+    fn apply_and_share(&self, message: Message, reason: &str) {
+        self.apply(&message, reason);
+        if let Some(peers) = &self.peers {
+            peers.broadcast(message);
+        }
+    }
+
+    /// Applies an invalidation here only.
+    fn apply(&self, message: &Message, reason: &str) {
+        match message {
+            Message::Doctype { site, doctype } => {
+                tracing::debug!(site, doctype, reason, "cache: doctype invalidated");
+                self.invalidate(site, doctype_tag(site, doctype), reason);
+            }
+            Message::Document {
+                site,
+                doctype,
+                name,
+            } => {
+                tracing::debug!(site, doctype, reason, "cache: document invalidated");
+                self.marks.invalidate(document_tag(site, doctype, name));
+                self.invalidate(site, lists_tag(site, doctype), reason);
+            }
+            Message::Site { site } => self.invalidate(site, site_tag(site), reason),
+            Message::All => {
                 self.marks.invalidate_all();
                 self.store.clear();
                 self.metrics
                     .cache_invalidations
-                    .with_label_values(&["*", "purge"])
+                    .with_label_values(&["*", reason])
                     .inc();
+            }
+            Message::Block { .. } => {}
+        }
+    }
+
+    /// Whether answers may be served and stored now: always alone; with other replicas,
+    /// only while this one hears their invalidations.
+    fn in_sync(&self) -> bool {
+        match &self.peers {
+            None => true,
+            Some(peers) if peers.in_sync() => true,
+            Some(peers) => {
+                peers.count_fallback("cache_bypass");
+                false
             }
         }
     }
@@ -283,7 +365,7 @@ impl Cache {
         let matched = self
             .rules
             .find(&site, classified, query)
-            .filter(|_| !has_body && !directive(request.headers(), "no-store"));
+            .filter(|_| !has_body && !directive(request.headers(), "no-store") && self.in_sync());
         let Some(matched) = matched else {
             self.count(&site, Outcome::Bypass);
             let mut response = inner.oneshot(request).await?;

@@ -14,231 +14,45 @@
 //! replayed. A response body over `max_response_bytes` is passed through but only its status and
 //! headers are kept: a repeat gets them with an empty body.
 //!
-//! The records sit behind [`IdempotencyStore`], so a shared store can replace the in-memory one.
-//! In memory, each client has its own byte budget: one client's traffic never evicts another's
-//! records, and a request still running is never evicted at all.
+//! The records sit behind [`IdempotencyStore`]: in memory ([`MemoryStore`]), each client has
+//! its own byte budget (one client's traffic never evicts another's records, and a request
+//! still running is never evicted at all); with `shared_state` ([`SharedStore`]) they are in
+//! Redis, so a repeat reaching any replica gets the same answer. There a claim has a lease of
+//! the site's `timeouts.total` plus [`LEASE_MARGIN`]: a replica that dies mid-request frees
+//! the key when it runs out, and the next repeat runs again (Frappe may have acted on the
+//! first). When the records cannot be reached, a keyed request gets 503 with `Retry-After`
+//! (exactly-once cannot be promised) unless the operator chose to run it unprotected.
 //!
 //! After the access rules (a refused request is never recorded) and before the deadline and
 //! retries (a replay costs nothing upstream).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dashmap::DashMap;
-use prometheus::IntCounterVec;
-
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use crate::error::{find_cause, GatewayError};
 use crate::layers::auth::Client;
+use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::upstream::ReplayableBody;
 use crate::{empty_body, full_body, Body, BoxError};
 
+/// Added to the site's `timeouts.total` for a claim's lease: time to read and record the
+/// response after the deadline.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+mod store;
 
-/// Whose key: keys are private to each client.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RecordKey {
-    /// The client's configured name.
-    pub client: Arc<str>,
-    /// The `Idempotency-Key` value.
-    pub key: String,
-}
-
-/// A kept outcome.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// A response, whole.
-    Response {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-    },
-    /// A response whose body was too large to keep.
-    Truncated {
-        status: StatusCode,
-        headers: HeaderMap,
-    },
-    /// A gateway error after the request may have reached Frappe.
-    Error(GatewayError),
-}
-
-impl Outcome {
-    fn weight(&self) -> usize {
-        let headers = |h: &HeaderMap| {
-            h.iter()
-                .map(|(k, v)| k.as_str().len() + v.len())
-                .sum::<usize>()
-        };
-        match self {
-            Self::Response {
-                headers: h, body, ..
-            } => headers(h) + body.len(),
-            Self::Truncated { headers: h, .. } => headers(h),
-            Self::Error(_) => 64,
-        }
-    }
-}
-
-/// What a store says about a key when a request arrives.
-#[derive(Debug)]
-pub enum Begin {
-    /// New key: run the request, then `finish` or `abandon`.
-    Run,
-    /// Done before: replay.
-    Replay(Outcome),
-    /// Still running.
-    InFlight,
-    /// Used for a different request.
-    Mismatch,
-}
-
-/// Where idempotency records live.
-pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Claims `key` for a request with `fingerprint`, atomically.
-    fn begin(&self, key: &RecordKey, fingerprint: [u8; 32]) -> Begin;
-    /// Keeps the outcome of the claimed request.
-    fn finish(&self, key: RecordKey, fingerprint: [u8; 32], outcome: Outcome);
-    /// Releases a claim whose request never reached the site.
-    fn abandon(&self, key: &RecordKey);
-}
-
-#[derive(Debug)]
-struct Record {
-    fingerprint: [u8; 32],
-    outcome: Outcome,
-}
-
-/// A request running under a key: never evicted, it lives until it finishes, is abandoned, or
-/// its lease ends (a claim older than the lease is taken over).
-#[derive(Debug, Clone, Copy)]
-struct Claim {
-    fingerprint: [u8; 32],
-    since: Instant,
-}
-
-/// Records in memory: kept outcomes in one byte-bounded LRU *per client* (one client's traffic
-/// can never evict another's records), each for `ttl`; claims in flight apart, never evicted by
-/// size.
-pub struct MemoryStore {
-    ttl: Duration,
-    max_bytes_per_client: u64,
-    /// Outcomes, by client, then by key.
-    done: DashMap<Arc<str>, moka::sync::Cache<String, Arc<Record>>>,
-    /// Requests running now.
-    claims: DashMap<RecordKey, Claim>,
-    /// Records evicted for room, by client.
-    evictions: IntCounterVec,
-}
-
-impl MemoryStore {
-    /// Keeps each client's records for `ttl` in at most about `max_bytes_per_client`, counting
-    /// evictions for room in `evictions{client}`.
-    pub fn new(ttl: Duration, max_bytes_per_client: u64, evictions: IntCounterVec) -> Self {
-        Self {
-            ttl,
-            max_bytes_per_client,
-            done: DashMap::new(),
-            claims: DashMap::new(),
-            evictions,
-        }
-    }
-
-    /// The client's records, made on first use.
-    fn records(&self, client: &Arc<str>) -> moka::sync::Cache<String, Arc<Record>> {
-        if let Some(records) = self.done.get(client) {
-            return records.clone();
-        }
-        let evicted = self.evictions.with_label_values(&[client]);
-        self.done
-            .entry(client.clone())
-            .or_insert_with(|| {
-                moka::sync::Cache::builder()
-                    .time_to_live(self.ttl)
-                    .max_capacity(self.max_bytes_per_client)
-                    // LRU admits every new record; moka's default (TinyLFU) may turn one away.
-                    .eviction_policy(moka::policy::EvictionPolicy::lru())
-                    .weigher(|key: &String, record: &Arc<Record>| {
-                        let size = 128 + key.len() + record.outcome.weight();
-                        u32::try_from(size).unwrap_or(u32::MAX)
-                    })
-                    .eviction_listener(move |_, _, cause| {
-                        if cause == moka::notification::RemovalCause::Size {
-                            evicted.inc();
-                        }
-                    })
-                    .build()
-            })
-            .clone()
-    }
-}
-
-impl IdempotencyStore for MemoryStore {
-    fn begin(&self, key: &RecordKey, fingerprint: [u8; 32]) -> Begin {
-        let records = self.records(&key.client);
-        // The claim's shard is held while the outcome is looked up, so a request finishing
-        // meanwhile is seen either as running or as done, never as neither.
-        match self.claims.entry(key.clone()) {
-            dashmap::Entry::Occupied(mut claim) => {
-                if let Some(record) = records.get(&key.key) {
-                    return replay_or_mismatch(&record, fingerprint);
-                }
-                if claim.get().since.elapsed() >= self.ttl {
-                    claim.insert(Claim {
-                        fingerprint,
-                        since: Instant::now(),
-                    });
-                    return Begin::Run;
-                }
-                if claim.get().fingerprint != fingerprint {
-                    return Begin::Mismatch;
-                }
-                Begin::InFlight
-            }
-            dashmap::Entry::Vacant(vacant) => {
-                if let Some(record) = records.get(&key.key) {
-                    return replay_or_mismatch(&record, fingerprint);
-                }
-                vacant.insert(Claim {
-                    fingerprint,
-                    since: Instant::now(),
-                });
-                Begin::Run
-            }
-        }
-    }
-
-    fn finish(&self, key: RecordKey, fingerprint: [u8; 32], outcome: Outcome) {
-        let records = self.records(&key.client);
-        records.insert(
-            key.key.clone(),
-            Arc::new(Record {
-                fingerprint,
-                outcome,
-            }),
-        );
-        self.claims.remove(&key);
-    }
-
-    fn abandon(&self, key: &RecordKey) {
-        self.claims.remove(key);
-    }
-}
-
-fn replay_or_mismatch(record: &Record, fingerprint: [u8; 32]) -> Begin {
-    if record.fingerprint == fingerprint {
-        Begin::Replay(record.outcome.clone())
-    } else {
-        Begin::Mismatch
-    }
-}
+pub use store::{
+    Begin, IdempotencyStore, MemoryStore, Outcome, RecordKey, SharedStore, StoreFuture,
+};
 
 /// Applies `Idempotency-Key`.
 #[derive(Clone)]
@@ -246,20 +60,24 @@ pub struct IdempotencyLayer {
     store: Arc<dyn IdempotencyStore>,
     max_request_bytes: u64,
     max_response_bytes: u64,
+    /// A claim's lease when no site is known.
+    ttl: Duration,
 }
 
 impl IdempotencyLayer {
-    /// Keeps records in `store`; fingerprints bodies up to `max_request_bytes` (larger: 413);
-    /// keeps response bodies up to `max_response_bytes`.
+    /// Keeps records in `store` for `ttl`; fingerprints bodies up to `max_request_bytes`
+    /// (larger: 413); keeps response bodies up to `max_response_bytes`.
     pub fn new(
         store: Arc<dyn IdempotencyStore>,
         max_request_bytes: u64,
         max_response_bytes: u64,
+        ttl: Duration,
     ) -> Self {
         Self {
             store,
             max_request_bytes,
             max_response_bytes,
+            ttl,
         }
     }
 }
@@ -346,6 +164,14 @@ fn replay(outcome: Outcome) -> Result<Response<Body>, BoxError> {
     Ok(response)
 }
 
+/// A record that could not be written leaves the claim to its lease: until then a repeat gets
+/// 409, after it the repeat runs again.
+fn kept(result: Result<(), crate::shared_state::Unavailable>) {
+    if result.is_err() {
+        tracing::warn!("idempotency: the outcome could not be recorded (shared state unavailable)");
+    }
+}
+
 /// Keeps what a finished request produced; returns what to send the client now.
 async fn record(
     store: &dyn IdempotencyStore,
@@ -365,8 +191,12 @@ async fn record(
                     | GatewayError::BreakerOpen { .. }
                     | GatewayError::TooManyRequests { .. }
                     | GatewayError::PayloadTooLarge { .. },
-                ) => store.abandon(&key),
-                Some(other) => store.finish(key, fingerprint, Outcome::Error(other.clone())),
+                ) => kept(store.abandon(&key, fingerprint).await),
+                Some(other) => kept(
+                    store
+                        .finish(key, fingerprint, Outcome::Error(other.clone()))
+                        .await,
+                ),
             }
             return Err(e);
         }
@@ -382,7 +212,7 @@ async fn record(
             status: parts.status,
             headers: parts.headers.clone(),
         };
-        store.finish(key, fingerprint, outcome);
+        kept(store.finish(key, fingerprint, outcome).await);
         return Ok(Response::from_parts(parts, body));
     }
     let limit = usize::try_from(max_response_bytes).unwrap_or(usize::MAX);
@@ -394,14 +224,18 @@ async fn record(
                 headers: parts.headers.clone(),
                 body: bytes.clone(),
             };
-            store.finish(key, fingerprint, outcome);
+            kept(store.finish(key, fingerprint, outcome).await);
             Ok(Response::from_parts(parts, full_body(bytes)))
         }
         Err(e) => {
             let site_failed = GatewayError::BadGateway {
                 site: "upstream".into(),
             };
-            store.finish(key, fingerprint, Outcome::Error(site_failed.clone()));
+            kept(
+                store
+                    .finish(key, fingerprint, Outcome::Error(site_failed.clone()))
+                    .await,
+            );
             tracing::warn!(error = %e, "upstream response body failed");
             Err(site_failed.into())
         }
@@ -457,7 +291,22 @@ where
                 .extensions_mut()
                 .insert(ReplayableBody(bytes.clone()));
             let fingerprint = fingerprint(&request, &bytes);
-            match layer.store.begin(&key, fingerprint) {
+            let lease = request
+                .extensions()
+                .get::<RouteTarget>()
+                .map_or(layer.ttl, |t| t.site.total_timeout)
+                .saturating_add(LEASE_MARGIN);
+            let begin = match layer.store.begin(&key, fingerprint, lease).await {
+                Ok(begin) => begin,
+                Err(_) if layer.store.run_unprotected() => return inner.call(request).await,
+                Err(_) => {
+                    return Err(GatewayError::SharedStateUnavailable {
+                        retry_after: Duration::from_secs(1),
+                    }
+                    .into())
+                }
+            };
+            match begin {
                 Begin::Replay(outcome) => replay(outcome),
                 Begin::InFlight => Err(GatewayError::IdempotencyInFlight.into()),
                 Begin::Mismatch => Err(GatewayError::IdempotencyMismatch.into()),
@@ -475,86 +324,5 @@ where
                 }
             }
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(k: &str) -> RecordKey {
-        RecordKey {
-            client: "shop".into(),
-            key: k.into(),
-        }
-    }
-
-    fn store(max_bytes: u64) -> MemoryStore {
-        let evictions = IntCounterVec::new(prometheus::Opts::new("e", "e"), &["client"]).unwrap();
-        MemoryStore::new(Duration::from_secs(60), max_bytes, evictions)
-    }
-
-    fn big() -> Outcome {
-        Outcome::Response {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Bytes::from(vec![0u8; 1024]),
-        }
-    }
-
-    #[test]
-    fn a_key_runs_once_then_replays_and_refuses_other_requests() {
-        let store = store(1 << 20);
-        assert!(matches!(store.begin(&key("a"), [1; 32]), Begin::Run));
-        assert!(matches!(store.begin(&key("a"), [1; 32]), Begin::InFlight));
-        assert!(matches!(store.begin(&key("a"), [2; 32]), Begin::Mismatch));
-        let outcome = Outcome::Response {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Bytes::from_static(b"{}"),
-        };
-        store.finish(key("a"), [1; 32], outcome);
-        assert!(matches!(
-            store.begin(&key("a"), [1; 32]),
-            Begin::Replay(Outcome::Response { .. })
-        ));
-        // Keys are per client.
-        let other = RecordKey {
-            client: "other".into(),
-            key: "a".into(),
-        };
-        assert!(matches!(store.begin(&other, [2; 32]), Begin::Run));
-        store.abandon(&other);
-        assert!(matches!(store.begin(&other, [3; 32]), Begin::Run));
-    }
-
-    #[test]
-    fn memory_is_bounded_per_client_and_one_client_never_evicts_another() {
-        let store = store(64 * 1024);
-        let b = RecordKey {
-            client: "b".into(),
-            key: "k".into(),
-        };
-        assert!(matches!(store.begin(&b, [7; 32]), Begin::Run));
-        store.finish(b.clone(), [7; 32], big());
-        // A claim of A's that is still running survives A's own flood.
-        assert!(matches!(store.begin(&key("running"), [9; 32]), Begin::Run));
-        for i in 0..1000 {
-            store.finish(key(&i.to_string()), [0; 32], big());
-        }
-        let shop = store.records(&"shop".into());
-        shop.run_pending_tasks();
-        assert!(
-            shop.weighted_size() <= 64 * 1024,
-            "{}",
-            shop.weighted_size()
-        );
-        assert!(store.evictions.with_label_values(&["shop"]).get() > 900);
-        assert!(matches!(store.begin(&b, [7; 32]), Begin::Replay(_)));
-        assert_eq!(store.evictions.with_label_values(&["b"]).get(), 0);
-        assert!(matches!(
-            store.begin(&key("running"), [9; 32]),
-            Begin::InFlight
-        ));
     }
 }
