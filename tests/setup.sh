@@ -4,7 +4,8 @@
 #     Prometheus; deploy/validate.sh runs promtool;
 #   - kubernetes-validate (PyPI): deploy/validate.sh checks the Kubernetes manifests offline;
 #   - redis-server (Debian package `redis-server`): tests/scale_out.rs starts its own, on a free
-#     port, for the shared state replicas use.
+#     port, for the shared state replicas use; deploy/validate.sh runs the bundled Redis's
+#     arguments with it (redis-cli comes with it).
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -14,7 +15,7 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
-if ! command -v redis-server >/dev/null; then
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
   echo "== installing redis-server (Debian package)"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
