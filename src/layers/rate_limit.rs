@@ -252,47 +252,75 @@ pub struct RateLimit<S> {
     layer: RateLimitLayer,
 }
 
-/// The quotas one request is charged to (at most two), each with its rejection reason.
-type Applicable = ([Option<(Arc<QuotaPolicy>, &'static str)>; 2], Arc<str>);
+/// The quotas one request is charged to (at most two), each with its rejection reason, and its
+/// client's name: borrowed from the client, so charging takes no reference count.
+struct Applicable<'a> {
+    policies: [Option<(&'a QuotaPolicy, &'static str)>; 2],
+    client: &'a str,
+}
+
+/// What a request charged in the shared state keeps across the Redis round trip.
+struct Charged {
+    client: Arc<Client>,
+    is_write: bool,
+}
+
+impl Charged {
+    fn applicable(&self) -> Applicable<'_> {
+        Applicable::of(&self.client, self.is_write)
+    }
+}
+
+impl<'a> Applicable<'a> {
+    fn of(client: &'a Client, is_write: bool) -> Self {
+        let quotas = &client.quotas;
+        Applicable {
+            policies: [
+                quotas.requests.as_deref().map(|p| (p, "rate")),
+                quotas
+                    .writes
+                    .as_deref()
+                    .filter(|_| is_write)
+                    .map(|p| (p, "write_rate")),
+            ],
+            client: &client.name,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.policies.iter().all(Option::is_none)
+    }
+}
 
 impl RateLimitLayer {
-    /// The quotas `request` is charged to, and its client's name.
-    fn applicable(request: &Request<Body>) -> Option<Applicable> {
-        let client = request.extensions().get::<Arc<Client>>()?;
-        let quotas = &client.quotas;
-        let requests = quotas.requests.clone().map(|p| (p, "rate"));
-        let writes = quotas.writes.as_ref().filter(|_| {
-            match (
-                request.extensions().get::<FrappeRequest>(),
-                request.extensions().get::<RouteTarget>(),
-            ) {
-                (Some(classified), Some(target)) => {
-                    classified.is_write(request.method(), &target.site.read_only_methods)
-                }
-                _ => request.method() != Method::GET && request.method() != Method::HEAD,
+    /// Whether `request` counts against its client's write quota (asked only when it has one).
+    fn is_write(request: &Request<Body>) -> bool {
+        match (
+            request.extensions().get::<FrappeRequest>(),
+            request.extensions().get::<RouteTarget>(),
+        ) {
+            (Some(classified), Some(target)) => {
+                classified.is_write(request.method(), &target.site.read_only_methods)
             }
-        });
-        let writes = writes.map(|p| (p.clone(), "write_rate"));
-        if requests.is_none() && writes.is_none() {
-            return None;
+            _ => request.method() != Method::GET && request.method() != Method::HEAD,
         }
-        Some(([requests, writes], client.name.clone()))
     }
 
     /// The usages to report, or the rejection; `judge` gives each policy's verdict.
     fn decide(
         &self,
-        applicable: &Applicable,
+        applicable: &Applicable<'_>,
         mut judge: impl FnMut(usize, &QuotaPolicy) -> Result<Usage, (Usage, Duration)>,
     ) -> Result<Vec<Usage>, BoxError> {
-        let (policies, client) = applicable;
         let mut usages = Vec::with_capacity(2);
-        for (i, (policy, reason)) in policies.iter().flatten().enumerate() {
+        for (i, (policy, reason)) in applicable.policies.iter().flatten().enumerate() {
             match judge(i, policy) {
                 Ok(usage) => usages.push(usage),
                 Err((usage, wait)) => {
                     usages.push(usage);
-                    self.rejected.with_label_values(&[&**client, reason]).inc();
+                    self.rejected
+                        .with_label_values(&[applicable.client, reason])
+                        .inc();
                     let mut headers = HeaderMap::new();
                     write_headers(&usages, &mut headers);
                     let source = GatewayError::TooManyRequests {
@@ -310,7 +338,7 @@ impl RateLimitLayer {
     }
 
     /// Charges the quotas in this replica's limiters.
-    fn charge_locally(&self, applicable: &Applicable) -> Result<Vec<Usage>, BoxError> {
+    fn charge_locally(&self, applicable: &Applicable<'_>) -> Result<Vec<Usage>, BoxError> {
         self.decide(applicable, |_, policy| policy.check())
     }
 
@@ -318,15 +346,18 @@ impl RateLimitLayer {
     async fn charge_shared(
         &self,
         shared: &SharedState,
-        applicable: &Applicable,
+        applicable: &Applicable<'_>,
     ) -> Result<Vec<Usage>, BoxError> {
-        let charges: Vec<Charge<'_>> = applicable
-            .0
-            .iter()
-            .flatten()
-            .map(|(policy, _)| policy.charge())
-            .collect();
-        match shared.charge(&charges, Mode::All).await {
+        let charged = match applicable.policies {
+            [Some((a, _)), Some((b, _))] => {
+                shared.charge(&[a.charge(), b.charge()], Mode::All).await
+            }
+            [Some((one, _)), None] | [None, Some((one, _))] => {
+                shared.charge(&[one.charge()], Mode::All).await
+            }
+            [None, None] => return Ok(Vec::new()),
+        };
+        match charged {
             Ok(verdicts) => self.decide(applicable, |i, policy| match verdicts.get(i) {
                 Some(verdict) => policy.judge(verdict),
                 None => policy.check(),
@@ -354,36 +385,48 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         use futures_util::future::Either;
-        let Some(applicable) = RateLimitLayer::applicable(&request) else {
-            return Either::Left(RateLimitFuture::Inner {
-                future: self.inner.call(request),
+        let passed = |future| {
+            Either::Left(RateLimitFuture::Inner {
+                future,
                 usages: Vec::new(),
-            });
+            })
         };
-        match self.layer.shared.clone().filter(|s| s.is_up()) {
-            None => Either::Left(match self.layer.charge_locally(&applicable) {
-                Ok(usages) => RateLimitFuture::Inner {
-                    future: self.inner.call(request),
-                    usages,
-                },
-                Err(e) => RateLimitFuture::Ready { error: Some(e) },
-            }),
+        let Some(client) = request.extensions().get::<Arc<Client>>() else {
+            return passed(self.inner.call(request));
+        };
+        let is_write = client.quotas.writes.is_some() && RateLimitLayer::is_write(&request);
+        let applicable = Applicable::of(client, is_write);
+        if applicable.is_empty() {
+            return passed(self.inner.call(request));
+        }
+        match self.layer.shared.as_ref().filter(|s| s.is_up()) {
+            None => {
+                let charged = self.layer.charge_locally(&applicable);
+                Either::Left(match charged {
+                    Ok(usages) => RateLimitFuture::Inner {
+                        future: self.inner.call(request),
+                        usages,
+                    },
+                    Err(e) => RateLimitFuture::Ready { error: Some(e) },
+                })
+            }
             Some(shared) => {
+                let shared = shared.clone();
+                let charged = Charged {
+                    client: client.clone(),
+                    is_write,
+                };
                 // The inner service was made ready by `poll_ready`: it goes with the request.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let layer = self.layer.clone();
                 Either::Right(Box::pin(async move {
-                    match layer.charge_shared(&shared, &applicable).await {
-                        Ok(usages) => {
-                            RateLimitFuture::Inner {
-                                future: inner.call(request),
-                                usages,
-                            }
-                            .await
-                        }
-                        Err(e) => Err(e),
+                    let usages = layer.charge_shared(&shared, &charged.applicable()).await?;
+                    RateLimitFuture::Inner {
+                        future: inner.call(request),
+                        usages,
                     }
+                    .await
                 }))
             }
         }
