@@ -339,7 +339,7 @@ fn build_shared_state(
     let state = match &loaded.config.shared_state {
         None => None,
         Some(shared) => Some(
-            SharedState::start(&shared.redis, loaded, metrics.redis.clone())
+            SharedState::start(shared, loaded, metrics.redis.clone())
                 .map_err(|e| BuildError::Invalid(e.to_string()))?,
         ),
     };

@@ -133,6 +133,65 @@ async fn a_quota_holds_across_replicas_and_its_headers_come_from_the_shared_stat
     );
 }
 
+/// Redis round trips for quotas, on both replicas.
+async fn gcra_calls(a: &Gateway, b: &Gateway) -> f64 {
+    let mut total = 0.0;
+    for gw in [a, b] {
+        let m = gw.metrics().await;
+        total += metric_value(
+            &m,
+            "erpgate_redis_command_duration_seconds_count",
+            &[("command", "gcra")],
+        );
+    }
+    total
+}
+
+#[tokio::test]
+async fn with_quota_batch_replicas_lease_requests_and_the_quota_still_holds() {
+    let redis = Redis::start();
+    let up = upstream().await;
+    // A burst of 100: batches of min(quota_batch, 100 / 20) = 5.
+    let yaml = shared_config(&up, &redis, "rate_limit: { per_minute: 100, burst: 100 }")
+        .replace("shared_state:\n", "shared_state:\n  quota_batch: 8\n");
+    let (a, b) = two_replicas(&yaml).await;
+    let mut passed = 0;
+    let mut calls_for_90 = None;
+    for i in 0..200 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let reply = get(&gw.url("/api/method/ping"), FULL).await;
+        match reply.status {
+            StatusCode::OK => {
+                passed += 1;
+                let remaining: u32 = reply
+                    .header("x-ratelimit-remaining")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(remaining < 100, "{remaining}");
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(reply.json()["exc_type"], "TooManyRequestsError");
+            }
+            other => panic!("unexpected {other}: {}", reply.text()),
+        }
+        if i == 89 {
+            calls_for_90 = Some(gcra_calls(&a, &b).await);
+        }
+    }
+    // Every leased request was charged in Redis: the quota holds across both replicas, up to
+    // a refill (one per 0.6 s) while the 200 requests run.
+    assert!((97..=104).contains(&passed), "{passed} of 200 passed");
+    assert_eq!(
+        up.count(),
+        passed,
+        "what passed, and only that, reached the site"
+    );
+    // ... in a fifth of the round trips: batches of 5 (exactly: 90).
+    let calls = calls_for_90.unwrap();
+    assert!(calls <= 20.0, "{calls} Redis calls for 90 requests");
+}
+
 #[tokio::test]
 async fn a_brute_forced_key_id_is_locked_on_every_replica() {
     let redis = Redis::start();

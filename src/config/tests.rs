@@ -503,6 +503,7 @@ fn shared_state_settings_load_with_defaults_and_bad_ones_are_rejected() {
     assert_eq!(redis.connect_timeout, Duration::from_secs(1));
     assert_eq!(redis.idempotency_when_unavailable, WhenUnavailable::Refuse);
     assert!(!redis.readyz_requires_redis);
+    assert_eq!(loaded.config.shared_state.as_ref().unwrap().quota_batch, 1);
     assert_eq!(loaded.redis_password.as_ref().unwrap().0, "from-a-file");
     // The password never prints.
     assert!(!format!("{loaded:?}").contains("from-a-file"));
@@ -546,5 +547,15 @@ fn shared_state_settings_load_with_defaults_and_bad_ones_are_rejected() {
     ] {
         let p = problems(&format!("shared_state:\n  redis: {redis}\n{}", valid()));
         assert!(p.iter().any(|p| p.path == path), "{redis}: {p:?}");
+    }
+    for batch in [0, 1001] {
+        let p = problems(&format!(
+            "shared_state:\n  quota_batch: {batch}\n  redis: {{ url: \"redis://r\" }}\n{}",
+            valid()
+        ));
+        assert!(
+            p.iter().any(|p| p.path == "shared_state.quota_batch"),
+            "{batch}: {p:?}"
+        );
     }
 }

@@ -501,6 +501,12 @@ pub struct IdempotencyConfig {
 pub struct SharedStateConfig {
     /// A Redis server (a bench's own `redis_cache` will do, with a `key_prefix`).
     pub redis: RedisConfig,
+    /// Requests a replica may take from a shared quota per Redis round trip. `1` (the default):
+    /// exact, one round trip per request. More: approximate; a replica leases up to this many
+    /// (never more than a twentieth of the quota's burst) and hands them out locally, so across
+    /// all replicas at most `replicas × batch` requests pass beyond the exact quota.
+    #[serde(default = "defaults::quota_batch")]
+    pub quota_batch: u32,
 }
 
 /// A Redis server for shared state.
@@ -990,6 +996,9 @@ mod defaults {
         ]
         .map(String::from)
         .to_vec()
+    }
+    pub fn quota_batch() -> u32 {
+        1
     }
     pub fn redis_key_prefix() -> String {
         "erpgate:".into()

@@ -354,6 +354,12 @@ impl Config {
                     "must be 1 to 64 characters".into(),
                 );
             }
+            if !(1..=1000).contains(&shared.quota_batch) {
+                problem(
+                    "shared_state.quota_batch".into(),
+                    "must be 1 (exact) to 1000".into(),
+                );
+            }
             for (key, value) in [
                 ("connect_timeout", redis.connect_timeout),
                 ("command_timeout", redis.command_timeout),

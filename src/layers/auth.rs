@@ -474,6 +474,7 @@ impl AuthLayer {
                 key: name,
                 interval: self.failure_quota.0,
                 burst: self.failure_quota.1,
+                want: 1,
             })
             .collect();
         let Ok(verdicts) = shared.charge(&charges, Mode::Each).await else {

@@ -37,6 +37,7 @@ use crate::layers::auth::Client;
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::shared_state::gcra::{Charge, Mode, Verdict};
+use crate::shared_state::lease::{Fetching, Lease, SharedView};
 use crate::shared_state::SharedState;
 use crate::{Body, BoxError};
 
@@ -53,6 +54,8 @@ pub struct QuotaPolicy {
     /// Its key in the shared state; the quota's shape is part of it, so a changed quota
     /// starts afresh.
     shared_key: String,
+    /// Requests leased from the shared quota (`shared_state.quota_batch` > 1).
+    lease: Lease,
 }
 
 impl std::fmt::Debug for QuotaPolicy {
@@ -95,6 +98,7 @@ impl QuotaPolicy {
             interval,
             policy,
             shared_key: format!("{shared_key}:{name}:{burst}:{}", interval.as_micros()),
+            lease: Lease::default(),
         }
     }
 
@@ -109,18 +113,68 @@ impl QuotaPolicy {
         }
     }
 
-    fn charge(&self) -> Charge<'_> {
+    fn charge(&self, want: u32) -> Charge<'_> {
         Charge {
             key: &self.shared_key,
             interval: self.interval,
             burst: self.burst,
+            want,
         }
     }
 
-    /// The usage after a shared verdict, or the usage and the wait.
+    /// Requests to lease per round trip when `quota_batch` allows `max`: never more than a
+    /// twentieth of the burst, so small quotas stay exact.
+    fn batch(&self, max: u32) -> u32 {
+        max.min(self.burst / 20).max(1)
+    }
+
+    /// What to ask Redis for: a batch with the fetch it starts, or this request alone (the
+    /// quota is small, or another request of this replica is fetching).
+    fn plan(&self, max: u32) -> (u32, Option<Fetching<'_>>) {
+        match self.batch(max) {
+            1 => (1, None),
+            batch => match self.lease.start_fetch() {
+                Some(fetch) => (batch, Some(fetch)),
+                None => (1, None),
+            },
+        }
+    }
+
+    /// A leased request, if this replica holds one.
+    fn take_leased(&self) -> Option<Usage> {
+        let (left, view) = self.lease.take()?;
+        Some(Usage {
+            name: self.name,
+            policy: self.policy.clone(),
+            limit: self.burst,
+            remaining: view.remaining.saturating_add(left).min(self.burst),
+            reset_secs: u64::from(view.reset_secs),
+            window_secs: ceil_secs(self.interval * self.burst),
+        })
+    }
+
+    /// Keeps what a verdict granted beyond this request, when this request fetched a batch.
+    fn keep_lease(&self, verdict: &Verdict, fetch: Option<&Fetching<'_>>) {
+        if let Some(fetch) = fetch.filter(|_| verdict.granted > 1) {
+            let view = SharedView {
+                remaining: verdict.remaining(self.interval, self.burst),
+                reset_secs: u32::try_from(ceil_secs(verdict.fill)).unwrap_or(u32::MAX),
+            };
+            let window = self.interval * self.burst;
+            self.lease.fill(fetch, verdict.granted - 1, window, view);
+        }
+    }
+
+    /// The usage after a shared verdict, or the usage and the wait. Requests leased with this
+    /// one count as remaining: this replica will hand them out.
     fn judge(&self, verdict: &Verdict) -> Result<Usage, (Usage, Duration)> {
         if verdict.allowed {
-            Ok(self.usage(verdict.remaining(self.interval, self.burst), verdict.fill))
+            let leased = verdict.granted.saturating_sub(1);
+            let remaining = verdict.remaining(self.interval, self.burst);
+            Ok(self.usage(
+                remaining.saturating_add(leased).min(self.burst),
+                verdict.fill,
+            ))
         } else {
             let mut usage = self.usage(0, verdict.wait);
             usage.reset_secs = usage.reset_secs.max(1);
@@ -342,24 +396,54 @@ impl RateLimitLayer {
         self.decide(applicable, |_, policy| policy.check())
     }
 
-    /// Charges the quotas in the shared state, or locally when it does not answer.
+    /// Hands out a leased request for every quota of the request, or none (a request
+    /// charged to two quotas may find only one leased: that one is given back).
+    fn take_leased(applicable: &Applicable<'_>) -> Option<Vec<Usage>> {
+        let mut usages = Vec::with_capacity(2);
+        for (policy, _) in applicable.policies.iter().flatten() {
+            match policy.take_leased() {
+                Some(usage) => usages.push(usage),
+                None => {
+                    for (taken, _) in applicable.policies.iter().flatten().take(usages.len()) {
+                        taken.lease.give_back();
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(usages)
+    }
+
+    /// Charges the quotas in the shared state, or locally when it does not answer. With
+    /// `quota_batch` > 1, a request that finds no fetch under way asks for a batch and leaves
+    /// the rest of what is granted to this replica's lease.
     async fn charge_shared(
         &self,
         shared: &SharedState,
         applicable: &Applicable<'_>,
     ) -> Result<Vec<Usage>, BoxError> {
-        let charged = match applicable.policies {
+        let max = shared.quota_batch();
+        let (charged, fetches) = match applicable.policies {
             [Some((a, _)), Some((b, _))] => {
-                shared.charge(&[a.charge(), b.charge()], Mode::All).await
+                let ((want_a, fetch_a), (want_b, fetch_b)) = (a.plan(max), b.plan(max));
+                let charges = [a.charge(want_a), b.charge(want_b)];
+                (shared.charge(&charges, Mode::All).await, [fetch_a, fetch_b])
             }
             [Some((one, _)), None] | [None, Some((one, _))] => {
-                shared.charge(&[one.charge()], Mode::All).await
+                let (want, fetch) = one.plan(max);
+                (
+                    shared.charge(&[one.charge(want)], Mode::All).await,
+                    [fetch, None],
+                )
             }
             [None, None] => return Ok(Vec::new()),
         };
         match charged {
             Ok(verdicts) => self.decide(applicable, |i, policy| match verdicts.get(i) {
-                Some(verdict) => policy.judge(verdict),
+                Some(verdict) => {
+                    policy.keep_lease(verdict, fetches[i].as_ref());
+                    policy.judge(verdict)
+                }
                 None => policy.check(),
             }),
             Err(_) => {
@@ -411,6 +495,14 @@ where
                 })
             }
             Some(shared) => {
+                if shared.quota_batch() > 1 {
+                    if let Some(usages) = RateLimitLayer::take_leased(&applicable) {
+                        return Either::Left(RateLimitFuture::Inner {
+                            future: self.inner.call(request),
+                            usages,
+                        });
+                    }
+                }
                 let shared = shared.clone();
                 let charged = Charged {
                     client: client.clone(),
@@ -493,6 +585,21 @@ mod tests {
             "{wait:?}"
         );
         assert_eq!(usage.window_secs, 2); // 3 requests at 2/s refill in 1.5 s
+    }
+
+    #[test]
+    fn small_quotas_are_never_leased_in_batches() {
+        let quota = |burst| {
+            QuotaPolicy::new(
+                "default",
+                Quota::per_minute(NonZeroU32::new(burst).unwrap()),
+                "erpgate:rl:shop",
+            )
+        };
+        assert_eq!(quota(10).batch(50), 1);
+        assert_eq!(quota(100).batch(50), 5);
+        assert_eq!(quota(100_000).batch(50), 50);
+        assert_eq!(quota(100_000).batch(1), 1);
     }
 
     #[test]

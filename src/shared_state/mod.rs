@@ -13,6 +13,7 @@
 //! replicas' messages registers as a [`Listener`].
 
 pub mod gcra;
+pub mod lease;
 pub mod messages;
 pub mod records;
 
@@ -27,7 +28,7 @@ use redis::{IntoConnectionInfo, RedisResult};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use crate::config::{LoadedConfig, RedisConfig, WhenUnavailable};
+use crate::config::{LoadedConfig, SharedStateConfig, WhenUnavailable};
 use crate::metrics::RedisMetrics;
 pub use messages::{Listener, Message};
 
@@ -58,6 +59,7 @@ pub struct SharedState {
     replica: String,
     when_unavailable: WhenUnavailable,
     readyz_requires_redis: bool,
+    quota_batch: u32,
     metrics: RedisMetrics,
     outbox: mpsc::Sender<Message>,
     outbox_overflowed: AtomicBool,
@@ -95,10 +97,11 @@ impl SharedState {
     /// starts the health probe, the publisher and the subscriber. Must run inside a Tokio
     /// runtime that lives as long as the gateway.
     pub fn start(
-        config: &RedisConfig,
+        shared: &SharedStateConfig,
         loaded: &LoadedConfig,
         metrics: RedisMetrics,
     ) -> Result<Arc<Self>, SetupError> {
+        let config = &shared.redis;
         let mut info = config
             .url
             .0
@@ -130,6 +133,7 @@ impl SharedState {
             replica,
             when_unavailable: config.idempotency_when_unavailable,
             readyz_requires_redis: config.readyz_requires_redis,
+            quota_batch: shared.quota_batch,
             metrics,
             outbox,
             outbox_overflowed: AtomicBool::new(false),
@@ -174,6 +178,11 @@ impl SharedState {
     /// Whether `/readyz` follows Redis.
     pub fn readyz_requires_redis(&self) -> bool {
         self.readyz_requires_redis
+    }
+
+    /// The most requests a replica takes from one shared quota per round trip (1: exact).
+    pub fn quota_batch(&self) -> u32 {
+        self.quota_batch
     }
 
     /// Counts a decision made without Redis.
