@@ -423,6 +423,12 @@ impl RateLimitLayer {
         applicable: &Applicable<'_>,
     ) -> Result<Vec<Usage>, BoxError> {
         let max = shared.quota_batch();
+        if max > 1 {
+            // A batch may have arrived since the request looked.
+            if let Some(usages) = Self::take_leased(applicable) {
+                return Ok(usages);
+            }
+        }
         let (charged, fetches) = match applicable.policies {
             [Some((a, _)), Some((b, _))] => {
                 let ((want_a, fetch_a), (want_b, fetch_b)) = (a.plan(max), b.plan(max));

@@ -101,9 +101,17 @@ impl Lease {
             });
     }
 
-    /// Starts fetching a batch, unless this replica already is.
+    /// Starts fetching a batch, unless this replica already is, or still holds leased requests
+    /// (a fetch that ended since this request looked): then this request goes alone. Only the
+    /// fetcher fills, so what it finds empty here is still empty when it fills: nothing leased
+    /// is ever overwritten, and at most one batch is outstanding.
     pub fn start_fetch(&self) -> Option<Fetching<'_>> {
-        (!self.fetching.swap(true, Ordering::AcqRel)).then_some(Fetching(self))
+        if self.fetching.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let fetch = Fetching(self);
+        let (deadline, count) = unpack(self.packed.load(Ordering::Acquire));
+        (count == 0 || deadline <= clock_ms()).then_some(fetch)
     }
 
     /// Keeps `count` requests of a batch just granted, usable for `lifetime` (at most 1 s).
@@ -114,8 +122,7 @@ impl Lease {
         );
         let lifetime = u64::try_from(lifetime.min(MAX_LIFETIME).as_millis()).unwrap_or(1);
         let count = count.min(COUNT_MASK as u32);
-        // Only the fetcher fills, and it fetched because the lease was spent or expired, so
-        // nothing usable is overwritten.
+        // Only the fetcher fills, and it started on a spent or expired lease (`start_fetch`).
         self.packed
             .store(pack(clock_ms() + lifetime.max(1), count), Ordering::Release);
     }
@@ -150,6 +157,10 @@ mod tests {
         assert_eq!(left, [2, 1, 0]);
         assert_eq!(lease.take(), None);
         lease.give_back();
+        assert!(
+            lease.start_fetch().is_none(),
+            "no fetch while leased requests are left"
+        );
         assert_eq!(lease.take(), Some((0, VIEW)));
         assert!(
             lease.start_fetch().is_some(),

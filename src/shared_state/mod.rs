@@ -17,14 +17,19 @@ pub mod lease;
 pub mod messages;
 pub mod records;
 
+use std::cell::RefCell;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisResult};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::{
+    AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Value,
+};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
@@ -46,6 +51,10 @@ pub struct Unavailable;
 pub struct SharedState {
     client: redis::Client,
     connection: ArcSwapOption<ConnectionManager>,
+    /// Tells this state's connections on the serving workers apart from another state's.
+    id: u64,
+    /// Bumped each time Redis comes back: workers then open new connections of their own.
+    generation: AtomicU64,
     prefix: String,
     channel: String,
     connect_timeout: Duration,
@@ -123,6 +132,8 @@ impl SharedState {
         let state = Arc::new(Self {
             client,
             connection: ArcSwapOption::empty(),
+            id: rand::random(),
+            generation: AtomicU64::new(0),
             prefix: config.key_prefix.clone(),
             channel: format!("{}events", config.key_prefix),
             connect_timeout: config.connect_timeout,
@@ -195,11 +206,58 @@ impl SharedState {
         self.listeners.store(Arc::new(listeners));
     }
 
+    /// This worker's own connection, when it runs its own event loop and has one; otherwise
+    /// starts opening it there (the request meanwhile uses the shared one).
+    fn own_connection(&self) -> Option<MultiplexedConnection> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        OWN.with(|own| {
+            let mut own = own.borrow_mut();
+            if let Some(o) = own
+                .as_ref()
+                .filter(|o| (o.state, o.generation) == (self.id, generation))
+            {
+                return o.connection.clone();
+            }
+            *own = Some(OwnConnection {
+                state: self.id,
+                generation,
+                connection: None,
+            });
+            let client = self.client.clone();
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.connect_timeout))
+                .set_response_timeout(Some(self.command_timeout));
+            let state = self.id;
+            // On a current-thread runtime the task runs on this thread: it fills this slot.
+            runtime.spawn(async move {
+                if let Ok(connection) = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                {
+                    OWN.with(|own| {
+                        if let Some(o) = own
+                            .borrow_mut()
+                            .as_mut()
+                            .filter(|o| (o.state, o.generation) == (state, generation))
+                        {
+                            o.connection = Some(connection);
+                        }
+                    });
+                }
+            });
+            None
+        })
+    }
+
     /// Runs one command under the command timeout; a failure marks Redis down.
     pub async fn run<T, F>(
         &self,
         command: &'static str,
-        call: impl FnOnce(ConnectionManager) -> F,
+        call: impl FnOnce(Connection) -> F,
     ) -> Result<T, Unavailable>
     where
         F: Future<Output = RedisResult<T>>,
@@ -207,15 +265,15 @@ impl SharedState {
         if !self.is_up() {
             return Err(Unavailable);
         }
-        let Some(connection) = self.connection.load_full() else {
-            return Err(Unavailable);
+        let connection = match self.own_connection() {
+            Some(own) => Connection::Own(own),
+            None => match self.connection.load_full() {
+                Some(shared) => Connection::Shared(ConnectionManager::clone(&shared)),
+                None => return Err(Unavailable),
+            },
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            self.command_timeout,
-            call(ConnectionManager::clone(&connection)),
-        )
-        .await;
+        let result = tokio::time::timeout(self.command_timeout, call(connection)).await;
         self.metrics
             .command_duration
             .with_label_values(&[command])
@@ -250,6 +308,7 @@ impl SharedState {
 
     fn mark_up(&self) {
         if !self.up.swap(true, Ordering::AcqRel) {
+            self.generation.fetch_add(1, Ordering::AcqRel);
             self.metrics.up.set(1);
             tracing::warn!("shared state: Redis reachable; quotas and records are shared again");
         }
@@ -261,6 +320,55 @@ impl SharedState {
             // Too many to keep: the publisher sends "everything is invalid" instead, which
             // covers whatever was dropped.
             self.outbox_overflowed.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// One serving worker's own connection to one shared state (a worker runs one event loop on
+/// one thread, so its commands never cross to another thread's connection task).
+struct OwnConnection {
+    state: u64,
+    generation: u64,
+    /// None while it is being opened.
+    connection: Option<MultiplexedConnection>,
+}
+
+thread_local! {
+    static OWN: RefCell<Option<OwnConnection>> = const { RefCell::new(None) };
+}
+
+/// The connection one command runs on.
+pub enum Connection {
+    /// The shared connection manager (reconnects by itself).
+    Shared(ConnectionManager),
+    /// The serving worker's own.
+    Own(MultiplexedConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Shared(c) => c.req_packed_command(cmd),
+            Self::Own(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Shared(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Own(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Shared(c) => c.get_db(),
+            Self::Own(c) => c.get_db(),
         }
     }
 }
