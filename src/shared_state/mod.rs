@@ -9,6 +9,11 @@
 //! shared mode comes back by itself. What each decision does while Redis is down is the caller's
 //! (quotas: the local limiter; keyed writes: 503 or unprotected; cache: bypass).
 //!
+//! A serving worker runs its commands on a multiplexed connection of its own, opened on its
+//! own event loop, so a command never crosses to another thread's connection task (the shared
+//! connection manager serves until it is open, and everything off the workers). Each time
+//! Redis comes back, workers open new ones.
+//!
 //! This module knows Redis and nothing of the layers: they call it, and what must hear other
 //! replicas' messages registers as a [`Listener`].
 
