@@ -24,28 +24,31 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
 /// The error type passed between layers; turned into a response only at the edge.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of every request and response inside the stack: a streaming body, boxed once.
+/// `Send` but not `Sync` (nothing shares a body between threads; hyper asks only `Send`), so
+/// tower-http's layers, whose bodies are unsync boxes, fit without a wrapper that would hide
+/// the size hint.
 ///
 /// A named type rather than an alias of `BoxBody`, so that generic layers holding futures over
 /// it across `.await` stay `Send` (the compiler cannot see through `dyn` there, see
 /// rust-lang/rust#102211; axum does the same).
 #[derive(Debug)]
-pub struct Body(BoxBody<Bytes, BoxError>);
+pub struct Body(UnsyncBoxBody<Bytes, BoxError>);
 
 impl Body {
     /// Wraps any body whose errors convert to [`BoxError`].
     pub fn new<B>(body: B) -> Self
     where
-        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        Self(body.map_err(Into::into).boxed())
+        Self(body.map_err(Into::into).boxed_unsync())
     }
 }
 
