@@ -218,6 +218,9 @@ where
         .layer(RequestIdLayer)
         // Outside everything that can refuse, so refusals are counted and logged too.
         .layer(ObserveLayer::new(metrics.clone()))
+        // A panic anywhere inside is one request's 500 envelope, counted by observation above.
+        .map_response(|response: Response<_>| response.map(Body::new))
+        .layer(crate::layers::catch_panic::layer(max_body))
         // The edge: errors from any layer below become one Frappe-envelope response, here only.
         .layer(ErrorResponseLayer::new(max_body))
         // Before any work is spent on an oversized request.

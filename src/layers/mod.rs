@@ -6,6 +6,7 @@ pub mod body_limit;
 pub mod breaker;
 pub mod buffer;
 pub mod cache;
+pub mod catch_panic;
 pub mod classify;
 pub mod concurrency;
 pub mod credential_swap;
