@@ -214,7 +214,9 @@ where
     });
 
     let service = ServiceBuilder::new()
-        // Outermost: every log line, error envelope and upstream request carries the same id.
+        // Before anything reads a header: credentials are marked sensitive for every layer.
+        .layer(crate::layers::sensitive_headers::layer())
+        // Every log line, error envelope and upstream request carries the same id.
         .layer(RequestIdLayer)
         // Outside everything that can refuse, so refusals are counted and logged too.
         .layer(ObserveLayer::new(metrics.clone()))

@@ -19,6 +19,7 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod retry;
 pub mod route;
+pub mod sensitive_headers;
 pub mod webhook;
 
 use std::future::Future;
