@@ -222,6 +222,13 @@ async fn a_brute_forced_key_id_is_locked_on_every_replica() {
         assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     }
     assert_eq!(up.count(), 0);
+    // The address is over its shared quota too, yet another client's valid credential from it
+    // passes on both replicas: a block never refuses a credential that checks out.
+    for gw in [&a, &b] {
+        let reply = get(&gw.url("/api/resource/ToDo"), TODO_READER).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_eq!(up.count(), 2, "only the two valid requests reached the site");
 }
 
 #[tokio::test]
