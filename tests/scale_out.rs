@@ -228,7 +228,11 @@ async fn a_brute_forced_key_id_is_locked_on_every_replica() {
         let reply = get(&gw.url("/api/resource/ToDo"), TODO_READER).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     }
-    assert_eq!(up.count(), 2, "only the two valid requests reached the site");
+    assert_eq!(
+        up.count(),
+        2,
+        "only the two valid requests reached the site"
+    );
 }
 
 #[tokio::test]

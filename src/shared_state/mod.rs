@@ -214,18 +214,19 @@ impl SharedState {
     /// This worker's own connection, when it runs its own event loop and has one; otherwise
     /// starts opening it there (the request meanwhile uses the shared one).
     fn own_connection(&self) -> Option<MultiplexedConnection> {
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
-            return None;
-        }
         let generation = self.generation.load(Ordering::Acquire);
         OWN.with(|own| {
             let mut own = own.borrow_mut();
+            // Only a serving worker's thread ever fills its slot: a match needs no more checks.
             if let Some(o) = own
                 .as_ref()
                 .filter(|o| (o.state, o.generation) == (self.id, generation))
             {
                 return o.connection.clone();
+            }
+            let runtime = tokio::runtime::Handle::try_current().ok()?;
+            if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+                return None;
             }
             *own = Some(OwnConnection {
                 state: self.id,
