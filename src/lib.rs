@@ -72,6 +72,13 @@ impl http_body::Body for Body {
     }
 }
 
+impl Default for Body {
+    /// Empty (tower-http's CORS preflight answer starts from one).
+    fn default() -> Self {
+        empty_body()
+    }
+}
+
 /// A body holding `bytes`.
 pub fn full_body(bytes: impl Into<Bytes>) -> Body {
     Body::new(Full::new(bytes.into()))

@@ -31,6 +31,7 @@ use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
 use crate::layers::cache::{Cache, CacheLayer};
 use crate::layers::classify::ClassifyLayer;
 use crate::layers::concurrency::ConcurrencyLayer;
+use crate::layers::cors::CorsLayer;
 use crate::layers::credential_swap::CredentialSwapLayer;
 use crate::layers::deadline::DeadlineLayer;
 use crate::layers::error_response::ErrorResponseLayer;
@@ -220,6 +221,14 @@ where
         .layer(RequestIdLayer)
         // Outside everything that can refuse, so refusals are counted and logged too.
         .layer(ObserveLayer::new(metrics.clone()))
+        // Preflights answered before any key is asked for; CORS headers on every answer below,
+        // refusals included, decided on the client authenticated inside.
+        .option_layer(
+            config
+                .cors
+                .as_ref()
+                .map(|cors| CorsLayer::new(cors, config.clients.iter(), trusted.clone(), max_body)),
+        )
         // A panic anywhere inside is one request's 500 envelope, counted by observation above.
         .map_response(|response: Response<_>| response.map(Body::new))
         .layer(crate::layers::catch_panic::layer(max_body))

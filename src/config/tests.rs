@@ -559,3 +559,95 @@ fn shared_state_settings_load_with_defaults_and_bad_ones_are_rejected() {
         );
     }
 }
+
+#[test]
+fn cors_is_off_by_default_and_its_origins_and_headers_are_checked() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    assert!(loaded.config.cors.is_none());
+    let yaml = format!(
+        "cors: {{ allowed_origins: [\"https://app.example\"] }}\n{}",
+        valid()
+    );
+    let cors = Config::from_yaml(&yaml, "t").unwrap().config.cors.unwrap();
+    assert_eq!(cors.max_age, Duration::from_secs(600));
+    assert!(cors.allow_credentials);
+    assert!(cors.allowed_headers.iter().any(|h| h == "idempotency-key"));
+    assert!(cors
+        .exposed_headers
+        .iter()
+        .any(|h| h == "x-ratelimit-remaining"));
+
+    for (cors, path, expect) in [
+        (
+            "{ allowed_origins: [\"*\"] }",
+            "cors.allowed_origins",
+            "wildcards",
+        ),
+        (
+            "{ allowed_origins: [\"https://a.example/\"] }",
+            "cors.allowed_origins",
+            "without a path",
+        ),
+        (
+            "{ allowed_origins: [\"a.example\"] }",
+            "cors.allowed_origins",
+            "https://",
+        ),
+        (
+            "{ allowed_headers: [\"*\"] }",
+            "cors.allowed_headers",
+            "no wildcards",
+        ),
+        (
+            "{ exposed_headers: [\"bad header\"] }",
+            "cors.exposed_headers",
+            "not a header",
+        ),
+        ("{ preflight_burst: 0 }", "cors", "at least 1"),
+        ("{ max_age: 2d }", "cors.max_age", "at most 24h"),
+    ] {
+        let p = problems(&format!("cors: {cors}\n{}", valid()));
+        assert!(
+            p.iter()
+                .any(|p| p.path == path && p.message.contains(expect)),
+            "{cors}: {p:?}"
+        );
+    }
+    // A client's own origins need the section, and are checked like the default ones.
+    let with_origins = valid().replace(
+        "    service_account: sync\n",
+        "    service_account: sync\n    allowed_origins: [\"https://*.example\"]\n",
+    );
+    let p = problems(&with_origins);
+    assert!(
+        p.iter()
+            .any(|p| p.message.contains("needs the top-level cors")),
+        "{p:?}"
+    );
+    let p = problems(&format!("cors: {{}}\n{with_origins}"));
+    assert!(p.iter().any(|p| p.message.contains("wildcards")), "{p:?}");
+}
+
+#[test]
+fn compression_is_on_by_default_and_its_settings_are_checked() {
+    let c = Config::from_yaml(&valid(), "t").unwrap().config.compression;
+    assert!(c.enabled);
+    assert_eq!(
+        c.encodings,
+        vec![ContentCoding::Br, ContentCoding::Zstd, ContentCoding::Gzip]
+    );
+    assert_eq!(c.min_bytes, ByteSize(1024));
+    for (compression, expect) in [
+        ("{ encodings: [] }", "at least one encoding"),
+        ("{ encodings: [deflate] }", "unknown variant"),
+        ("{ types: [\"json\"] }", "not a media type"),
+        ("{ types: [\"*/*\"] }", "not a media type"),
+        ("{ level: 11 }", "expected one of `fastest`"),
+    ] {
+        let p = problems(&format!("compression: {compression}\n{}", valid()));
+        assert!(
+            p.iter().any(|p| p.message.contains(expect)),
+            "{compression}: {p:?}"
+        );
+    }
+}

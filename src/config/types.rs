@@ -86,6 +86,13 @@ pub struct Config {
     /// own (one replica, or a sidecar).
     #[serde(default)]
     pub shared_state: Option<SharedStateConfig>,
+    /// Browser apps calling erpgate from their own origin (CORS). Default: none, off: no
+    /// response carries CORS headers and an `OPTIONS` needs a key like any request.
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+    /// Response compression (gzip, br, zstd) negotiated from `Accept-Encoding`. Default: on.
+    #[serde(default)]
+    pub compression: CompressionConfig,
 }
 
 impl Config {
@@ -95,6 +102,112 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
             .clamp(1, 1024)
     }
+}
+
+/// CORS for browser apps. A preflight (`OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`) is answered by erpgate, 204, without a key, for an origin
+/// any client allows, and never forwarded; an actual response carries
+/// `Access-Control-Allow-Origin` only when the authenticated client allows its `Origin`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed for every client without its own `allowed_origins`. Default none.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Request headers a page may send. Default `Authorization`, `Content-Type`, `Accept`,
+    /// `Idempotency-Key`, `X-Frappe-CSRF-Token`, `X-Request-Id`.
+    #[serde(default = "defaults::cors_allowed_headers")]
+    pub allowed_headers: Vec<String>,
+    /// Response headers a page may read besides the CORS-safelisted ones. Default the
+    /// rate-limit headers (`RateLimit`, `RateLimit-Policy`, `X-RateLimit-Limit`,
+    /// `X-RateLimit-Remaining`, `X-RateLimit-Reset`), `Retry-After`, `X-Request-Id`, `X-Cache`,
+    /// `ETag`.
+    #[serde(default = "defaults::cors_exposed_headers")]
+    pub exposed_headers: Vec<String>,
+    /// How long a browser may keep a preflight's answer (Chromium caps it at 2 h). Default
+    /// `10m`.
+    #[serde(
+        default = "defaults::cors_max_age",
+        deserialize_with = "parse_duration"
+    )]
+    pub max_age: Duration,
+    /// `Access-Control-Allow-Credentials: true`, which pages sending `credentials: "include"`
+    /// (frappe-js-sdk does) need. erpgate never forwards cookies, so this exposes nothing a
+    /// key does not. Default `true`.
+    #[serde(default = "defaults::yes")]
+    pub allow_credentials: bool,
+    /// Preflights one source address may send per minute (they need no key, so they are
+    /// bounded by address, not by client); more get 429. Default `600`.
+    #[serde(default = "defaults::cors_preflights_per_minute")]
+    pub preflights_per_minute: u32,
+    /// Preflights one source address may send at once before `preflights_per_minute` applies.
+    /// Default `100`.
+    #[serde(default = "defaults::cors_preflight_burst")]
+    pub preflight_burst: u32,
+}
+
+/// Response compression. erpgate takes the place of the bench's nginx, which is what
+/// compresses Frappe's responses (gunicorn does not).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Default `true`.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Encodings offered, in the server's order of preference among those a client accepts
+    /// with the same q-value: `br`, `zstd`, `gzip`. Default all three.
+    #[serde(default = "defaults::compression_encodings")]
+    pub encodings: Vec<ContentCoding>,
+    /// Responses smaller than this go as they are: below about a packet the saving is nil and
+    /// the CPU is not. Default `1KiB`.
+    #[serde(default = "defaults::compression_min_bytes")]
+    pub min_bytes: ByteSize,
+    /// `fastest`, `default` or `best`. Default `default` (gzip 6, br 4, zstd 3: the nginx /
+    /// CDN middle ground; `best` costs many times the CPU for a few percent).
+    #[serde(default)]
+    pub level: CompressionLevel,
+    /// Media types compressed (exact, without parameters, or `type/*`). Default
+    /// `application/json`, `text/*`, `application/javascript`, `application/xml`,
+    /// `image/svg+xml`.
+    #[serde(default = "defaults::compression_types")]
+    pub types: Vec<String>,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            encodings: defaults::compression_encodings(),
+            min_bytes: defaults::compression_min_bytes(),
+            level: CompressionLevel::default(),
+            types: defaults::compression_types(),
+        }
+    }
+}
+
+/// A content coding erpgate can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentCoding {
+    /// Brotli.
+    Br,
+    /// Zstandard.
+    Zstd,
+    /// gzip.
+    Gzip,
+}
+
+/// Compression effort.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionLevel {
+    /// The encoders' fastest.
+    Fastest,
+    /// A balance.
+    #[default]
+    Default,
+    /// The smallest output.
+    Best,
 }
 
 /// TLS on the public listener; the files are read again on every reload.
@@ -713,6 +826,11 @@ pub struct ClientConfig {
     /// This client's most requests in flight. Default: the top-level `max_in_flight`.
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+    /// Origins (`https://app.example.com`, exact, no wildcard) whose pages may call erpgate
+    /// with this client's key: their responses carry `Access-Control-Allow-Origin`. Needs the
+    /// top-level `cors` section. Default: `cors.allowed_origins`.
+    #[serde(default)]
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 /// What a restricted client may do; everything not listed is refused with 403.
@@ -858,6 +976,67 @@ pub(crate) fn parse_size(text: &str) -> Option<u64> {
 
 mod defaults {
     use super::*;
+
+    pub fn cors_allowed_headers() -> Vec<String> {
+        [
+            "authorization",
+            "content-type",
+            "accept",
+            "idempotency-key",
+            "x-frappe-csrf-token",
+            "x-request-id",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    pub fn cors_exposed_headers() -> Vec<String> {
+        [
+            "ratelimit",
+            "ratelimit-policy",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "retry-after",
+            "x-request-id",
+            "x-cache",
+            "etag",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    pub fn cors_max_age() -> Duration {
+        Duration::from_secs(600)
+    }
+
+    pub fn cors_preflights_per_minute() -> u32 {
+        600
+    }
+
+    pub fn cors_preflight_burst() -> u32 {
+        100
+    }
+
+    pub fn compression_encodings() -> Vec<ContentCoding> {
+        vec![ContentCoding::Br, ContentCoding::Zstd, ContentCoding::Gzip]
+    }
+
+    pub fn compression_min_bytes() -> ByteSize {
+        ByteSize(1024)
+    }
+
+    pub fn compression_types() -> Vec<String> {
+        [
+            "application/json",
+            "text/*",
+            "application/javascript",
+            "application/xml",
+            "image/svg+xml",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
 
     pub fn listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 8080))

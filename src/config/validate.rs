@@ -373,6 +373,76 @@ impl Config {
             }
         }
 
+        match &self.cors {
+            None => {
+                for (name, client) in &self.clients {
+                    if client.allowed_origins.is_some() {
+                        problem(
+                            format!("clients.{name}.allowed_origins"),
+                            "needs the top-level cors section".into(),
+                        );
+                    }
+                }
+            }
+            Some(cors) => {
+                let origins = cors.allowed_origins.iter().map(|o| ("cors".to_owned(), o));
+                let per_client = self.clients.iter().flat_map(|(name, client)| {
+                    client
+                        .allowed_origins
+                        .iter()
+                        .flatten()
+                        .map(move |o| (format!("clients.{name}"), o))
+                });
+                for (at, origin) in origins.chain(per_client) {
+                    if let Err(why) = crate::layers::cors::check_origin(origin) {
+                        problem(format!("{at}.allowed_origins"), format!("{origin}: {why}"));
+                    }
+                }
+                for (key, names) in [
+                    ("allowed_headers", &cors.allowed_headers),
+                    ("exposed_headers", &cors.exposed_headers),
+                ] {
+                    for name in names {
+                        if name == "*" || http::HeaderName::try_from(name.as_str()).is_err() {
+                            problem(
+                                format!("cors.{key}"),
+                                format!("'{name}' is not a header name (no wildcards)"),
+                            );
+                        }
+                    }
+                }
+                if cors.preflights_per_minute == 0 || cors.preflight_burst == 0 {
+                    problem(
+                        "cors".into(),
+                        "preflights_per_minute and preflight_burst must be at least 1".into(),
+                    );
+                }
+                if cors.max_age > Duration::from_secs(86_400) {
+                    problem("cors.max_age".into(), "must be at most 24h".into());
+                }
+            }
+        }
+        let compression = &self.compression;
+        if compression.enabled && compression.encodings.is_empty() {
+            problem(
+                "compression.encodings".into(),
+                "at least one encoding, or enabled: false".into(),
+            );
+        }
+        for media_type in &compression.types {
+            let valid = media_type
+                .split_once('/')
+                .is_some_and(|(t, s)| !t.is_empty() && !s.is_empty() && t != "*")
+                && !media_type.contains([';', ' ', ','])
+                && media_type.is_ascii();
+            if !valid {
+                problem(
+                    "compression.types".into(),
+                    format!("'{media_type}' is not a media type or 'type/*'"),
+                );
+            }
+        }
+
         if problems.is_empty() {
             Ok(LoadedConfig {
                 config: self,

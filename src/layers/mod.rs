@@ -9,6 +9,7 @@ pub mod cache;
 pub mod catch_panic;
 pub mod classify;
 pub mod concurrency;
+pub mod cors;
 pub mod credential_swap;
 pub mod deadline;
 pub mod error_response;
