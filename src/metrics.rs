@@ -44,6 +44,9 @@ pub struct Metrics {
     pub cache_evictions: IntCounter,
     /// `erpgate_cache_bytes`
     pub cache_bytes: IntGauge,
+    /// `erpgate_compression_bytes_total{encoding,stage}`: bytes of compressed responses before
+    /// (`identity`) and after (`encoded`) compression; the difference is what was saved.
+    pub compression_bytes: IntCounterVec,
     /// `erpgate_connections_refused_total`: public connections closed at once, over the cap.
     pub connections_refused: IntCounter,
     /// `erpgate_open_connections`: public connections open now.
@@ -210,6 +213,13 @@ impl Metrics {
             "Cache entries evicted by the byte bound.",
         )?;
         let cache_bytes = IntGauge::new("erpgate_cache_bytes", "Bytes held by the cache.")?;
+        let compression_bytes = IntCounterVec::new(
+            Opts::new(
+                "erpgate_compression_bytes_total",
+                "Bytes of compressed responses before (stage=identity) and after (stage=encoded).",
+            ),
+            &["encoding", "stage"],
+        )?;
         let connections_refused = IntCounter::new(
             "erpgate_connections_refused_total",
             "Public connections closed at once because the connection cap was reached.",
@@ -245,6 +255,7 @@ impl Metrics {
             Box::new(cache_invalidations.clone()),
             Box::new(cache_evictions.clone()),
             Box::new(cache_bytes.clone()),
+            Box::new(compression_bytes.clone()),
             Box::new(cache_entries.clone()),
             Box::new(idempotency_evictions.clone()),
             Box::new(connections_refused.clone()),
@@ -284,6 +295,7 @@ impl Metrics {
             open_connections,
             cache_evictions,
             cache_bytes,
+            compression_bytes,
             cache_entries,
             config_reloads,
             config_info,

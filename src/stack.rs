@@ -30,6 +30,7 @@ use crate::layers::buffer::{BufferLayer, BufferSettings};
 use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
 use crate::layers::cache::{Cache, CacheLayer};
 use crate::layers::classify::ClassifyLayer;
+use crate::layers::compression::{CompressionLayer, Settings as CompressionSettings};
 use crate::layers::concurrency::ConcurrencyLayer;
 use crate::layers::cors::CorsLayer;
 use crate::layers::credential_swap::CredentialSwapLayer;
@@ -187,10 +188,16 @@ where
             }
         },
     );
+    let compression = config.compression.enabled.then(|| {
+        Arc::new(CompressionSettings::new(
+            &config.compression,
+            &metrics.compression_bytes,
+        ))
+    });
     let cache = reuse(
         kept.map(|k| &k.cache),
-        format!("{:?} {}", config.cache, shared.0),
-        || build_cache(config, metrics, shared.1.clone()),
+        format!("{:?} {} {:?}", config.cache, shared.0, config.compression),
+        || build_cache(config, metrics, shared.1.clone(), compression.clone()),
     );
     // Other replicas' invalidations reach this cache, their blocks this failure limiter.
     if let Some(state) = &shared.1 {
@@ -230,6 +237,9 @@ where
                 .map(|cors| CorsLayer::new(cors, config.clients.iter(), trusted.clone(), max_body)),
         )
         // A panic anywhere inside is one request's 500 envelope, counted by observation above.
+        // Inside CORS, outside the cache (which serves its own encoded copies): one encoding per
+        // answer, negotiated here.
+        .option_layer(compression.map(CompressionLayer::new))
         .map_response(|response: Response<_>| response.map(Body::new))
         .layer(crate::layers::catch_panic::layer(max_body))
         // The edge: errors from any layer below become one Frappe-envelope response, here only.
@@ -365,6 +375,7 @@ fn build_cache(
     config: &Config,
     metrics: &Metrics,
     shared: Option<Arc<SharedState>>,
+    compression: Option<Arc<CompressionSettings>>,
 ) -> Option<Arc<Cache>> {
     let c = &config.cache;
     if c.rules.is_empty() {
@@ -398,6 +409,7 @@ fn build_cache(
         c.max_entry_bytes.0,
         metrics.clone(),
         shared,
+        compression,
     )))
 }
 

@@ -8,6 +8,7 @@ pub mod buffer;
 pub mod cache;
 pub mod catch_panic;
 pub mod classify;
+pub mod compression;
 pub mod concurrency;
 pub mod cors;
 pub mod credential_swap;

@@ -390,6 +390,23 @@ impl FrappeUpstream {
             }
             return r;
         }
+        if path == "/api/method/frappe.client.get_list"
+            && query.get("doctype").map(String::as_str) == Some("ToDo")
+        {
+            // Rows shaped like a real ToDo list (hash names, as Frappe autonames them), the page
+            // length asked for (Frappe's default 20).
+            let rows: usize = query
+                .get("limit_page_length")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(20);
+            let rows: Vec<Value> = (0..rows)
+                .map(|i| {
+                    let hash = hex::encode(Sha256::digest(i.to_string().as_bytes()));
+                    json!({"name": &hash[..10], "status": "Open", "description": format!("Follow up {i}")})
+                })
+                .collect();
+            return ok(json!({"message": rows}));
+        }
         if path == "/api/method/frappe.auth.get_logged_user" {
             return ok(json!({"message": user}));
         }

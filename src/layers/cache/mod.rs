@@ -36,9 +36,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::config::ContentCoding;
 use crate::frappe::form_dict::BodyFormat;
 use crate::frappe::writes::doctypes_written;
 use crate::frappe::FrappeRequest;
+use crate::layers::compression::{token, Negotiated, Settings};
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::metrics::Metrics;
@@ -181,6 +183,8 @@ pub struct Cache {
     /// The other replicas, told of every invalidation; while this replica may miss theirs, it
     /// bypasses the cache.
     peers: Option<Arc<SharedState>>,
+    /// Response compression, when on: entries serve their own encoded copies.
+    compression: Option<Arc<Settings>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -201,9 +205,11 @@ impl Cache {
         max_entry_bytes: u64,
         metrics: Metrics,
         peers: Option<Arc<SharedState>>,
+        compression: Option<Arc<Settings>>,
     ) -> Self {
         Self {
             peers,
+            compression,
             marks: Invalidations::new(rules.longest_life()),
             rules,
             store: Store::new(max_bytes, metrics.cache_evictions.clone()),
@@ -384,6 +390,19 @@ impl Cache {
             headers: request.headers(),
         });
         let if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
+        let encoding = self
+            .compression
+            .clone()
+            .zip(request.extensions().get::<Negotiated>().map(|n| n.0));
+        let serve = |entry: &Entry, outcome| {
+            serve(
+                entry,
+                outcome,
+                if_none_match.as_ref(),
+                head,
+                encoding.as_ref(),
+            )
+        };
         // `Cache-Control: no-cache` from the client: fetch again (and store the answer).
         let revalidate = directive(request.headers(), "no-cache")
             || request
@@ -401,7 +420,7 @@ impl Cache {
         };
         if let Some(entry) = cached.as_ref().filter(|e| e.is_fresh() && !revalidate) {
             self.count(&site, Outcome::Hit);
-            return Ok(serve(entry, Outcome::Hit, if_none_match.as_ref(), head));
+            return Ok(serve(entry, Outcome::Hit));
         }
         if head {
             let outcome = Outcome::Miss {
@@ -461,15 +480,13 @@ impl Cache {
         {
             let outcome = Outcome::Stale { upstream_status };
             self.count(&site, outcome);
-            return Ok(serve(&entry, outcome, if_none_match.as_ref(), head));
+            return Ok(serve(&entry, outcome));
         }
         let stored = matches!(&*fetched, Fetched::Stored(_));
         let outcome = Outcome::Miss { stored, collapsed };
         self.count(&site, outcome);
         let mut response = match &*fetched {
-            Fetched::Stored(entry) => {
-                return Ok(serve(entry, outcome, if_none_match.as_ref(), head))
-            }
+            Fetched::Stored(entry) => return Ok(serve(entry, outcome)),
             Fetched::Passed {
                 status,
                 headers,
@@ -555,7 +572,12 @@ impl Cache {
         let digest = Sha256::digest(&body);
         let etag = HeaderValue::try_from(format!("\"{}\"", hex::encode(&digest[..16])))
             .unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
+        let compressible = self.compression.as_ref().is_some_and(|c| {
+            c.compressible(StatusCode::OK, &parts.headers, Some(body.len() as u64))
+        });
         let entry = Arc::new(Entry {
+            compressible,
+            encoded: Default::default(),
             headers: parts.headers,
             body,
             etag,
@@ -677,29 +699,57 @@ fn mark(headers: &mut HeaderMap, outcome: Outcome, entry: Option<&Entry>) {
     }
 }
 
-/// An answer from an entry: the body, or 304 when the client has it already.
+/// An answer from an entry: the body (its copy in the negotiated `encoding` when it has one),
+/// or 304 when the client has that already.
 fn serve(
     entry: &Entry,
     outcome: Outcome,
     if_none_match: Option<&HeaderValue>,
     head: bool,
+    encoding: Option<&(Arc<Settings>, ContentCoding)>,
 ) -> Response<Body> {
-    let not_modified = if_none_match.is_some_and(|v| etag_matches(v, &entry.etag));
+    let copy = encoding.and_then(|(settings, coding)| {
+        entry
+            .encoded(*coding, settings)
+            .map(|copy| (settings, *coding, copy))
+    });
+    let etag = copy.map_or(&entry.etag, |(_, _, (_, etag))| etag);
+    let not_modified = if_none_match.is_some_and(|v| etag_matches(v, etag));
     let mut response = if not_modified {
         let mut response = Response::new(empty_body());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response
     } else {
+        let body = copy.map_or(&entry.body, |(_, _, (bytes, _))| bytes);
         let mut response = Response::new(if head {
             empty_body()
         } else {
-            full_body(entry.body.clone())
+            full_body(body.clone())
         });
         *response.headers_mut() = entry.headers.clone();
+        if let Some((settings, coding, (bytes, _))) = copy {
+            let headers = response.headers_mut();
+            headers.remove(header::CONTENT_LENGTH);
+            headers.insert(
+                header::CONTENT_ENCODING,
+                HeaderValue::from_static(token(coding)),
+            );
+            if !head {
+                settings.count(coding, entry.body.len() as u64, bytes.len() as u64);
+            }
+        }
         response
     };
     let headers = response.headers_mut();
-    headers.insert(header::ETAG, entry.etag.clone());
+    // Whichever copy this is, the answer depended on Accept-Encoding.
+    let varies = headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("accept-encoding"))
+    });
+    if entry.compressible && !varies {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    headers.insert(header::ETAG, etag.clone());
     headers.insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
     mark(headers, outcome, Some(entry));
     response

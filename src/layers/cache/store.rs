@@ -1,15 +1,17 @@
 //! The store: moka (async), bounded in bytes through a weigher; each entry lives for its fresh
 //! time plus its stale-if-error window.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use prometheus::IntCounter;
 
+use crate::config::ContentCoding;
 use crate::layers::cache::invalidation::Tag;
 use crate::layers::cache::key::CacheKey;
+use crate::layers::compression::{encoded_etag, index, Settings};
 
 /// A stored answer (always a 200).
 #[derive(Debug)]
@@ -30,6 +32,11 @@ pub struct Entry {
     pub ttl: Duration,
     /// Then as stale, on upstream failure, for this long.
     pub stale_if_error: Duration,
+    /// Whether compression applies to it (type, size, headers).
+    pub compressible: bool,
+    /// Its encoded copies, made on first demand, with their `ETag`s, by
+    /// `compression::index`; `None` when the coding saves too little to keep.
+    pub encoded: [OnceLock<Option<(Bytes, HeaderValue)>>; 3],
 }
 
 impl Entry {
@@ -48,14 +55,41 @@ impl Entry {
         self.age() < self.ttl + self.stale_if_error
     }
 
-    /// Bytes it is accounted as.
+    /// Bytes it is accounted as: a compressible entry is charged up front for the encoded
+    /// copies it may make, each kept only at half the body or less.
     pub fn weight(&self) -> u32 {
         let headers: usize = self
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
+        let copies = if self.compressible {
+            self.body.len() / 2 * 3
+        } else {
+            0
+        };
+        u32::try_from(self.body.len() + copies + headers + 256).unwrap_or(u32::MAX)
+    }
+
+    /// Its copy in `coding`, made now if it is the first demand; `None` when not compressible
+    /// or when the coding does not halve it.
+    pub fn encoded(
+        &self,
+        coding: ContentCoding,
+        settings: &Settings,
+    ) -> Option<&(Bytes, HeaderValue)> {
+        if !self.compressible {
+            return None;
+        }
+        self.encoded[index(coding)]
+            .get_or_init(|| {
+                let bytes = settings.encode(coding, &self.body).ok()?;
+                if bytes.len() > self.body.len() / 2 {
+                    return None;
+                }
+                Some((bytes, encoded_etag(&self.etag, coding)?))
+            })
+            .as_ref()
     }
 }
 
