@@ -634,7 +634,7 @@ fn compression_is_on_by_default_and_its_settings_are_checked() {
     assert!(c.enabled);
     assert_eq!(
         c.encodings,
-        vec![ContentCoding::Br, ContentCoding::Zstd, ContentCoding::Gzip]
+        vec![ContentCoding::Zstd, ContentCoding::Br, ContentCoding::Gzip]
     );
     assert_eq!(c.min_bytes, ByteSize(1024));
     for (compression, expect) in [

@@ -155,7 +155,8 @@ pub struct CompressionConfig {
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
     /// Encodings offered, in the server's order of preference among those a client accepts
-    /// with the same q-value: `br`, `zstd`, `gzip`. Default all three.
+    /// with the same q-value. Default `[zstd, br, gzip]`: on Frappe's JSON zstd gives the
+    /// smallest answer for the least CPU (BENCHMARKS.md).
     #[serde(default = "defaults::compression_encodings")]
     pub encodings: Vec<ContentCoding>,
     /// Responses smaller than this go as they are: below about a packet the saving is nil and
@@ -1019,7 +1020,7 @@ mod defaults {
     }
 
     pub fn compression_encodings() -> Vec<ContentCoding> {
-        vec![ContentCoding::Br, ContentCoding::Zstd, ContentCoding::Gzip]
+        vec![ContentCoding::Zstd, ContentCoding::Br, ContentCoding::Gzip]
     }
 
     pub fn compression_min_bytes() -> ByteSize {
