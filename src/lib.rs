@@ -16,6 +16,7 @@ pub mod shared_state;
 pub mod site;
 pub mod stack;
 pub mod tags;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 

@@ -44,6 +44,11 @@ pub struct Metrics {
     pub cache_evictions: IntCounter,
     /// `erpgate_cache_bytes`
     pub cache_bytes: IntGauge,
+    /// `erpgate_trace_exports_total{outcome}`: span batches sent to the collector, `ok` or
+    /// `error`.
+    pub trace_exports: IntCounterVec,
+    /// `erpgate_trace_spans_dropped_total`: spans lost to failed exports.
+    pub trace_spans_dropped: IntCounter,
     /// `erpgate_compression_bytes_total{encoding,stage}`: bytes of compressed responses before
     /// (`identity`) and after (`encoded`) compression; the difference is what was saved.
     pub compression_bytes: IntCounterVec,
@@ -213,6 +218,17 @@ impl Metrics {
             "Cache entries evicted by the byte bound.",
         )?;
         let cache_bytes = IntGauge::new("erpgate_cache_bytes", "Bytes held by the cache.")?;
+        let trace_exports = IntCounterVec::new(
+            Opts::new(
+                "erpgate_trace_exports_total",
+                "Span batches sent to the OTLP collector, by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let trace_spans_dropped = IntCounter::new(
+            "erpgate_trace_spans_dropped_total",
+            "Spans lost because their export failed.",
+        )?;
         let compression_bytes = IntCounterVec::new(
             Opts::new(
                 "erpgate_compression_bytes_total",
@@ -256,6 +272,8 @@ impl Metrics {
             Box::new(cache_evictions.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(compression_bytes.clone()),
+            Box::new(trace_exports.clone()),
+            Box::new(trace_spans_dropped.clone()),
             Box::new(cache_entries.clone()),
             Box::new(idempotency_evictions.clone()),
             Box::new(connections_refused.clone()),
@@ -296,6 +314,8 @@ impl Metrics {
             cache_evictions,
             cache_bytes,
             compression_bytes,
+            trace_exports,
+            trace_spans_dropped,
             cache_entries,
             config_reloads,
             config_info,

@@ -22,6 +22,7 @@ use crate::forwarding::TrustedProxies;
 use crate::frappe::acl::parse_operations;
 use crate::frappe::auth_header::token_header;
 use crate::frappe::{AccessRules, CanonicalPath, MethodName};
+use crate::layers::attempt_span::AttemptSpanLayer;
 use crate::layers::auth::{AuthFailureLimiter, AuthLayer, Client, ClientTable};
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
@@ -43,12 +44,14 @@ use crate::layers::rate_limit::{ClientQuotas, QuotaPolicy, RateLimitLayer};
 use crate::layers::request_id::RequestIdLayer;
 use crate::layers::retry::RetryPolicy;
 use crate::layers::route::RouteLayer;
+use crate::layers::server_span::ServerSpanLayer;
 use crate::layers::webhook::WebhookLayer;
 use crate::metrics::Metrics;
 use crate::routing::{Route, Router};
 use crate::shared_state::{Listener, SharedState};
 use crate::site::breaker::{Breaker, BreakerSettings};
 use crate::site::{identity_of, RetrySettings, ServiceAccount, Site};
+use crate::telemetry::{ExportMetrics, Telemetry};
 use crate::upstream::{Upstream, UpstreamBuildError};
 use crate::{Body, BoxError};
 use tower::retry::budget::TpsBudget;
@@ -124,6 +127,7 @@ struct Kept {
     failures: (String, Arc<AuthFailureLimiter>),
     idempotency: (String, Arc<dyn IdempotencyStore>),
     cache: (String, Option<Arc<Cache>>),
+    telemetry: (String, Option<Arc<Telemetry>>),
 }
 
 /// Builds the gateway from a validated config; on a reload, `previous` is the gateway being
@@ -211,6 +215,8 @@ where
         state.set_listeners(listeners);
     }
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+    let telemetry = build_telemetry(config, metrics, kept.map(|k| &k.telemetry))?;
+    let tracer = telemetry.1.as_ref().map(|t| t.spans.clone());
 
     let webhooks = cache.1.as_ref().map(|cache| {
         let secrets = loaded
@@ -228,6 +234,8 @@ where
         .layer(RequestIdLayer)
         // Outside everything that can refuse, so refusals are counted and logged too.
         .layer(ObserveLayer::new(metrics.clone()))
+        // Inside observation (whose log line carries the trace id), outside every refusal.
+        .option_layer(tracer.clone().map(ServerSpanLayer::new))
         // Preflights answered before any key is asked for; CORS headers on every answer below,
         // refusals included, decided on the client authenticated inside.
         .option_layer(
@@ -303,6 +311,8 @@ where
         .layer(BreakerLayer)
         // Last before the network: no layer above ever holds an ERPNext secret.
         .layer(CredentialSwapLayer::new(trusted))
+        // One client span per attempt; its traceparent goes to the site.
+        .option_layer(tracer.map(AttemptSpanLayer::new))
         .service(upstream);
     Ok(Gateway {
         service: BoxCloneSyncService::new(service),
@@ -329,6 +339,7 @@ where
             failures,
             idempotency,
             cache,
+            telemetry,
         },
     })
 }
@@ -368,6 +379,39 @@ fn build_shared_state(
         ),
     };
     Ok((fingerprint, state))
+}
+
+/// The trace exporter, when tracing is configured; kept over a reload that leaves its settings
+/// (and header values) alone.
+fn build_telemetry(
+    config: &Config,
+    metrics: &Metrics,
+    previous: Option<&(String, Option<Arc<Telemetry>>)>,
+) -> Result<(String, Option<Arc<Telemetry>>), BuildError> {
+    let headers: Vec<String> = config
+        .tracing
+        .iter()
+        .flat_map(|t| t.headers.values())
+        .map(|v| {
+            use sha2::Digest as _;
+            hex::encode(sha2::Sha256::digest(v.0.as_bytes()))
+        })
+        .collect();
+    let fingerprint = format!("{:?} {headers:?}", config.tracing);
+    if let Some((was, telemetry)) = previous.filter(|(was, _)| *was == fingerprint) {
+        return Ok((was.clone(), telemetry.clone()));
+    }
+    let telemetry = match &config.tracing {
+        None => None,
+        Some(tracing) => Some(Arc::new(
+            Telemetry::start(
+                tracing,
+                ExportMetrics::new(&metrics.trace_exports, &metrics.trace_spans_dropped),
+            )
+            .map_err(|e| BuildError::Invalid(e.to_string()))?,
+        )),
+    };
+    Ok((fingerprint, telemetry))
 }
 
 /// The cache, unless no rule is configured.

@@ -3,6 +3,7 @@
 //! request's extensions; inner layers fill it in; the access log, the metrics and the error
 //! envelope read it once the response is back.
 
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, OnceLock};
 
 use crate::frappe::ApiVersion;
@@ -18,6 +19,10 @@ pub struct RequestTags {
     pub kind: OnceLock<&'static str>,
     /// The Frappe API version of the (canonical) path.
     pub api: OnceLock<Option<ApiVersion>>,
+    /// The OpenTelemetry trace the request belongs to, when tracing is on (for the access log).
+    pub trace_id: OnceLock<[u8; 16]>,
+    /// Attempts sent to the site (retries are the attempts after the first).
+    pub attempts: AtomicU32,
 }
 
 impl RequestTags {

@@ -291,7 +291,9 @@ impl http_body::Body for Sent {
 }
 
 /// System roots plus the PEM certificates in `ca_file`.
-fn root_store(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, UpstreamBuildError> {
+pub(crate) fn root_store(
+    ca_file: Option<&Path>,
+) -> Result<rustls::RootCertStore, UpstreamBuildError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);

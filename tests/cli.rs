@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -103,35 +102,8 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         "log: { format: json, level: info }",
     );
     let path = temp_file("run.yaml", &config);
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-
-    // The JSON log says where it listens.
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addrs = None;
-    while addrs.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("gateway did not start");
-        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if log["message"] == "erpgate listening" {
-            addrs = Some((
-                log["listen_addr"].as_str().unwrap().to_owned(),
-                log["admin_addr"].as_str().unwrap().to_owned(),
-            ));
-        }
-    }
-    let (listen, admin) = addrs.unwrap();
+    let mut gateway = GatewayProcess::start(&path);
+    let (listen, admin) = (gateway.listen.clone(), gateway.admin.clone());
     let base = format!("http://{listen}");
 
     // The container health check: alive, and a dead address is not.
@@ -160,7 +132,7 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     }
     // The shell's kill builtin: no dependency on a kill binary being installed.
     let killed = Command::new("sh")
-        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .args(["-c", &format!("kill -TERM {}", gateway.child.id())])
         .status()
         .unwrap();
     assert!(killed.success());
@@ -197,13 +169,15 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["message"], "slow done");
 
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    let (status, gateway) = tokio::task::spawn_blocking(move || {
+        let status = gateway.child.wait();
+        (status, gateway)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.unwrap().code(), Some(0));
     // One access-log line per request, with the fields operators need.
-    let logs: Vec<String> = rx.try_iter().collect();
+    let logs: Vec<String> = gateway.logs_so_far();
     let access = logs
         .iter()
         .find(|l| l.contains("erpgate::access"))

@@ -51,6 +51,17 @@ where
     parse_env(d).map(Some)
 }
 
+/// A map of strings, each value `${ENV}`-expanded.
+pub(crate) fn parse_env_map<'de, D>(d: D) -> Result<IndexMap<String, Secret>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    IndexMap::<String, String>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| Ok((k, Secret(expand_env(&v).map_err(de::Error::custom)?))))
+        .collect()
+}
+
 pub(crate) fn parse_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| {

@@ -651,3 +651,54 @@ fn compression_is_on_by_default_and_its_settings_are_checked() {
         );
     }
 }
+
+#[test]
+fn tracing_is_off_by_default_and_its_settings_are_checked() {
+    assert!(Config::from_yaml(&valid(), "t")
+        .unwrap()
+        .config
+        .tracing
+        .is_none());
+    std::env::set_var("ERPGATE_TEST_OTLP_KEY", "key-from-env");
+    let yaml = format!(
+        "tracing: {{ endpoint: \"http://collector:4318\", headers: {{ x-api-key: \"${{ERPGATE_TEST_OTLP_KEY}}\" }} }}\n{}",
+        valid()
+    );
+    let loaded = Config::from_yaml(&yaml, "t").unwrap();
+    let tracing = loaded.config.tracing.as_ref().unwrap();
+    assert_eq!(tracing.sample_ratio, 1.0);
+    assert_eq!(tracing.service_name, "erpgate");
+    assert_eq!(tracing.export_interval, Duration::from_secs(5));
+    assert_eq!(tracing.max_queue_size, 2048);
+    assert_eq!(tracing.headers["x-api-key"].0, "key-from-env");
+    // Header values may be credentials: they never print.
+    assert!(!format!("{loaded:?}").contains("key-from-env"));
+    for (tracing, path) in [
+        ("{ endpoint: \"collector:4318\" }", "tracing.endpoint"),
+        ("{ endpoint: \"ftp://c\" }", "tracing.endpoint"),
+        (
+            "{ endpoint: \"http://c\", sample_ratio: 1.5 }",
+            "tracing.sample_ratio",
+        ),
+        (
+            "{ endpoint: \"http://c\", max_queue_size: 0 }",
+            "tracing.max_queue_size",
+        ),
+        ("{ endpoint: \"http://c\", export_interval: 0s }", "tracing"),
+        (
+            "{ endpoint: \"http://c\", headers: { \"bad name\": x } }",
+            "tracing.headers.bad name",
+        ),
+    ] {
+        let p = problems(&format!("tracing: {tracing}\n{}", valid()));
+        assert!(p.iter().any(|p| p.path == path), "{tracing}: {p:?}");
+    }
+    let p = problems(&format!(
+        "tracing: {{ endpoint: \"http://c\", protocol: grpc }}\n{}",
+        valid()
+    ));
+    assert!(
+        p.iter().any(|p| p.message.contains("unknown field")),
+        "{p:?}"
+    );
+}

@@ -93,6 +93,10 @@ pub struct Config {
     /// Response compression (gzip, br, zstd) negotiated from `Accept-Encoding`. Default: on.
     #[serde(default)]
     pub compression: CompressionConfig,
+    /// OpenTelemetry traces exported over OTLP. Default: none, off (an incoming `traceparent`
+    /// is passed to Frappe as it came).
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
 }
 
 impl Config {
@@ -184,6 +188,45 @@ impl Default for CompressionConfig {
             types: defaults::compression_types(),
         }
     }
+}
+
+/// OpenTelemetry traces: one server span per request and one client span per attempt sent to
+/// a site, exported in batches over OTLP/HTTP (protobuf) from a thread of their own, so export
+/// never delays or fails a request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP traces URL, e.g. `http://otel-collector:4318/v1/traces`
+    /// (`/v1/traces` is added to a URL without a path). `${ENV}` allowed.
+    #[serde(deserialize_with = "parse_env")]
+    pub endpoint: EnvString,
+    /// Share of new traces recorded, 0.0 to 1.0; a request with a `traceparent` follows its
+    /// caller's sampling decision. Default `1.0`.
+    #[serde(default = "defaults::sample_ratio")]
+    pub sample_ratio: f64,
+    /// The `service.name` resource attribute. Default `erpgate`.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+    /// Headers sent with every export (a hosted collector's API key, say). `${ENV}` allowed in
+    /// values; never printed. Default none.
+    #[serde(default, deserialize_with = "parse_env_map")]
+    pub headers: IndexMap<String, Secret>,
+    /// How long finished spans wait to be sent in one batch. Default `5s`.
+    #[serde(
+        default = "defaults::export_interval",
+        deserialize_with = "parse_duration"
+    )]
+    pub export_interval: Duration,
+    /// Time one export may take. Default `10s`.
+    #[serde(
+        default = "defaults::export_timeout",
+        deserialize_with = "parse_duration"
+    )]
+    pub export_timeout: Duration,
+    /// Finished spans held for export at most; more are dropped rather than held or waited
+    /// for. Default `2048`.
+    #[serde(default = "defaults::max_queue_size")]
+    pub max_queue_size: usize,
 }
 
 /// A content coding erpgate can produce.
@@ -1005,6 +1048,26 @@ mod defaults {
         ]
         .map(String::from)
         .to_vec()
+    }
+
+    pub fn sample_ratio() -> f64 {
+        1.0
+    }
+
+    pub fn service_name() -> String {
+        "erpgate".into()
+    }
+
+    pub fn export_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    pub fn export_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    pub fn max_queue_size() -> usize {
+        2048
     }
 
     pub fn cors_max_age() -> Duration {

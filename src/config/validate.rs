@@ -422,6 +422,43 @@ impl Config {
                 }
             }
         }
+        if let Some(tracing) = &self.tracing {
+            let url = tracing.endpoint.0.parse::<http::Uri>();
+            let valid = url.as_ref().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !valid {
+                problem(
+                    "tracing.endpoint".into(),
+                    "must be an http:// or https:// URL".into(),
+                );
+            }
+            if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+                problem(
+                    "tracing.sample_ratio".into(),
+                    "must be from 0.0 to 1.0".into(),
+                );
+            }
+            if tracing.max_queue_size == 0 {
+                problem("tracing.max_queue_size".into(), "must be at least 1".into());
+            }
+            if tracing.export_interval.is_zero() || tracing.export_timeout.is_zero() {
+                problem(
+                    "tracing".into(),
+                    "export_interval and export_timeout must be more than 0".into(),
+                );
+            }
+            for (name, value) in &tracing.headers {
+                if http::HeaderName::try_from(name.as_str()).is_err()
+                    || http::HeaderValue::try_from(value.0.as_str()).is_err()
+                {
+                    problem(
+                        format!("tracing.headers.{name}"),
+                        "is not a valid header".into(),
+                    );
+                }
+            }
+        }
         let compression = &self.compression;
         if compression.enabled && compression.encodings.is_empty() {
             problem(

@@ -84,6 +84,12 @@ fn attach_partial(
     if let Some(tags) = RequestTags::of(request) {
         let _ = tags.kind.set(classified.kind.label());
     }
+    if let Some(span) = request
+        .extensions()
+        .get::<crate::layers::server_span::ServerSpan>()
+    {
+        span.describe(&classified.kind);
+    }
     request.extensions_mut().insert(classified);
 }
 

@@ -1,5 +1,6 @@
 //! The gateway's Tower layers, one per file. Their order is decided in [`crate::stack`] alone.
 
+pub mod attempt_span;
 pub mod auth;
 pub mod authorize;
 pub mod body_limit;
@@ -22,6 +23,7 @@ pub mod request_id;
 pub mod retry;
 pub mod route;
 pub mod sensitive_headers;
+pub mod server_span;
 pub mod webhook;
 
 use std::future::Future;

@@ -142,7 +142,21 @@ impl Record {
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             error = error.unwrap_or(""),
+            trace_id = %TraceId(self.tags.trace_id.get()),
         );
+    }
+}
+
+/// A trace id as W3C Trace Context writes it (32 lowercase hex digits), or nothing when the
+/// request is not traced; formatted straight into the log line.
+struct TraceId<'a>(Option<&'a [u8; 16]>);
+
+impl std::fmt::Display for TraceId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for byte in self.0.into_iter().flatten() {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
     }
 }
 

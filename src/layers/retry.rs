@@ -99,8 +99,8 @@ fn jittered_backoff(base: Duration, max: Duration, retry: u32) -> Duration {
     ceiling.mul_f64(rand::random::<f64>())
 }
 
-/// Copies the per-connection facts the credential swap reads (peer address, TLS) and the held
-/// body into a retry's copy.
+/// Copies the per-connection facts the credential swap reads (peer address, TLS), the held
+/// body and the request's trace span and tags into a retry's copy.
 fn for_each_forwarded_extension(from: &http::Extensions, to: &mut http::Extensions) {
     if let Some(peer) = from.get::<crate::forwarding::PeerAddr>() {
         to.insert(*peer);
@@ -110,6 +110,13 @@ fn for_each_forwarded_extension(from: &http::Extensions, to: &mut http::Extensio
     }
     if let Some(body) = from.get::<ReplayableBody>() {
         to.insert(body.clone());
+    }
+    // Each attempt is traced under the request's span and counted in its tags.
+    if let Some(span) = from.get::<crate::layers::server_span::ServerSpan>() {
+        to.insert(span.clone());
+    }
+    if let Some(tags) = from.get::<std::sync::Arc<crate::tags::RequestTags>>() {
+        to.insert(tags.clone());
     }
 }
 

@@ -284,3 +284,70 @@ pub async fn keyed_post(
     )
     .await
 }
+
+/// The built `erpgate` binary serving a config file, with its JSON log lines (the config must
+/// ask for `log: { format: json, level: info }`). Killed when dropped.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    logs: std::sync::mpsc::Receiver<String>,
+    pub listen: String,
+    pub admin: String,
+}
+
+impl GatewayProcess {
+    /// Runs `erpgate run --config <path>` and waits for it to say where it listens.
+    pub fn start(config: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_erpgate"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, logs) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut process = Self {
+            child,
+            logs,
+            listen: String::new(),
+            admin: String::new(),
+        };
+        loop {
+            let log = process.next_log();
+            if log["message"] == "erpgate listening" {
+                process.listen = log["listen_addr"].as_str().unwrap().to_owned();
+                process.admin = log["admin_addr"].as_str().unwrap().to_owned();
+                return process;
+            }
+        }
+    }
+
+    /// The log lines written so far and not yet read, as they are.
+    pub fn logs_so_far(&self) -> Vec<String> {
+        self.logs.try_iter().collect()
+    }
+
+    /// The next log line, parsed (`null` for one that is not JSON); fails after 20 s.
+    pub fn next_log(&self) -> serde_json::Value {
+        let line = self
+            .logs
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no log line within 20s");
+        serde_json::from_str(&line).unwrap_or_default()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
