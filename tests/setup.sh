@@ -5,7 +5,9 @@
 #   - kubernetes-validate (PyPI): deploy/validate.sh checks the Kubernetes manifests offline;
 #   - redis-server (Debian package `redis-server`): tests/scale_out.rs starts its own, on a free
 #     port, for the shared state replicas use; deploy/validate.sh runs the bundled Redis's
-#     arguments with it (redis-cli comes with it).
+#     arguments with it (redis-cli comes with it);
+#   - chromium (Debian package `chromium`): tests/browser.rs loads pages in headless Chromium
+#     to show CORS working, and blocking, in a real browser.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -21,6 +23,11 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
   # Tests start their own servers; the package's own service is not needed.
   as_root service redis-server stop >/dev/null 2>&1 || true
+fi
+if ! command -v chromium >/dev/null; then
+  echo "== installing chromium (Debian package)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 if ! command -v kubernetes-validate >/dev/null; then
   echo "== installing kubernetes-validate (PyPI)"
