@@ -3,6 +3,11 @@
 //! which the edge reports as 413 too.
 //!
 //! Before authentication, so an oversized upload is refused without any work spent on it.
+//!
+//! Kept beside tower-http's `RequestBodyLimitLayer`, which does the same two checks but answers
+//! with its own plain-text 413 and wraps the body in its own type: here the refusal is an error
+//! the edge turns into Frappe's envelope (with the request id and API version, as every other
+//! refusal), and the body stays erpgate's [`Body`] for the layers inside.
 
 use std::task::{Context, Poll};
 

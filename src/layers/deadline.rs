@@ -4,6 +4,13 @@
 //! left running.
 //!
 //! Outside the retry layer, which it bounds; per-attempt timeouts are the upstream client's.
+//!
+//! Kept beside tower-http's `TimeoutLayer`, whose deadline is one duration for the whole
+//! service, answered with a bare status: here it is the routed site's own `timeouts.total`
+//! (known only once the request is routed), counted against that site, and answered as a 504
+//! Frappe envelope naming it. tower-http's `RequestBodyTimeoutLayer` is not used either: the
+//! client's body deadline is the buffering layer's `client_body_timeout`, answered 408 and
+//! never counted against the site's breaker.
 
 use std::future::Future;
 use std::pin::Pin;

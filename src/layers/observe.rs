@@ -4,6 +4,12 @@
 //! Second from the outside: inside the request id (so the log line has it), outside everything
 //! that can refuse a request (so refusals are counted). It puts an empty [`RequestTags`] in the
 //! request for inner layers to fill in with the client, site and kind.
+//!
+//! Kept beside tower-http's `TraceLayer`, which opens a `tracing` span per request and emits
+//! events through callbacks: erpgate's access log is one line per request with fields learnt by
+//! inner layers (client, site, kind, trace id) only known once the response is back, and its
+//! metrics are labelled by them; a span per request through the `tracing` subscriber would cost
+//! every request when only the line is wanted. OpenTelemetry spans are `layers::server_span`.
 
 use std::future::Future;
 use std::pin::Pin;

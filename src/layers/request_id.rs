@@ -3,6 +3,12 @@
 //! Outermost, so that every log line, error envelope and upstream request of this request
 //! carries the same id.
 //!
+//! Kept beside tower-http's `SetRequestIdLayer` / `PropagateRequestIdLayer`: those keep any
+//! incoming id as it is, and erpgate must not (a client-chosen id of any length or bytes would
+//! go into every log line, error envelope and upstream request: `is_sane` bounds it to 128
+//! printable characters, else a new one is made); and the pair is two layers and a
+//! `MakeRequestId` for what is one header copied three ways here.
+//!
 //! ```ignore
 //! ServiceBuilder::new().layer(RequestIdLayer).service(inner)
 //! ```
