@@ -2,10 +2,11 @@
 //! layers in request order and the reason for each position next to it.
 //!
 //! ```text
-//! client ─► request id ─► observe ─► error edge ─► body limit ─► webhooks ─► authenticate
+//! client ─► sensitive headers ─► request id ─► observe ─► [server span] ─► [CORS]
+//!        ─► compression ─► catch panic ─► error edge ─► body limit ─► webhooks ─► authenticate
 //!        ─► route ─► classify ─► rate limit ─► concurrency ─► authorize ─► cache
 //!        ─► idempotency ─► buffer ─► deadline ─► retry ─► circuit breaker ─► credential swap
-//!        ─► forward (pooled client) ─► site
+//!        ─► [attempt span] ─► forward (pooled client) ─► site
 //! ```
 
 use std::collections::HashMap;
