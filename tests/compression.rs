@@ -76,6 +76,16 @@ async fn responses_are_compressed_as_negotiated_and_the_site_is_asked_for_identi
         );
         assert_eq!(decode(&reply), plain, "{accept}");
     }
+    // A HEAD answer describes the identity representation.
+    let head = send(
+        Method::HEAD,
+        &gw.url(LIST),
+        &[("authorization", &token(FULL)), ("accept-encoding", "gzip")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-encoding"), None);
     // Small answers go as they are.
     let ping = fetch(&gw, "/api/method/ping", "gzip", &[]).await;
     assert_eq!(ping.header("content-encoding"), None);

@@ -352,7 +352,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let coding = self.settings.negotiate(request.headers());
+        // A HEAD answer describes the identity representation: its Content-Length stays true.
+        let coding = if request.method() == http::Method::HEAD {
+            None
+        } else {
+            self.settings.negotiate(request.headers())
+        };
         // tower-http sees only the coding chosen here (or identity), so it cannot choose
         // otherwise, nor answer 406.
         let chosen = coding.map_or("identity", token);

@@ -322,13 +322,12 @@ where
 /// The CORS headers of an actual response to a request from `origin`.
 fn decorate(headers: &mut HeaderMap, origin: &HeaderValue, allowed: bool, policy: &Policy) {
     // Frappe's own CORS answer (its `allow_cors` setting) never reaches the browser.
-    let upstream: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("access-control-"))
-        .cloned()
-        .collect();
-    for name in upstream {
-        headers.remove(name);
+    let from_frappe = |name: &HeaderName| name.as_str().starts_with("access-control-");
+    if headers.keys().any(from_frappe) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| from_frappe(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
     }
     headers.append(header::VARY, HeaderValue::from_static("origin"));
     if !allowed {
