@@ -307,8 +307,8 @@ impl CompressionLayer {
     }
 }
 
-impl<S> Layer<S> for CompressionLayer {
-    type Service = Negotiate<tower_http::compression::Compression<Account<S>, Worth>>;
+impl<S: Clone> Layer<S> for CompressionLayer {
+    type Service = Negotiate<S>;
     fn layer(&self, inner: S) -> Self::Service {
         let settings = &self.settings;
         let tower = TowerCompressionLayer::new()
@@ -316,20 +316,24 @@ impl<S> Layer<S> for CompressionLayer {
             .no_deflate()
             .compress_when(Worth(settings.clone()));
         let compressing = ServiceBuilder::new().layer(tower).service(Account {
-            inner,
+            inner: inner.clone(),
             settings: settings.clone(),
         });
         Negotiate {
-            inner: compressing,
+            plain: inner,
+            compressing,
             settings: settings.clone(),
         }
     }
 }
 
-/// Outside tower-http's compression: negotiates, and accounts for and re-tags what it encoded.
+/// Outside tower-http's compression: negotiates; sends a request answered in identity straight
+/// on (tower-http's wrapping of every body would cost each of them for nothing), and accounts
+/// for and re-tags what tower-http encoded.
 #[derive(Clone)]
 pub struct Negotiate<S> {
-    inner: S,
+    plain: S,
+    compressing: tower_http::compression::Compression<Account<S>, Worth>,
     settings: Arc<Settings>,
 }
 
@@ -337,18 +341,19 @@ pub struct Negotiate<S> {
 #[derive(Debug, Clone, Copy)]
 struct CompressedHere(ContentCoding);
 
-impl<S, B> Service<Request<Body>> for Negotiate<S>
+type CompressingFuture<F> = tower_http::compression::ResponseFuture<AccountFuture<F>, Worth>;
+
+impl<S> Service<Request<Body>> for Negotiate<S>
 where
-    S: Service<Request<Body>, Response = Response<B>, Error = BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = NegotiateFuture<S::Future>;
+    type Future = NegotiateFuture<S::Future, CompressingFuture<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        std::task::ready!(self.compressing.poll_ready(cx))?;
+        self.plain.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
@@ -358,42 +363,67 @@ where
         } else {
             self.settings.negotiate(request.headers())
         };
-        // tower-http sees only the coding chosen here (or identity), so it cannot choose
-        // otherwise, nor answer 406.
-        let chosen = coding.map_or("identity", token);
-        request
-            .headers_mut()
-            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static(chosen));
-        if let Some(coding) = coding {
-            request.extensions_mut().insert(Negotiated(coding));
-        }
-        NegotiateFuture {
-            future: self.inner.call(request),
-            settings: self.settings.clone(),
+        let settings = self.settings.clone();
+        let Some(coding) = coding else {
+            // erpgate encodes; the site sends what the cache and the rules can read.
+            request.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            return NegotiateFuture::Plain {
+                future: self.plain.call(request),
+                settings,
+            };
+        };
+        // tower-http sees only the coding chosen here, so it cannot choose otherwise, nor
+        // answer 406.
+        request.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static(token(coding)),
+        );
+        request.extensions_mut().insert(Negotiated(coding));
+        NegotiateFuture::Compressing {
+            future: self.compressing.call(request),
+            settings,
         }
     }
 }
 
 pin_project! {
     /// [`Negotiate`]'s future.
-    pub struct NegotiateFuture<F> {
-        #[pin]
-        future: F,
-        settings: Arc<Settings>,
+    #[project = Projected]
+    pub enum NegotiateFuture<P, C> {
+        /// Answered in identity, without tower-http.
+        Plain { #[pin] future: P, settings: Arc<Settings> },
+        /// Through tower-http's compression.
+        Compressing { #[pin] future: C, settings: Arc<Settings> },
     }
 }
 
-impl<F, B> Future for NegotiateFuture<F>
+impl<P, C, B> Future for NegotiateFuture<P, C>
 where
-    F: Future<Output = Result<Response<B>, BoxError>>,
+    P: Future<Output = Result<Response<Body>, BoxError>>,
+    C: Future<Output = Result<Response<B>, BoxError>>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     type Output = Result<Response<Body>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = std::task::ready!(this.future.poll(cx))?;
+        let (response, settings) = match self.project() {
+            Projected::Plain { future, settings } => {
+                let mut response = std::task::ready!(future.poll(cx))?;
+                // The answer depended on Accept-Encoding all the same, for shared caches.
+                let len = response.body().size_hint().exact();
+                if settings.compressible(response.status(), response.headers(), len) {
+                    add_vary_accept_encoding(response.headers_mut());
+                }
+                return Poll::Ready(Ok(response));
+            }
+            Projected::Compressing { future, settings } => {
+                (std::task::ready!(future.poll(cx))?, settings)
+            }
+        };
         let Some(CompressedHere(coding)) = response.extensions().get::<CompressedHere>().copied()
         else {
             return Poll::Ready(Ok(response.map(Body::new)));
@@ -405,11 +435,23 @@ where
                 None => parts.headers.remove(header::ETAG),
             };
         }
-        let counter = this.settings.encoded_bytes[index(coding)].clone();
+        let counter = settings.encoded_bytes[index(coding)].clone();
         Poll::Ready(Ok(Response::from_parts(
             parts,
             Body::new(Counted::new(body, counter)),
         )))
+    }
+}
+
+/// Appends `Vary: accept-encoding` unless a `Vary` names it already.
+pub fn add_vary_accept_encoding(headers: &mut HeaderMap) {
+    let varies = headers.get_all(header::VARY).iter().any(|v| {
+        v.as_bytes()
+            .windows(15)
+            .any(|w| w.eq_ignore_ascii_case(b"accept-encoding"))
+    });
+    if !varies {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
 }
 

@@ -40,7 +40,7 @@ use crate::config::ContentCoding;
 use crate::frappe::form_dict::BodyFormat;
 use crate::frappe::writes::doctypes_written;
 use crate::frappe::FrappeRequest;
-use crate::layers::compression::{token, Negotiated, Settings};
+use crate::layers::compression::{add_vary_accept_encoding, token, Negotiated, Settings};
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::metrics::Metrics;
@@ -742,12 +742,8 @@ fn serve(
     };
     let headers = response.headers_mut();
     // Whichever copy this is, the answer depended on Accept-Encoding.
-    let varies = headers.get_all(header::VARY).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.to_ascii_lowercase().contains("accept-encoding"))
-    });
-    if entry.compressible && !varies {
-        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if entry.compressible {
+        add_vary_accept_encoding(headers);
     }
     headers.insert(header::ETAG, etag.clone());
     headers.insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
