@@ -53,6 +53,18 @@ impl TrustedProxies {
     }
 }
 
+/// The block one source is limited as: an IPv4 address, or an IPv6 /64 (one host's share; a
+/// host rotating through its /64 is still one source). IPv4-mapped IPv6 is its IPv4 address.
+pub fn source_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,3 +228,33 @@ async fn without_a_cors_section_an_options_request_needs_a_key() {
     assert_eq!(keyed.header("access-control-allow-origin"), None);
     assert_eq!(up.count(), 1);
 }
+
+#[tokio::test]
+async fn an_ipv6_host_is_one_source_for_the_preflight_bound_whichever_address_of_its_64_it_uses() {
+    let up = upstream().await;
+    let config = cors_config(&up).replace("limits:", "trusted_proxies: [127.0.0.1]\nlimits:");
+    let gw = Gateway::start(&config).await;
+    let from = |address: &'static str| {
+        let url = gw.url("/api/resource/ToDo");
+        async move {
+            send(
+                Method::OPTIONS,
+                &url,
+                &[
+                    ("origin", APP),
+                    ("access-control-request-method", "GET"),
+                    ("x-forwarded-for", address),
+                ],
+                Bytes::new(),
+            )
+            .await
+            .status
+        }
+    };
+    for address in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"] {
+        assert_eq!(from(address).await, StatusCode::NO_CONTENT, "{address}");
+    }
+    assert_eq!(from("2001:db8:1:2::4").await, StatusCode::TOO_MANY_REQUESTS);
+    // Another /64 is another source.
+    assert_eq!(from("2001:db8:1:3::1").await, StatusCode::NO_CONTENT);
+}

@@ -139,16 +139,7 @@ impl FailureKey {
 
     /// The address bucket of `ip`: itself for IPv4 (and IPv4-mapped IPv6), its /64 for IPv6.
     pub fn address(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self::Address(IpAddr::V4(v4)),
-                None => {
-                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                    Self::Address(IpAddr::V6(prefix.into()))
-                }
-            },
-            v4 => Self::Address(v4),
-        }
+        Self::Address(crate::forwarding::source_block(ip))
     }
 }
 

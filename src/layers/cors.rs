@@ -218,7 +218,9 @@ where
                 .extensions()
                 .get::<PeerAddr>()
                 .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-            let ip = policy.trusted.client_ip(peer, request.headers());
+            // Per IPv4 address or IPv6 /64, as failed authentications are.
+            let ip =
+                crate::forwarding::source_block(policy.trusted.client_ip(peer, request.headers()));
             // Forget idle addresses now and then, so strangers cannot grow the table forever.
             if policy.since_sweep.fetch_add(1, Ordering::Relaxed) >= 10_000 {
                 policy.since_sweep.store(0, Ordering::Relaxed);
