@@ -10,6 +10,7 @@ pub mod forwarding;
 pub mod frappe;
 pub mod layers;
 pub mod metrics;
+pub mod oauth;
 pub mod routing;
 pub mod server;
 pub mod shared_state;

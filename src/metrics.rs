@@ -44,6 +44,9 @@ pub struct Metrics {
     pub cache_evictions: IntCounter,
     /// `erpgate_cache_bytes`
     pub cache_bytes: IntGauge,
+    /// `erpgate_oauth_introspections_total{site,outcome}`: tokens looked up at a site,
+    /// `active`, `inactive` or `error`.
+    pub oauth_introspections: IntCounterVec,
     /// `erpgate_trace_exports_total{outcome}`: span batches sent to the collector, `ok` or
     /// `error`.
     pub trace_exports: IntCounterVec,
@@ -218,6 +221,13 @@ impl Metrics {
             "Cache entries evicted by the byte bound.",
         )?;
         let cache_bytes = IntGauge::new("erpgate_cache_bytes", "Bytes held by the cache.")?;
+        let oauth_introspections = IntCounterVec::new(
+            Opts::new(
+                "erpgate_oauth_introspections_total",
+                "OAuth access tokens looked up at their site, by outcome.",
+            ),
+            &["site", "outcome"],
+        )?;
         let trace_exports = IntCounterVec::new(
             Opts::new(
                 "erpgate_trace_exports_total",
@@ -273,6 +283,7 @@ impl Metrics {
             Box::new(cache_bytes.clone()),
             Box::new(compression_bytes.clone()),
             Box::new(trace_exports.clone()),
+            Box::new(oauth_introspections.clone()),
             Box::new(trace_spans_dropped.clone()),
             Box::new(cache_entries.clone()),
             Box::new(idempotency_evictions.clone()),
@@ -316,6 +327,7 @@ impl Metrics {
             compression_bytes,
             trace_exports,
             trace_spans_dropped,
+            oauth_introspections,
             cache_entries,
             config_reloads,
             config_info,

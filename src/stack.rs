@@ -48,6 +48,7 @@ use crate::layers::route::RouteLayer;
 use crate::layers::server_span::ServerSpanLayer;
 use crate::layers::webhook::WebhookLayer;
 use crate::metrics::Metrics;
+use crate::oauth::{App, OAuthApps};
 use crate::routing::{Route, Router};
 use crate::shared_state::{Listener, SharedState};
 use crate::site::breaker::{Breaker, BreakerSettings};
@@ -166,6 +167,7 @@ where
         .map_or("", |s| s.redis.key_prefix.as_str());
     let router = Arc::new(build_router(loaded, metrics)?);
     let clients = Arc::new(build_clients(config, prefix, kept.map(|k| &*k.clients))?);
+    let oauth_apps = build_oauth_apps(config, &router, metrics, prefix)?;
     let trusted = TrustedProxies::new(config.trusted_proxies.iter().map(|p| p.0).collect());
     let failures = reuse(
         kept.map(|k| &k.failures),
@@ -258,13 +260,16 @@ where
         // Frappe's cache-purging webhooks carry a signature, not a gateway key: before auth.
         .option_layer(webhooks)
         // Identity first: routing, access rules and per-client limits all need the client.
-        .layer(AuthLayer::new(
-            clients.clone(),
-            failures.1.clone(),
-            trusted.clone(),
-            metrics.auth_failures.clone(),
-            shared.1.clone(),
-        ))
+        .layer(
+            AuthLayer::new(
+                clients.clone(),
+                failures.1.clone(),
+                trusted.clone(),
+                metrics.auth_failures.clone(),
+                shared.1.clone(),
+            )
+            .with_oauth(oauth_apps),
+        )
         // Before classification: the canonical, prefix-stripped path is what Frappe will see,
         // so it is what the rules must judge.
         .layer(RouteLayer::new(router.clone()))
@@ -633,26 +638,7 @@ fn build_clients(
         hex::decode_to_slice(&client.secret_sha256.0, &mut secret_sha256).map_err(|_| {
             BuildError::Invalid(format!("clients.{name}.secret_sha256 is not 64 hex digits"))
         })?;
-        let rules = match &client.allow {
-            None => None,
-            Some(allow) => {
-                let mut rules = AccessRules::default();
-                for (doctype, ops) in &allow.resources {
-                    for op in ops {
-                        let ops =
-                            parse_operations(op).map_err(|e| BuildError::Invalid(e.to_string()))?;
-                        rules.allow_resource(doctype, ops);
-                    }
-                }
-                for method in &allow.methods {
-                    rules.allow_method(method);
-                }
-                rules.allow_files(allow.files);
-                rules.allow_other(allow.other);
-                rules.leave_query_arguments_unchecked(!allow.check_query_arguments);
-                Some(rules)
-            }
-        };
+        let rules = access_rules(client.allow.as_ref())?;
         table.push((
             client.key_id.clone(),
             Client {
@@ -673,4 +659,80 @@ fn build_clients(
         ));
     }
     Ok(ClientTable::new(table))
+}
+
+/// A client's (or app's) access rules; `None` without an `allow` block.
+fn access_rules(
+    allow: Option<&crate::config::AllowConfig>,
+) -> Result<Option<AccessRules>, BuildError> {
+    let Some(allow) = allow else {
+        return Ok(None);
+    };
+    let mut rules = AccessRules::default();
+    for (doctype, ops) in &allow.resources {
+        for op in ops {
+            let ops = parse_operations(op).map_err(|e| BuildError::Invalid(e.to_string()))?;
+            rules.allow_resource(doctype, ops);
+        }
+    }
+    for method in &allow.methods {
+        rules.allow_method(method);
+    }
+    rules.allow_files(allow.files);
+    rules.allow_other(allow.other);
+    rules.leave_query_arguments_unchecked(!allow.check_query_arguments);
+    Ok(Some(rules))
+}
+
+/// The OAuth apps, when any is configured: each as a client (rules, quotas, in-flight slots)
+/// whose requests are signed with its users' own tokens.
+fn build_oauth_apps(
+    config: &Config,
+    router: &Arc<Router>,
+    metrics: &Metrics,
+    shared_prefix: &str,
+) -> Result<Option<Arc<OAuthApps>>, BuildError> {
+    if config.oauth_apps.is_empty() {
+        return Ok(None);
+    }
+    let mut apps = HashMap::new();
+    for (name, app) in &config.oauth_apps {
+        let requests = app.rate_limit.as_ref().or(config.rate_limit.as_ref());
+        let writes = app
+            .write_rate_limit
+            .as_ref()
+            .or(config.write_rate_limit.as_ref());
+        let max_in_flight = app.max_in_flight.unwrap_or(config.max_in_flight);
+        let shared_key = format!("{shared_prefix}rl:oauth:{}:{name}", name.len());
+        let client = Client {
+            name: name.as_str().into(),
+            // Never compared: apps are found by their tokens' client_id, not by a secret.
+            secret_sha256: [0; 32],
+            site: app.site.clone(),
+            service_account: String::new(),
+            extra_sites: HashMap::new(),
+            rules: access_rules(app.allow.as_ref())?,
+            quotas: ClientQuotas {
+                requests: quota_policy("default", requests, &shared_key)?,
+                writes: quota_policy("writes", writes, &shared_key)?,
+            },
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize)),
+            limits_fingerprint: String::new(),
+        };
+        let per_user = app
+            .per_user_rate_limit
+            .as_ref()
+            .map(|q| q.quota().map_err(BuildError::Invalid))
+            .transpose()?;
+        apps.insert(
+            app.client_id.clone(),
+            Arc::new(App::new(client, app.introspection_ttl, per_user)),
+        );
+    }
+    Ok(Some(Arc::new(OAuthApps::new(
+        apps,
+        router.clone(),
+        config.oauth_token_cache_bytes.0,
+        metrics.oauth_introspections.clone(),
+    ))))
 }

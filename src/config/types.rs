@@ -66,6 +66,14 @@ pub struct Config {
     /// The clients allowed in, by name (the name appears in logs and metrics).
     #[serde(default)]
     pub clients: IndexMap<String, ClientConfig>,
+    /// Apps whose users sign in with a site's own OAuth 2.0 provider and call with
+    /// `Authorization: Bearer <access token>`, by name (in logs and metrics). Default none.
+    #[serde(default)]
+    pub oauth_apps: IndexMap<String, OAuthAppConfig>,
+    /// Memory for remembered token introspections (keyed by a hash of the token, never the
+    /// token). Default `4MiB`.
+    #[serde(default = "defaults::oauth_token_cache_bytes")]
+    pub oauth_token_cache_bytes: ByteSize,
     /// The response cache. Default: no rules, no caching.
     #[serde(default)]
     pub cache: CacheConfig,
@@ -877,6 +885,41 @@ pub struct ClientConfig {
     pub allowed_origins: Option<Vec<String>>,
 }
 
+/// An app signing users in with a site's OAuth 2.0 provider (an `OAuth Client` in ERPNext).
+/// Its requests go to Frappe with the user's own token, so Frappe applies the user's
+/// permissions; erpgate adds the app's rules, quotas and concurrency cap.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthAppConfig {
+    /// The site whose OAuth provider issued the app's tokens; they are checked there.
+    pub site: String,
+    /// The `client_id` of the app's OAuth Client in ERPNext.
+    pub client_id: String,
+    /// Access rules, as a client's. Without them, whatever the user may.
+    #[serde(default)]
+    pub allow: Option<AllowConfig>,
+    /// The app's request quota, all its users together. Default: the top-level `rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<QuotaConfig>,
+    /// The app's write quota. Default: the top-level `write_rate_limit`.
+    #[serde(default)]
+    pub write_rate_limit: Option<QuotaConfig>,
+    /// The app's most requests in flight. Default: the top-level `max_in_flight`.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    /// Each user's own request quota within the app's (by the token's `sub` when the token has
+    /// the `openid` scope, else by the token). Default: none.
+    #[serde(default)]
+    pub per_user_rate_limit: Option<QuotaConfig>,
+    /// How long a token's introspection is trusted before it is asked again (never beyond the
+    /// token's `exp`): a revoked token stops working within it. Default `30s`.
+    #[serde(
+        default = "defaults::introspection_ttl",
+        deserialize_with = "parse_duration"
+    )]
+    pub introspection_ttl: Duration,
+}
+
 /// What a restricted client may do; everything not listed is refused with 403.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1048,6 +1091,14 @@ mod defaults {
         ]
         .map(String::from)
         .to_vec()
+    }
+
+    pub fn oauth_token_cache_bytes() -> ByteSize {
+        ByteSize(4 << 20)
+    }
+
+    pub fn introspection_ttl() -> Duration {
+        Duration::from_secs(30)
     }
 
     pub fn sample_ratio() -> f64 {

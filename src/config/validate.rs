@@ -310,26 +310,61 @@ impl Config {
                 site_account(format!("{at}.extra_sites.{site}"), site, account);
             }
             if let Some(allow) = &client.allow {
-                for (doctype, ops) in &allow.resources {
-                    for op in ops {
-                        if let Err(e) = parse_operations(op) {
-                            problem(format!("{at}.allow.resources.{doctype}"), e.to_string());
-                        }
-                    }
+                for (path, message) in allow_problems(&at, allow) {
+                    problem(path, message);
                 }
-                for (j, method) in allow.methods.iter().enumerate() {
-                    let wildcard_ok = match method.find('*') {
-                        None => true,
-                        Some(pos) => {
-                            pos == method.len() - 1 && method.ends_with(".*") && method.len() > 2
-                        }
-                    };
-                    if method.is_empty() || !wildcard_ok {
-                        problem(
-                            format!("{at}.allow.methods[{j}]"),
-                            format!("'{method}' is not a method name or 'prefix.*'"),
-                        );
-                    }
+            }
+        }
+
+        for (name, app) in &self.oauth_apps {
+            let at = format!("oauth_apps.{name}");
+            if !self.sites.contains_key(&app.site) {
+                problem(
+                    format!("{at}.site"),
+                    format!("no site named '{}'", app.site),
+                );
+            }
+            if app.client_id.is_empty() || app.client_id.contains(char::is_whitespace) {
+                problem(
+                    format!("{at}.client_id"),
+                    "must be the OAuth Client's client_id".into(),
+                );
+            }
+            let same = self
+                .oauth_apps
+                .iter()
+                .find(|(other, a)| *other != name && a.client_id == app.client_id);
+            if let Some((other, _)) = same {
+                problem(
+                    format!("{at}.client_id"),
+                    format!("the same client_id as oauth app '{other}'"),
+                );
+            }
+            if self.clients.contains_key(name) {
+                problem(at.clone(), "a client has the same name".into());
+            }
+            for (key, quota) in [
+                ("rate_limit", &app.rate_limit),
+                ("write_rate_limit", &app.write_rate_limit),
+                ("per_user_rate_limit", &app.per_user_rate_limit),
+            ] {
+                if let Some(Err(e)) = quota.as_ref().map(QuotaConfig::quota) {
+                    problem(format!("{at}.{key}"), e);
+                }
+            }
+            if app.max_in_flight == Some(0) {
+                problem(format!("{at}.max_in_flight"), "must be at least 1".into());
+            }
+            if app.introspection_ttl.is_zero() || app.introspection_ttl > Duration::from_secs(3600)
+            {
+                problem(
+                    format!("{at}.introspection_ttl"),
+                    "must be more than 0 and at most 1h".into(),
+                );
+            }
+            if let Some(allow) = &app.allow {
+                for (path, message) in allow_problems(&at, allow) {
+                    problem(path, message);
                 }
             }
         }
@@ -492,4 +527,29 @@ impl Config {
             Err(problems)
         }
     }
+}
+
+/// What is wrong in an `allow` block at `at`.
+fn allow_problems(at: &str, allow: &AllowConfig) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    for (doctype, ops) in &allow.resources {
+        for op in ops {
+            if let Err(e) = parse_operations(op) {
+                problems.push((format!("{at}.allow.resources.{doctype}"), e.to_string()));
+            }
+        }
+    }
+    for (j, method) in allow.methods.iter().enumerate() {
+        let wildcard_ok = match method.find('*') {
+            None => true,
+            Some(pos) => pos == method.len() - 1 && method.ends_with(".*") && method.len() > 2,
+        };
+        if method.is_empty() || !wildcard_ok {
+            problems.push((
+                format!("{at}.allow.methods[{j}]"),
+                format!("'{method}' is not a method name or 'prefix.*'"),
+            ));
+        }
+    }
+    problems
 }

@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod form_dict;
 pub mod headers;
 pub mod multipart;
+pub mod oauth;
 pub mod path;
 pub mod python_json;
 pub mod query_args;

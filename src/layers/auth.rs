@@ -34,14 +34,16 @@ use http::{header, Request, Response};
 use prometheus::IntCounterVec;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::error::GatewayError;
 use crate::forwarding::{PeerAddr, TrustedProxies};
 use crate::frappe::auth_header::parse_credential;
 use crate::frappe::headers::repeated_singleton;
+use crate::frappe::oauth::bearer_access_token;
 use crate::frappe::AccessRules;
 use crate::layers::{BoxResponseFuture, EarlyReturn};
+use crate::oauth::{OAuthApps, Refusal as OAuthRefusal};
 use crate::shared_state::gcra::{Charge, Mode};
 use crate::shared_state::{Listener, Message, SharedState};
 use crate::tags::RequestTags;
@@ -255,6 +257,8 @@ pub struct AuthLayer {
     shared: Option<Arc<SharedState>>,
     /// The failure quota's refill interval and burst, for the shared quotas.
     failure_quota: (Duration, u32),
+    /// OAuth apps, whose users' access tokens are checked at their site.
+    oauth: Option<Arc<OAuthApps>>,
 }
 
 impl AuthLayer {
@@ -275,7 +279,14 @@ impl AuthLayer {
             failure_metric,
             shared,
             failure_quota,
+            oauth: None,
         }
+    }
+
+    /// Also accepts the access tokens of `oauth`'s apps.
+    pub fn with_oauth(mut self, oauth: Option<Arc<OAuthApps>>) -> Self {
+        self.oauth = oauth.filter(|o| !o.is_empty());
+        self
     }
 }
 
@@ -348,7 +359,8 @@ impl AuthLayer {
 
 impl<S> Service<Request<Body>> for Auth<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
 {
     type Response = Response<Body>;
     type Error = BoxError;
@@ -370,6 +382,23 @@ where
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
         let ip = self.layer.trusted.client_ip(peer, request.headers());
         let address = FailureKey::address(ip);
+        // A Bearer access token of the site's OAuth provider, not a gateway key.
+        if let Some(oauth) = self.layer.oauth.clone() {
+            let token = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer_access_token)
+                .map(str::to_owned);
+            if let Some(token) = token {
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                let layer = self.layer.clone();
+                return Either::Right(Box::pin(
+                    layer.oauth_request(oauth, token, request, address, ip, inner),
+                ));
+            }
+        }
         let (result, key_bucket) = self.layer.authenticate(&request);
         match result {
             // A valid credential is never refused for what others did from its address.
@@ -405,6 +434,57 @@ where
 }
 
 impl AuthLayer {
+    /// An OAuth request: the token's app and user, then the layers inside; or its refusal (a
+    /// bad token counts as a failed authentication of its address, as a bad key does).
+    async fn oauth_request<S>(
+        self,
+        oauth: Arc<OAuthApps>,
+        token: String,
+        mut request: Request<Body>,
+        address: FailureKey,
+        ip: IpAddr,
+        inner: S,
+    ) -> Result<Response<Body>, BoxError>
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    {
+        let blocked = self.failures.blocked_for(&address);
+        let site = oauth.site_for(&request);
+        match oauth.authenticate(&token, site, blocked).await {
+            Ok((client, user)) => {
+                if let Some(tags) = RequestTags::of(&request) {
+                    let _ = tags.client.set(client.name.clone());
+                }
+                request.headers_mut().remove(header::AUTHORIZATION);
+                request.extensions_mut().insert(client);
+                request.extensions_mut().insert(user);
+                inner.oneshot(request).await
+            }
+            Err(OAuthRefusal::Invalid(reason)) => {
+                tracing::info!(%ip, reason, "authentication failed");
+                let throttled = match self.shared.clone().filter(|s| s.is_up()) {
+                    None => self.count_locally(address, None),
+                    Some(shared) => self.count_shared(&shared, address, None).await,
+                };
+                Err(self.refusal(reason, throttled).into())
+            }
+            Err(OAuthRefusal::Throttled(retry_after)) => {
+                Err(self.refusal("throttled", Some(retry_after)).into())
+            }
+            Err(OAuthRefusal::UserQuota(retry_after, app)) => {
+                if let Some(tags) = RequestTags::of(&request) {
+                    let _ = tags.client.set(app);
+                }
+                Err(GatewayError::TooManyRequests {
+                    message: "this user is over the app's request quota",
+                    retry_after,
+                }
+                .into())
+            }
+            Err(OAuthRefusal::Unavailable(error)) => Err(error.into()),
+        }
+    }
+
     /// The answer to a refused credential: 429 while throttled, else 401.
     fn refusal(&self, reason: &'static str, throttled: Option<Duration>) -> GatewayError {
         match throttled {

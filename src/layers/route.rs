@@ -3,7 +3,8 @@
 //! The path is decoded and canonicalised here (see [`crate::frappe::path`]), a matched prefix is
 //! stripped, and the request URI is rewritten to exactly what will be sent upstream. This runs
 //! *before* classification so that access rules judge the path Frappe will see, not the one
-//! the client typed. A route to a site the client has no service account on stops with 403.
+//! the client typed. A route to a site the client has no service account on stops with 403. An
+//! OAuth app's request is signed with its user's own token, as that user (`oauth::OAuthUser`).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,6 +17,7 @@ use crate::error::GatewayError;
 use crate::frappe::{ApiVersion, CanonicalPath};
 use crate::layers::auth::Client;
 use crate::layers::EarlyReturn;
+use crate::oauth::OAuthUser;
 use crate::routing::Router;
 use crate::site::{ServiceAccount, Site};
 use crate::tags::RequestTags;
@@ -80,11 +82,16 @@ impl<S> Route<S> {
             .router
             .route(host, &mut path, &client.site)
             .ok_or_else(|| GatewayError::SiteNotAllowed(client.site.clone()))?;
-        let account = client
-            .account_on(&site.name)
-            .and_then(|name| site.accounts.get(name))
-            .ok_or_else(|| GatewayError::SiteNotAllowed(site.name.to_string()))?
-            .clone();
+        let account = match request.extensions().get::<OAuthUser>() {
+            // An OAuth app's user is signed as themselves, on the app's site only.
+            Some(user) if *site.name == *client.site => user.account(&site, &client.name),
+            Some(_) => return Err(GatewayError::SiteNotAllowed(site.name.to_string())),
+            None => client
+                .account_on(&site.name)
+                .and_then(|name| site.accounts.get(name))
+                .ok_or_else(|| GatewayError::SiteNotAllowed(site.name.to_string()))?
+                .clone(),
+        };
 
         // Already canonical (the usual case): the URI stays as it came, nothing to rebuild.
         let encoded = path.encode();

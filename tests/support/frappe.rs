@@ -64,6 +64,29 @@ struct State {
     body_progress: AtomicU64,
     /// gunicorn's sync workers: each request holds one from its first byte to its answer.
     workers: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// OAuth Bearer Tokens by access token, as `OAuth Bearer Token` documents.
+    oauth_tokens: Mutex<BTreeMap<String, OAuthToken>>,
+    /// Calls to `introspect_token`.
+    introspections: AtomicU64,
+}
+
+/// An `OAuth Bearer Token` document.
+#[derive(Debug, Clone)]
+pub struct OAuthToken {
+    pub client_id: String,
+    pub user: String,
+    /// `status == "Active"`.
+    pub active: bool,
+    /// `expiration_time`, Unix seconds.
+    pub exp: i64,
+    pub scopes: String,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// A running test upstream.
@@ -131,6 +154,8 @@ impl FrappeUpstream {
             next_name: AtomicU64::new(1),
             body_progress: AtomicU64::new(0),
             workers: Mutex::new(None),
+            oauth_tokens: Mutex::new(BTreeMap::new()),
+            introspections: AtomicU64::new(0),
         });
         let upstream = Self { addr, state };
         let server = upstream.clone();
@@ -192,6 +217,41 @@ impl FrappeUpstream {
     /// Request body bytes received so far, counted while they stream in.
     pub fn body_progress(&self) -> u64 {
         self.state.body_progress.load(Ordering::SeqCst)
+    }
+
+    /// Issues an OAuth access token of `client_id` for `user`, expiring in `expires_in` seconds
+    /// (negative: already expired), with `scopes` (space-separated), as Frappe's token
+    /// endpoint would.
+    pub fn issue_oauth_token(
+        &self,
+        token: &str,
+        client_id: &str,
+        user: &str,
+        expires_in: i64,
+        scopes: &str,
+    ) {
+        self.state.oauth_tokens.lock().unwrap().insert(
+            token.to_owned(),
+            OAuthToken {
+                client_id: client_id.to_owned(),
+                user: user.to_owned(),
+                active: true,
+                exp: unix_now() + expires_in,
+                scopes: scopes.to_owned(),
+            },
+        );
+    }
+
+    /// Revokes a token (`revoke_token` sets the status to Revoked).
+    pub fn revoke_oauth_token(&self, token: &str) {
+        if let Some(t) = self.state.oauth_tokens.lock().unwrap().get_mut(token) {
+            t.active = false;
+        }
+    }
+
+    /// Calls made to `introspect_token`.
+    pub fn introspections(&self) -> u64 {
+        self.state.introspections.load(Ordering::SeqCst)
     }
 
     /// Changes a ToDo behind the gateway's back, as an edit in the ERPNext desk would.
@@ -367,6 +427,32 @@ impl FrappeUpstream {
                 json!({"message": "pong"})
             });
         }
+        if path == "/api/method/frappe.integrations.oauth2.introspect_token" {
+            // allow_guest; the whole response is the token_response dict (oauth2.py).
+            self.state.introspections.fetch_add(1, Ordering::SeqCst);
+            let form: BTreeMap<String, String> =
+                form_urlencoded::parse(body).into_owned().collect();
+            let token = form.get("token").cloned().unwrap_or_default();
+            let found = self.state.oauth_tokens.lock().unwrap().get(&token).cloned();
+            let answer = match found {
+                None => json!({"active": false}),
+                Some(t) => {
+                    let mut answer = json!({
+                        "client_id": t.client_id,
+                        "trusted_client": 0,
+                        "active": t.active,
+                        "exp": t.exp,
+                        "scope": t.scopes,
+                    });
+                    if t.scopes.split(' ').any(|s| s == "openid") {
+                        answer["sub"] = json!(hex::encode(&Sha256::digest(t.user.as_bytes())[..8]));
+                        answer["email"] = json!(t.user);
+                    }
+                    answer
+                }
+            };
+            return ok(answer);
+        }
         let user = match self.user(headers) {
             Ok(user) => user,
             Err(()) => return auth_failure(path.starts_with("/api/v2/")),
@@ -448,6 +534,15 @@ impl FrappeUpstream {
         };
         let value = value.to_str().map_err(|_| ())?;
         let parts: Vec<&str> = value.split(' ').collect();
+        // auth.py validate_oauth: a Bearer token acts as its user while Active and unexpired
+        // (oauthlib's validate_bearer_token), else the request is Guest's.
+        if parts.len() == 2 && parts[0].eq_ignore_ascii_case("bearer") {
+            let tokens = self.state.oauth_tokens.lock().unwrap();
+            return Ok(match tokens.get(parts[1]) {
+                Some(t) if t.active && t.exp > unix_now() => t.user.clone(),
+                _ => "Guest".into(),
+            });
+        }
         if parts.len() != 2 || !parts[0].eq_ignore_ascii_case("token") {
             return Err(());
         }

@@ -1,0 +1,346 @@
+//! OAuth apps over real sockets: a user's access token from the site's own OAuth provider is
+//! checked at the site (introspection, as Frappe 15 answers it) and, for an app configured
+//! here, goes to Frappe as the user's own `Authorization`; the app's rules and quotas apply,
+//! per user too; answers are remembered briefly, looked up once for many concurrent first uses,
+//! never shared between users in the cache; a site outage is 503, never an accepted token.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::*;
+
+const APP: &str = "mobile-client-id";
+
+/// The base config and an app `mobile` on `erp`, plus `extra` lines in its block.
+fn oauth_config(up: &FrappeUpstream, extra: &str) -> String {
+    format!(
+        "{}oauth_apps:\n  mobile:\n    site: erp\n    client_id: {APP}\n    \
+         allow: {{ resources: {{ ToDo: [read] }}, methods: [frappe.auth.get_logged_user] }}\n{extra}",
+        base_config(up)
+    )
+}
+
+async fn bearer(gw: &Gateway, token: &str, path: &str) -> Reply {
+    send(
+        Method::GET,
+        &gw.url(path),
+        &[("authorization", &format!("Bearer {token}"))],
+        Bytes::new(),
+    )
+    .await
+}
+
+const WHO: &str = "/api/method/frappe.auth.get_logged_user";
+
+#[tokio::test]
+async fn an_active_token_of_a_configured_app_reaches_frappe_as_the_users_own() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all openid");
+    let gw = Gateway::start(&oauth_config(&up, "")).await;
+
+    let reply = bearer(&gw, "tok-alice", WHO).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"], "alice@example.com");
+    let list = bearer(&gw, "tok-alice", "/api/resource/ToDo").await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text());
+
+    let received = up.received();
+    let calls: Vec<_> = received
+        .iter()
+        .filter(|r| !r.path_and_query.contains("introspect_token"))
+        .collect();
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        assert_eq!(call.headers["authorization"], "Bearer tok-alice");
+        assert_eq!(call.headers["x-frappe-site-name"], SITE);
+        assert!(call.headers.get("cookie").is_none());
+    }
+    // The introspection: a guest POST with the token, as Frappe's endpoint takes it.
+    let introspection = received
+        .iter()
+        .find(|r| r.path_and_query.contains("introspect_token"))
+        .unwrap();
+    assert_eq!(introspection.method, Method::POST);
+    assert!(introspection.headers.get("authorization").is_none());
+    assert_eq!(
+        introspection.body.as_deref().unwrap(),
+        b"token=tok-alice&token_type_hint=access_token"
+    );
+    assert_eq!(
+        up.introspections(),
+        1,
+        "the second request used the remembered answer"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "erpgate_oauth_introspections_total",
+            &[("site", "erp"), ("outcome", "active")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "erpgate_requests_total",
+            &[("client", "mobile"), ("code", "200")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn expired_revoked_unknown_and_other_apps_tokens_are_refused_and_never_forwarded() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-expired", APP, "alice@example.com", -10, "all");
+    up.issue_oauth_token("tok-revoked", APP, "alice@example.com", 3600, "all");
+    up.revoke_oauth_token("tok-revoked");
+    up.issue_oauth_token(
+        "tok-other-app",
+        "someone-elses-app",
+        "alice@example.com",
+        3600,
+        "all",
+    );
+    let gw = Gateway::start(&oauth_config(&up, "")).await;
+    for token in ["tok-expired", "tok-revoked", "tok-other-app", "tok-made-up"] {
+        let reply = bearer(&gw, token, WHO).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "{token}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["exc_type"], "AuthenticationError");
+    }
+    assert!(up
+        .received()
+        .iter()
+        .all(|r| r.path_and_query.contains("introspect_token")));
+    let metrics = gw.metrics().await;
+    for reason in ["oauth_expired", "oauth_inactive", "oauth_unknown_app"] {
+        assert!(
+            metric_value(
+                &metrics,
+                "erpgate_auth_failures_total",
+                &[("reason", reason)]
+            ) >= 1.0,
+            "{reason}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn guessed_tokens_are_bounded_per_address_and_cost_the_site_nothing_once_blocked() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all");
+    let yaml = oauth_config(&up, "").replace(
+        "limits:",
+        "auth_failures: { per_minute: 1, burst: 3 }\nlimits:",
+    );
+    let gw = Gateway::start(&yaml).await;
+    // A known-good token first, so it is remembered.
+    assert_eq!(bearer(&gw, "tok-alice", WHO).await.status, StatusCode::OK);
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(bearer(&gw, &format!("guess{i}"), WHO).await.status);
+    }
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::UNAUTHORIZED)
+            .count(),
+        3
+    );
+    assert!(statuses[4..]
+        .iter()
+        .all(|s| *s == StatusCode::TOO_MANY_REQUESTS));
+    assert!(up.introspections() <= 5, "{}", up.introspections());
+    // The good token, already known, still passes from the blocked address.
+    assert_eq!(bearer(&gw, "tok-alice", WHO).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_revoked_token_stops_working_within_the_introspection_ttl() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all");
+    let gw = Gateway::start(&oauth_config(&up, "    introspection_ttl: 1s\n")).await;
+    assert_eq!(bearer(&gw, "tok-alice", WHO).await.status, StatusCode::OK);
+    up.revoke_oauth_token("tok-alice");
+    let deadline = std::time::Instant::now() + Duration::from_millis(2500);
+    loop {
+        let status = bearer(&gw, "tok-alice", WHO).await.status;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepted after the ttl"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_first_uses_of_a_token_make_one_introspection() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all");
+    let yaml = oauth_config(
+        &up,
+        "    rate_limit: { per_second: 10000, burst: 10000 }\n    max_in_flight: 200\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let url = gw.url(WHO);
+    let calls = (0..100).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            send(
+                Method::GET,
+                &url,
+                &[("authorization", "Bearer tok-alice")],
+                Bytes::new(),
+            )
+            .await
+            .status
+        })
+    });
+    for call in calls.collect::<Vec<_>>() {
+        assert_eq!(call.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(up.introspections(), 1);
+}
+
+#[tokio::test]
+async fn the_apps_rules_and_quotas_apply_per_app_and_per_user() {
+    let up = upstream().await;
+    for user in ["alice", "bob", "carol", "dave"] {
+        up.issue_oauth_token(
+            &format!("tok-{user}"),
+            APP,
+            &format!("{user}@example.com"),
+            3600,
+            "all",
+        );
+    }
+    let yaml = oauth_config(
+        &up,
+        "    rate_limit: { per_minute: 6, burst: 6 }\n    per_user_rate_limit: { per_minute: 1, burst: 2 }\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+    // The app's rules: ToDo read only.
+    let refused = bearer(&gw, "tok-alice", "/api/resource/Sales%20Invoice").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(!up
+        .received()
+        .iter()
+        .any(|r| r.path_and_query.contains("Sales")));
+    // Alice's own quota (2, of which the refusal took one), then Bob's, then the app's.
+    assert_eq!(bearer(&gw, "tok-alice", WHO).await.status, StatusCode::OK);
+    let alice_over = bearer(&gw, "tok-alice", WHO).await;
+    assert_eq!(alice_over.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(alice_over.text().contains("this user"));
+    assert_eq!(bearer(&gw, "tok-bob", WHO).await.status, StatusCode::OK);
+    assert_eq!(bearer(&gw, "tok-bob", WHO).await.status, StatusCode::OK);
+    assert_eq!(
+        bearer(&gw, "tok-bob", WHO).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The app's quota over all its users: 6, of which 4 are spent.
+    assert_eq!(bearer(&gw, "tok-carol", WHO).await.status, StatusCode::OK);
+    assert_eq!(bearer(&gw, "tok-carol", WHO).await.status, StatusCode::OK);
+    let app_over = bearer(&gw, "tok-dave", WHO).await;
+    assert_eq!(app_over.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(app_over.header("x-ratelimit-limit").is_some());
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "erpgate_requests_total",
+            &[("client", "mobile"), ("code", "429")]
+        ),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn cached_answers_are_never_shared_between_users_or_with_service_accounts() {
+    let up = upstream().await;
+    for user in ["alice", "bob"] {
+        up.issue_oauth_token(
+            &format!("tok-{user}"),
+            APP,
+            &format!("{user}@example.com"),
+            3600,
+            "all openid",
+        );
+    }
+    let yaml = format!(
+        "{}cache:\n  rules:\n    - {{ method: frappe.auth.get_logged_user, ttl: 60s }}\n",
+        oauth_config(&up, "")
+    );
+    let gw = Gateway::start(&yaml).await;
+    let alice = bearer(&gw, "tok-alice", WHO).await;
+    assert_eq!(alice.json()["message"], "alice@example.com");
+    let alice_again = bearer(&gw, "tok-alice", WHO).await;
+    assert_eq!(alice_again.header("x-cache"), Some("HIT"));
+    let bob = bearer(&gw, "tok-bob", WHO).await;
+    assert_eq!(bob.json()["message"], "bob@example.com");
+    assert_eq!(bob.header("x-cache"), Some("MISS"));
+    let service = get(&gw.url(WHO), FULL).await;
+    assert_eq!(service.json()["message"], "sync@example.com");
+    assert_eq!(service.header("x-cache"), Some("MISS"));
+}
+
+#[tokio::test]
+async fn a_site_outage_is_503_never_401_and_never_an_accepted_token() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all");
+    let gw = Gateway::start(&oauth_config(&up, "")).await;
+    up.set_behaviour(Behaviour::Fail(503));
+    let reply = bearer(&gw, "tok-alice", WHO).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert!(reply.header("retry-after").is_some());
+    // Only the introspection went out; the failure was not remembered.
+    assert!(up
+        .received()
+        .iter()
+        .all(|r| r.path_and_query.contains("introspect_token")));
+    up.set_behaviour(Behaviour::Normal);
+    assert_eq!(bearer(&gw, "tok-alice", WHO).await.status, StatusCode::OK);
+    let metrics = gw.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "erpgate_oauth_introspections_total",
+            &[("site", "erp"), ("outcome", "error")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn gateway_keys_sent_as_bearer_still_work_beside_oauth_apps() {
+    let up = upstream().await;
+    let gw = Gateway::start(&oauth_config(&up, "")).await;
+    let reply = send(
+        Method::GET,
+        &gw.url(WHO),
+        &[("authorization", &format!("Bearer {}:{}", FULL.0, FULL.1))],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["message"], "sync@example.com");
+    assert_eq!(up.introspections(), 0);
+}
