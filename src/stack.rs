@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! client ─► sensitive headers ─► request id ─► observe ─► [server span] ─► [CORS]
-//!        ─► compression ─► catch panic ─► error edge ─► body limit ─► webhooks ─► authenticate
+//!        ─► compression ─► catch panic ─► error edge ─► body limit ─► webhooks
+//!        ─► [public routes] ─► authenticate (gateway keys, OAuth access tokens)
 //!        ─► route ─► classify ─► rate limit ─► concurrency ─► authorize ─► cache
 //!        ─► idempotency ─► buffer ─► deadline ─► retry ─► circuit breaker ─► credential swap
 //!        ─► [attempt span] ─► forward (pooled client) ─► site
@@ -41,6 +42,7 @@ use crate::layers::error_response::ErrorResponseLayer;
 use crate::layers::forward::Forward;
 use crate::layers::idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, SharedStore};
 use crate::layers::observe::ObserveLayer;
+use crate::layers::public_routes::{PublicRoutes, PublicRoutesLayer};
 use crate::layers::rate_limit::{ClientQuotas, QuotaPolicy, RateLimitLayer};
 use crate::layers::request_id::RequestIdLayer;
 use crate::layers::retry::RetryPolicy;
@@ -167,8 +169,18 @@ where
         .map_or("", |s| s.redis.key_prefix.as_str());
     let router = Arc::new(build_router(loaded, metrics)?);
     let clients = Arc::new(build_clients(config, prefix, kept.map(|k| &*k.clients))?);
-    let oauth_apps = build_oauth_apps(config, &router, metrics, prefix)?;
     let trusted = TrustedProxies::new(config.trusted_proxies.iter().map(|p| p.0).collect());
+    let oauth_apps = build_oauth_apps(config, &router, metrics, prefix)?;
+    let public_routes = PublicRoutes::new(
+        config
+            .sites
+            .iter()
+            .filter_map(|(name, site)| site.public.as_ref().map(|p| (name, p))),
+        router.clone(),
+        clients.clone(),
+        trusted.clone(),
+        config.limits.max_inspected_body_bytes.0,
+    );
     let failures = reuse(
         kept.map(|k| &k.failures),
         format!("{:?}", config.auth_failures),
@@ -259,6 +271,8 @@ where
         .layer(BodyLimitLayer::new(max_body))
         // Frappe's cache-purging webhooks carry a signature, not a gateway key: before auth.
         .option_layer(webhooks)
+        // The sites' OAuth sign-in flows carry the user's session, not a gateway key.
+        .option_layer(public_routes.map(PublicRoutesLayer::new))
         // Identity first: routing, access rules and per-client limits all need the client.
         .layer(
             AuthLayer::new(

@@ -46,8 +46,21 @@ async fn an_active_token_of_a_configured_app_reaches_frappe_as_the_users_own() {
     let reply = bearer(&gw, "tok-alice", WHO).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["message"], "alice@example.com");
-    let list = bearer(&gw, "tok-alice", "/api/resource/ToDo").await;
+    // The other hygiene rules hold: the client's cookie, sid and key-source switch never reach
+    // Frappe, its cookies never come back.
+    let list = send(
+        Method::GET,
+        &gw.url("/api/resource/ToDo?sid=stolen"),
+        &[
+            ("authorization", "Bearer tok-alice"),
+            ("cookie", "sid=someone-elses"),
+            ("frappe-authorization-source", "Password"),
+        ],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(list.status, StatusCode::OK, "{}", list.text());
+    assert!(list.header("set-cookie").is_none());
 
     let received = up.received();
     let calls: Vec<_> = received
@@ -59,6 +72,12 @@ async fn an_active_token_of_a_configured_app_reaches_frappe_as_the_users_own() {
         assert_eq!(call.headers["authorization"], "Bearer tok-alice");
         assert_eq!(call.headers["x-frappe-site-name"], SITE);
         assert!(call.headers.get("cookie").is_none());
+        assert!(call.headers.get("frappe-authorization-source").is_none());
+        assert!(
+            !call.path_and_query.contains("sid="),
+            "{}",
+            call.path_and_query
+        );
     }
     // The introspection: a guest POST with the token, as Frappe's endpoint takes it.
     let introspection = received
@@ -343,4 +362,197 @@ async fn gateway_keys_sent_as_bearer_still_work_beside_oauth_apps() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["message"], "sync@example.com");
     assert_eq!(up.introspections(), 0);
+}
+
+/// The OAuth flow's endpoints public on `erp`, at most `burst` at once per address.
+fn flow_config(up: &FrappeUpstream, burst: u32) -> String {
+    oauth_config(up, "").replace(
+        "    timeouts: { connect: 1s, request: 3s }\n",
+        &format!(
+            "    timeouts: {{ connect: 1s, request: 3s }}\n    public:\n      methods: \
+             [frappe.integrations.oauth2.authorize, frappe.integrations.oauth2.get_token, \
+             frappe.integrations.oauth2.revoke_token, frappe.integrations.oauth2.openid_profile]\n      \
+             paths: [/.well-known/openid-configuration]\n      burst: {burst}\n"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn the_sign_in_flow_passes_without_a_key_with_its_cookies_and_redirects() {
+    let up = upstream().await;
+    let gw = Gateway::start(&flow_config(&up, 30)).await;
+    let authorize = "/api/method/frappe.integrations.oauth2.authorize?client_id=mobile-client-id\
+                     &response_type=code&scope=all%20openid&state=s1&redirect_uri=https%3A%2F%2Fapp.example%2Fcb";
+    // Not signed in: Frappe sends the browser to its login page; the redirect is left alone.
+    let guest = send(Method::GET, &gw.url(authorize), &[], Bytes::new()).await;
+    assert_eq!(guest.status, StatusCode::FOUND, "{}", guest.text());
+    assert!(guest
+        .header("location")
+        .unwrap()
+        .starts_with("/login?redirect-to="));
+    // Signed in (the session cookie goes to Frappe): back to the app with a code, and the
+    // session's Set-Cookie reaches the browser.
+    let signed_in = send(
+        Method::GET,
+        &gw.url(authorize),
+        &[("cookie", "sid=alice-session")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(signed_in.status, StatusCode::FOUND);
+    assert_eq!(
+        signed_in.header("location"),
+        Some("https://app.example/cb?code=good-code&state=s1")
+    );
+    assert!(signed_in.headers.get_all("set-cookie").iter().count() > 0);
+    assert_eq!(up.received()[1].headers["cookie"], "sid=alice-session");
+
+    // The app trades the code at the token endpoint with its own client credentials.
+    let token = send(
+        Method::POST,
+        &gw.url("/api/method/frappe.integrations.oauth2.get_token"),
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("authorization", "Basic bW9iaWxlLWNsaWVudC1pZDpzM2NyZXQ="),
+        ],
+        "grant_type=authorization_code&code=good-code&client_id=mobile-client-id\
+         &redirect_uri=https%3A%2F%2Fapp.example%2Fcb",
+    )
+    .await;
+    assert_eq!(token.status, StatusCode::OK, "{}", token.text());
+    let access_token = token.json()["access_token"].as_str().unwrap().to_owned();
+    let at_frappe = up.received().pop().unwrap();
+    assert_eq!(
+        at_frappe.headers["authorization"],
+        "Basic bW9iaWxlLWNsaWVudC1pZDpzM2NyZXQ="
+    );
+    assert_eq!(at_frappe.headers["x-frappe-site-name"], SITE);
+
+    // ... and calls the API with the user's token.
+    let who = bearer(&gw, &access_token, WHO).await;
+    assert_eq!(who.json()["message"], "alice@example.com");
+    assert!(
+        who.header("set-cookie").is_none(),
+        "no cookies on the API's answers"
+    );
+
+    let config = send(
+        Method::GET,
+        &gw.url("/.well-known/openid-configuration"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(config.status, StatusCode::OK);
+    assert!(config.json()["token_endpoint"].is_string());
+}
+
+#[tokio::test]
+async fn only_the_listed_routes_pass_without_a_key_however_the_request_is_spelled() {
+    let up = upstream().await;
+    let gw = Gateway::start(&flow_config(&up, 30)).await;
+    let form = "application/x-www-form-urlencoded";
+    let json = "application/json";
+    let refused: Vec<(Method, &str, Option<&str>, &str)> = vec![
+        // A cmd rides along: Frappe would run it instead of the path.
+        (
+            Method::POST,
+            "/api/method/frappe.integrations.oauth2.get_token?cmd=frappe.client.delete",
+            None,
+            "",
+        ),
+        (
+            Method::POST,
+            "/api/method/frappe.integrations.oauth2.get_token",
+            Some(form),
+            "cmd=frappe.client.delete&doctype=ToDo&name=x",
+        ),
+        (
+            Method::POST,
+            "/api/method/frappe.integrations.oauth2.get_token",
+            Some(json),
+            r#"{"cmd":"frappe.client.insert"}"#,
+        ),
+        // Not listed.
+        (
+            Method::GET,
+            "/api/method/frappe.integrations.oauth2.introspect_token",
+            None,
+            "",
+        ),
+        (
+            Method::GET,
+            "/api/method/frappe.client.get_list?doctype=ToDo",
+            None,
+            "",
+        ),
+        (Method::GET, "/api/resource/ToDo", None, ""),
+        (
+            Method::GET,
+            "/.well-known/openid-configuration/../../api/resource/ToDo",
+            None,
+            "",
+        ),
+        (Method::GET, "/login", None, ""),
+    ];
+    for (method, path, content_type, body) in refused {
+        let mut headers = vec![("cookie", "sid=alice-session")];
+        headers.extend(content_type.map(|c| ("content-type", c)));
+        let reply = send(method.clone(), &gw.url(path), &headers, body.to_owned()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} {body}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+    // Differently spelled but the same listed method passes, canonical at Frappe.
+    let spelled = send(
+        Method::GET,
+        &gw.url("//api//method/frappe.integrations.oauth2.%61uthorize?client_id=x"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(spelled.status, StatusCode::FOUND);
+    assert_eq!(
+        up.received()[0].path_and_query,
+        "/api/method/frappe.integrations.oauth2.authorize?client_id=x"
+    );
+}
+
+#[tokio::test]
+async fn the_public_routes_are_bounded_per_source_address() {
+    let up = upstream().await;
+    let gw = Gateway::start(&flow_config(&up, 3)).await;
+    let path = "/.well-known/openid-configuration";
+    for _ in 0..3 {
+        assert_eq!(
+            send(Method::GET, &gw.url(path), &[], Bytes::new())
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    let over = send(Method::GET, &gw.url(path), &[], Bytes::new()).await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(up.count(), 3);
+    // Keyed requests from the same address are not touched.
+    assert_eq!(get(&gw.url(WHO), FULL).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn without_a_public_section_the_flow_needs_a_key() {
+    let up = upstream().await;
+    let gw = Gateway::start(&oauth_config(&up, "")).await;
+    let reply = send(
+        Method::GET,
+        &gw.url("/.well-known/openid-configuration"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(up.count(), 0);
 }

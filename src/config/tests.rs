@@ -702,3 +702,76 @@ fn tracing_is_off_by_default_and_its_settings_are_checked() {
         "{p:?}"
     );
 }
+
+#[test]
+fn oauth_apps_and_public_routes_are_checked() {
+    let yaml = format!(
+        "{}oauth_apps:\n  mobile: {{ site: erp, client_id: abc123 }}\n",
+        valid()
+    );
+    let loaded = Config::from_yaml(&yaml, "t").unwrap();
+    let app = &loaded.config.oauth_apps["mobile"];
+    assert_eq!(app.introspection_ttl, Duration::from_secs(30));
+    assert!(app.per_user_rate_limit.is_none());
+    assert_eq!(loaded.config.oauth_token_cache_bytes, ByteSize(4 << 20));
+
+    for (apps, path) in [
+        (
+            "  a: { site: nowhere, client_id: x }\n",
+            "oauth_apps.a.site",
+        ),
+        (
+            "  a: { site: erp, client_id: \"\" }\n",
+            "oauth_apps.a.client_id",
+        ),
+        (
+            "  a: { site: erp, client_id: x }\n  b: { site: erp, client_id: x }\n",
+            "oauth_apps.b.client_id",
+        ),
+        ("  shop: { site: erp, client_id: x }\n", "oauth_apps.shop"),
+        (
+            "  a: { site: erp, client_id: x, introspection_ttl: 2h }\n",
+            "oauth_apps.a.introspection_ttl",
+        ),
+        (
+            "  a: { site: erp, client_id: x, max_in_flight: 0 }\n",
+            "oauth_apps.a.max_in_flight",
+        ),
+        (
+            "  a: { site: erp, client_id: x, allow: { resources: { ToDo: [fly] } } }\n",
+            "oauth_apps.a.allow.resources.ToDo",
+        ),
+    ] {
+        let p = problems(&format!("{}oauth_apps:\n{apps}", valid()));
+        assert!(p.iter().any(|p| p.path == path), "{apps}: {p:?}");
+    }
+    let public = |section: &str| {
+        valid().replace(
+            "    timeouts: {{ connect: 500ms, request: 5s }}\n"
+                .replace("{{", "{")
+                .replace("}}", "}")
+                .as_str(),
+            &format!("    timeouts: {{ connect: 500ms, request: 5s }}\n    public: {section}\n"),
+        )
+    };
+    let ok = Config::from_yaml(
+        &public("{ methods: [frappe.integrations.oauth2.get_token], paths: [/.well-known/openid-configuration] }"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        ok.config.sites["erp"].public.as_ref().unwrap().per_minute,
+        120
+    );
+    for (section, expect) in [
+        ("{ methods: [\"frappe.*\"] }", "exact method name"),
+        ("{ paths: [\"/a//b\"] }", "canonical path"),
+        ("{ burst: 0 }", "at least 1"),
+    ] {
+        let p = problems(&public(section));
+        assert!(
+            p.iter().any(|p| p.message.contains(expect)),
+            "{section}: {p:?}"
+        );
+    }
+}

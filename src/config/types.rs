@@ -467,6 +467,31 @@ pub struct SiteConfig {
     /// off (the endpoint answers 404 for this site).
     #[serde(default)]
     pub webhook: Option<WebhookConfig>,
+    /// Routes forwarded without a gateway key, with the caller's own cookies and
+    /// `Authorization`, their `Set-Cookie` and redirects passed back: the site's OAuth 2.0 sign-in
+    /// flow (README "OAuth apps"). Default: none.
+    #[serde(default)]
+    pub public: Option<PublicRoutesConfig>,
+}
+
+/// A site's public routes: exact whitelisted methods and exact paths, nothing else. Each
+/// request is judged on the whole `form_dict` Frappe will read, so a `cmd` naming anything else
+/// makes it an ordinary (keyed) request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicRoutesConfig {
+    /// Methods, by exact dotted name, e.g. `frappe.integrations.oauth2.get_token`.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Paths, exact, e.g. `/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Requests one source address (IPv6: /64) may make to them per minute. Default `120`.
+    #[serde(default = "defaults::public_per_minute")]
+    pub per_minute: u32,
+    /// ... at once. Default `30`.
+    #[serde(default = "defaults::public_burst")]
+    pub burst: u32,
 }
 
 /// The secret Frappe signs this site's webhooks with (the Webhook's "Webhook Secret").
@@ -1091,6 +1116,14 @@ mod defaults {
         ]
         .map(String::from)
         .to_vec()
+    }
+
+    pub fn public_per_minute() -> u32 {
+        120
+    }
+
+    pub fn public_burst() -> u32 {
+        30
     }
 
     pub fn oauth_token_cache_bytes() -> ByteSize {

@@ -61,6 +61,35 @@ impl Config {
                     );
                 }
             }
+            if let Some(public) = &site.public {
+                for method in &public.methods {
+                    let valid = !method.is_empty()
+                        && method
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+                    if !valid {
+                        problem(
+                            format!("{at}.public.methods"),
+                            format!("'{method}' is not an exact method name"),
+                        );
+                    }
+                }
+                for path in &public.paths {
+                    let canonical = CanonicalPath::parse(path).map(|p| p.encode());
+                    if canonical.as_deref() != Ok(path.as_str()) {
+                        problem(
+                            format!("{at}.public.paths"),
+                            format!("'{path}' is not an exact, canonical path"),
+                        );
+                    }
+                }
+                if public.per_minute == 0 || public.burst == 0 {
+                    problem(
+                        format!("{at}.public"),
+                        "per_minute and burst must be at least 1".into(),
+                    );
+                }
+            }
             let t = &site.timeouts;
             if t.connect.is_zero() || t.request.is_zero() || t.total.is_zero() {
                 problem(

@@ -99,6 +99,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub fn remove_client_identity(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::COOKIE);
+    remove_overrides(headers);
+}
+
+/// Removes the request headers that change how Frappe reads credentials or answers (the
+/// key-source switch, the accel redirect, the site choice), keeping the caller's own
+/// credentials and session: what a public route (the OAuth sign-in flow) forwards.
+pub fn remove_overrides(headers: &mut HeaderMap) {
     headers.remove(&FRAPPE_AUTHORIZATION_SOURCE);
     headers.remove(&X_USE_X_ACCEL_REDIRECT);
     headers.remove(&X_FRAPPE_SITE_NAME);

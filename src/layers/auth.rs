@@ -99,6 +99,11 @@ impl ClientTable {
         }
     }
 
+    /// The client presenting `key_id`.
+    pub fn by_key_id(&self, key_id: &str) -> Option<&Arc<Client>> {
+        self.by_key_id.get(key_id)
+    }
+
     /// The client configured as `name`.
     pub fn by_name(&self, name: &str) -> Option<&Arc<Client>> {
         self.by_key_id.values().find(|c| &*c.name == name)

@@ -27,6 +27,7 @@ use crate::frappe::headers::{
 };
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
+use crate::site::Site;
 use crate::{full_body, Body, BoxError};
 
 /// Largest upstream error body read to remove tracebacks; Frappe's are a few KiB.
@@ -64,54 +65,65 @@ pub struct CredentialSwap<S> {
 
 impl<S> CredentialSwap<S> {
     fn sign(&self, request: &mut Request<Body>, target: &RouteTarget) {
-        let peer = request
-            .extensions()
-            .get::<PeerAddr>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-        let from_proxy = self.trusted.contains(peer);
-        let proto = match request.extensions().get::<ArrivedOverTls>() {
-            Some(_) => HeaderValue::from_static("https"),
-            None => HeaderValue::from_static("http"),
-        };
         let headers = request.headers_mut();
         remove_hop_by_hop(headers);
         remove_client_identity(headers);
         remove_wsgi_specials(headers);
         headers.insert(header::AUTHORIZATION, target.account.authorization.clone());
-        headers.insert(X_FRAPPE_SITE_NAME.clone(), target.site.site_name.clone());
-        headers.insert(header::HOST, target.site.host.clone());
-
-        let incoming: Vec<&str> = if from_proxy {
-            headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let peer = peer.to_string();
-        let forwarded_for = if incoming.is_empty() {
-            peer
-        } else {
-            format!("{}, {peer}", incoming.join(", "))
-        };
-        if let Ok(value) = HeaderValue::try_from(forwarded_for) {
-            headers.insert(X_FORWARDED_FOR.clone(), value);
-        }
-        if !(from_proxy && headers.contains_key(&X_FORWARDED_PROTO)) {
-            headers.insert(X_FORWARDED_PROTO.clone(), proto);
-        }
+        address_to_site(request, &target.site, &self.trusted);
     }
 }
 
-/// Cleans an upstream response for the client.
-async fn clean_response(
+/// Addresses a request to `site` (`X-Frappe-Site-Name`, `Host`) and says where it came from
+/// (`X-Forwarded-For`: the peer, appended to the incoming list only when the peer is a trusted
+/// proxy; `X-Forwarded-Proto`).
+pub(crate) fn address_to_site(request: &mut Request<Body>, site: &Site, trusted: &TrustedProxies) {
+    let peer = request
+        .extensions()
+        .get::<PeerAddr>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+    let from_proxy = trusted.contains(peer);
+    let proto = match request.extensions().get::<ArrivedOverTls>() {
+        Some(_) => HeaderValue::from_static("https"),
+        None => HeaderValue::from_static("http"),
+    };
+    let headers = request.headers_mut();
+    headers.insert(X_FRAPPE_SITE_NAME.clone(), site.site_name.clone());
+    headers.insert(header::HOST, site.host.clone());
+    let incoming: Vec<&str> = if from_proxy {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let peer = peer.to_string();
+    let forwarded_for = if incoming.is_empty() {
+        peer
+    } else {
+        format!("{}, {peer}", incoming.join(", "))
+    };
+    if let Ok(value) = HeaderValue::try_from(forwarded_for) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    if !(from_proxy && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    }
+}
+
+/// Cleans an upstream response for the client; `keep_cookies` only on a public route's answer
+/// (the OAuth sign-in flow needs its session).
+pub(crate) async fn clean_response(
     mut response: Response<Body>,
     expose_tracebacks: bool,
+    keep_cookies: bool,
 ) -> Result<Response<Body>, BoxError> {
     let headers = response.headers_mut();
-    headers.remove(header::SET_COOKIE);
+    if !keep_cookies {
+        headers.remove(header::SET_COOKIE);
+    }
     remove_hop_by_hop(headers);
     let is_json = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
         v.as_bytes()
@@ -160,6 +172,6 @@ where
         self.sign(&mut request, &target);
         let expose = target.site.expose_tracebacks;
         let future = self.inner.call(request);
-        Box::pin(async move { clean_response(future.await?, expose).await })
+        Box::pin(async move { clean_response(future.await?, expose, false).await })
     }
 }

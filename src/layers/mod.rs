@@ -18,6 +18,7 @@ pub mod error_response;
 pub mod forward;
 pub mod idempotency;
 pub mod observe;
+pub mod public_routes;
 pub mod rate_limit;
 pub mod request_id;
 pub mod retry;

@@ -427,6 +427,63 @@ impl FrappeUpstream {
                 json!({"message": "pong"})
             });
         }
+        if path == "/.well-known/openid-configuration" {
+            return ok(json!({
+                "issuer": format!("http://{}", self.state.site_name),
+                "token_endpoint": "/api/method/frappe.integrations.oauth2.get_token",
+                "introspection_endpoint": "/api/method/frappe.integrations.oauth2.introspect_token",
+            }));
+        }
+        if path == "/api/method/frappe.integrations.oauth2.authorize" {
+            // allow_guest: Guest is sent to /login, a signed-in user back to the app with a
+            // code (an OAuth Client with skip_authorization), as oauth2.py `authorize` does.
+            let signed_in = headers
+                .get("cookie")
+                .and_then(|c| c.to_str().ok())
+                .is_some_and(|c| c.contains("sid=alice-session"));
+            let location = if signed_in {
+                format!(
+                    "{}?code=good-code&state={}",
+                    query.get("redirect_uri").cloned().unwrap_or_default(),
+                    query.get("state").cloned().unwrap_or_default()
+                )
+            } else {
+                format!(
+                    "/login?redirect-to=http%3A%2F%2F{}{}",
+                    self.state.site_name, uri
+                )
+            };
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::FOUND;
+            r.headers_mut()
+                .insert("location", location.parse().unwrap());
+            return with_cookies(r);
+        }
+        if path == "/api/method/frappe.integrations.oauth2.get_token" {
+            // allow_guest; the client authenticates itself (client_secret_basic or the form).
+            let form: BTreeMap<String, String> =
+                form_urlencoded::parse(body).into_owned().collect();
+            if form.get("grant_type").map(String::as_str) != Some("authorization_code")
+                || form.get("code").map(String::as_str) != Some("good-code")
+            {
+                let mut r = ok(json!({"error": "invalid_grant"}));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return r;
+            }
+            let client_id = form.get("client_id").cloned().unwrap_or_default();
+            let token = format!(
+                "issued{}",
+                self.state.next_name.fetch_add(1, Ordering::SeqCst)
+            );
+            self.issue_oauth_token(&token, &client_id, "alice@example.com", 3600, "all openid");
+            return ok(json!({
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": 3600,
+                "refresh_token": "refresh-1",
+                "scope": "all openid",
+            }));
+        }
         if path == "/api/method/frappe.integrations.oauth2.introspect_token" {
             // allow_guest; the whole response is the token_response dict (oauth2.py).
             self.state.introspections.fetch_add(1, Ordering::SeqCst);
