@@ -495,6 +495,16 @@ async fn only_the_listed_routes_pass_without_a_key_however_the_request_is_spelle
         ),
         (Method::GET, "/login", None, ""),
     ];
+    // A cmd after a file part of a multipart body: not yet read when the request would go.
+    let multipart = "--b\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.txt\"\r\n\r\nx\r\n--b\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nfrappe.client.delete\r\n--b--\r\n";
+    let reply = send(
+        Method::POST,
+        &gw.url("/api/method/frappe.integrations.oauth2.get_token"),
+        &[("content-type", "multipart/form-data; boundary=b")],
+        multipart,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
     for (method, path, content_type, body) in refused {
         let mut headers = vec![("cookie", "sid=alice-session")];
         headers.extend(content_type.map(|c| ("content-type", c)));

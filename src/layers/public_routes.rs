@@ -260,7 +260,9 @@ impl Service<Request<Body>> for PublicForward {
             .extensions()
             .get::<FrappeRequest>()
             .is_some_and(|c| {
+                // Multipart fields after a file part are not read yet: a `cmd` may still come.
                 c.embedded_methods.is_empty()
+                    && !c.form_incomplete
                     && match &c.kind {
                         RequestKind::Method(m) => self.methods.contains(m.as_str()),
                         RequestKind::Other => self.paths.contains(&self.path),
