@@ -566,3 +566,52 @@ async fn without_a_public_section_the_flow_needs_a_key() {
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert_eq!(up.count(), 0);
 }
+
+#[tokio::test]
+async fn idempotency_keys_are_each_users_own_within_an_app() {
+    let up = upstream().await;
+    for user in ["alice", "bob"] {
+        up.issue_oauth_token(
+            &format!("tok-{user}"),
+            APP,
+            &format!("{user}@example.com"),
+            3600,
+            "all",
+        );
+    }
+    let yaml = oauth_config(&up, "").replace("ToDo: [read]", "ToDo: [read, create]");
+    let gw = Gateway::start(&yaml).await;
+    let create = |token: &'static str| {
+        let url = gw.url("/api/resource/ToDo");
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[
+                    ("authorization", &format!("Bearer {token}")),
+                    ("content-type", "application/json"),
+                    ("idempotency-key", "same-key-1"),
+                ],
+                r#"{"description":"x"}"#,
+            )
+            .await
+        }
+    };
+    let alice = create("tok-alice").await;
+    let bob = create("tok-bob").await;
+    assert_eq!((alice.status, bob.status), (StatusCode::OK, StatusCode::OK));
+    assert!(
+        bob.header("idempotent-replayed").is_none(),
+        "bob never gets alice's answer"
+    );
+    assert_eq!(bob.json()["data"]["owner"], "bob@example.com");
+    // Alice's own repeat is a replay.
+    let again = create("tok-alice").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    let creates = up
+        .received()
+        .iter()
+        .filter(|r| r.method == Method::POST && r.path_and_query == "/api/resource/ToDo")
+        .count();
+    assert_eq!(creates, 2);
+}

@@ -116,10 +116,15 @@ fn record_key(request: &Request<Body>) -> Option<Result<RecordKey, GatewayError>
         .and_then(|t| t.strip_suffix('"'))
         .unwrap_or(text);
     let ok = !text.is_empty() && text.len() <= 255 && text.bytes().all(|b| b.is_ascii_graphic());
+    // An OAuth app's users share the app's name: each user's keys are their own.
+    let key = match request.extensions().get::<crate::oauth::OAuthUser>() {
+        Some(user) => format!("user:{}:{text}", hex::encode(&user.key[..16])),
+        None => text.to_owned(),
+    };
     Some(if ok {
         Ok(RecordKey {
             client: client.name.clone(),
-            key: text.to_owned(),
+            key,
         })
     } else {
         Err(GatewayError::BadRequest(
