@@ -253,12 +253,17 @@ where
         .option_layer(tracer.clone().map(ServerSpanLayer::new))
         // Preflights answered before any key is asked for; CORS headers on every answer below,
         // refusals included, decided on the client authenticated inside.
-        .option_layer(
-            config
-                .cors
-                .as_ref()
-                .map(|cors| CorsLayer::new(cors, config.clients.iter(), trusted.clone(), max_body)),
-        )
+        .option_layer(config.cors.as_ref().map(|cors| {
+            let clients = config
+                .clients
+                .iter()
+                .map(|(name, c)| (name, c.allowed_origins.as_ref()));
+            let apps = config
+                .oauth_apps
+                .iter()
+                .map(|(name, a)| (name, a.allowed_origins.as_ref()));
+            CorsLayer::new(cors, clients.chain(apps), trusted.clone(), max_body)
+        }))
         // A panic anywhere inside is one request's 500 envelope, counted by observation above.
         // Inside CORS, outside the cache (which serves its own encoded copies): one encoding per
         // answer, negotiated here.

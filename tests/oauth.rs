@@ -615,3 +615,34 @@ async fn idempotency_keys_are_each_users_own_within_an_app() {
         .count();
     assert_eq!(creates, 2);
 }
+
+#[tokio::test]
+async fn a_single_page_app_on_its_own_origin_reads_its_users_answers() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all");
+    let yaml = format!(
+        "{}cors: {{}}\n",
+        oauth_config(&up, "    allowed_origins: [\"https://field.example\"]\n")
+    );
+    let gw = Gateway::start(&yaml).await;
+    let from = |origin: &'static str| {
+        let url = gw.url(WHO);
+        async move {
+            send(
+                Method::GET,
+                &url,
+                &[("authorization", "Bearer tok-alice"), ("origin", origin)],
+                Bytes::new(),
+            )
+            .await
+        }
+    };
+    let own = from("https://field.example").await;
+    assert_eq!(own.status, StatusCode::OK);
+    assert_eq!(
+        own.header("access-control-allow-origin"),
+        Some("https://field.example")
+    );
+    let other = from("https://elsewhere.example").await;
+    assert_eq!(other.header("access-control-allow-origin"), None);
+}

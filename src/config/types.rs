@@ -936,6 +936,10 @@ pub struct OAuthAppConfig {
     /// the `openid` scope, else by the token). Default: none.
     #[serde(default)]
     pub per_user_rate_limit: Option<QuotaConfig>,
+    /// Origins whose pages may call with this app's tokens (a single-page app), as a client's
+    /// `allowed_origins`. Needs the top-level `cors` section. Default: `cors.allowed_origins`.
+    #[serde(default)]
+    pub allowed_origins: Option<Vec<String>>,
     /// How long a token's introspection is trusted before it is asked again (never beyond the
     /// token's `exp`): a revoked token stops working within it. Default `30s`.
     #[serde(

@@ -439,13 +439,19 @@ impl Config {
 
         match &self.cors {
             None => {
-                for (name, client) in &self.clients {
-                    if client.allowed_origins.is_some() {
-                        problem(
-                            format!("clients.{name}.allowed_origins"),
-                            "needs the top-level cors section".into(),
-                        );
-                    }
+                let clients = self
+                    .clients
+                    .iter()
+                    .map(|(name, c)| (format!("clients.{name}"), c.allowed_origins.is_some()));
+                let apps = self
+                    .oauth_apps
+                    .iter()
+                    .map(|(name, a)| (format!("oauth_apps.{name}"), a.allowed_origins.is_some()));
+                for (at, _) in clients.chain(apps).filter(|(_, has)| *has) {
+                    problem(
+                        format!("{at}.allowed_origins"),
+                        "needs the top-level cors section".into(),
+                    );
                 }
             }
             Some(cors) => {
@@ -457,6 +463,13 @@ impl Config {
                         .flatten()
                         .map(move |o| (format!("clients.{name}"), o))
                 });
+                let per_app = self.oauth_apps.iter().flat_map(|(name, app)| {
+                    app.allowed_origins
+                        .iter()
+                        .flatten()
+                        .map(move |o| (format!("oauth_apps.{name}"), o))
+                });
+                let per_client = per_client.chain(per_app);
                 for (at, origin) in origins.chain(per_client) {
                     if let Err(why) = crate::layers::cors::check_origin(origin) {
                         problem(format!("{at}.allowed_origins"), format!("{origin}: {why}"));

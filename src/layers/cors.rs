@@ -36,7 +36,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, Cors as PreflightCors, CorsLayer as PreflightLayer};
 
-use crate::config::{ClientConfig, CorsConfig};
+use crate::config::CorsConfig;
 use crate::error::{error_response, GatewayError};
 use crate::forwarding::{PeerAddr, TrustedProxies};
 use crate::tags::RequestTags;
@@ -89,10 +89,11 @@ pub struct CorsLayer {
 }
 
 impl CorsLayer {
-    /// Built from the validated `cors` section and the clients.
+    /// Built from the validated `cors` section and each client's (and OAuth app's) own
+    /// `allowed_origins`, by name.
     pub fn new<'a>(
         cors: &CorsConfig,
-        clients: impl Iterator<Item = (&'a String, &'a ClientConfig)>,
+        clients: impl Iterator<Item = (&'a String, Option<&'a Vec<String>>)>,
         trusted: TrustedProxies,
         body_limit: u64,
     ) -> Self {
@@ -104,7 +105,7 @@ impl CorsLayer {
             .collect();
         let by_client: HashMap<Arc<str>, HashSet<HeaderValue>> = clients
             .map(|(name, client)| {
-                let origins = match &client.allowed_origins {
+                let origins = match client {
                     Some(own) => own.iter().filter_map(|o| value(o)).collect(),
                     None => defaults.clone(),
                 };
