@@ -209,6 +209,19 @@ impl OAuthApps {
         }
     }
 
+    /// The same apps, remembered answers and quota state over a new `router` (a reload that
+    /// left the apps' settings alone).
+    pub fn with_router(&self, router: Arc<Router>) -> Self {
+        Self {
+            apps: self.apps.clone(),
+            router,
+            only_site: self.only_site.clone(),
+            longest_ttl: self.longest_ttl,
+            verdicts: self.verdicts.clone(),
+            introspections: self.introspections.clone(),
+        }
+    }
+
     /// Whether any app is configured.
     pub fn is_empty(&self) -> bool {
         self.apps.is_empty()

@@ -132,6 +132,7 @@ struct Kept {
     idempotency: (String, Arc<dyn IdempotencyStore>),
     cache: (String, Option<Arc<Cache>>),
     telemetry: (String, Option<Arc<Telemetry>>),
+    oauth: Option<(String, Arc<OAuthApps>)>,
 }
 
 /// Builds the gateway from a validated config; on a reload, `previous` is the gateway being
@@ -170,7 +171,22 @@ where
     let router = Arc::new(build_router(loaded, metrics)?);
     let clients = Arc::new(build_clients(config, prefix, kept.map(|k| &*k.clients))?);
     let trusted = TrustedProxies::new(config.trusted_proxies.iter().map(|p| p.0).collect());
-    let oauth_apps = build_oauth_apps(config, &router, metrics, prefix)?;
+    // Unchanged apps keep their quota state and remembered introspections over a reload.
+    let oauth_fingerprint = format!(
+        "{:?} {:?} {:?} {} {:?} {prefix}",
+        config.oauth_apps,
+        config.rate_limit,
+        config.write_rate_limit,
+        config.max_in_flight,
+        config.oauth_token_cache_bytes
+    );
+    let oauth_apps = match kept.and_then(|k| k.oauth.as_ref()) {
+        Some((was, apps)) if *was == oauth_fingerprint => {
+            Some(Arc::new(apps.with_router(router.clone())))
+        }
+        _ => build_oauth_apps(config, &router, metrics, prefix)?,
+    };
+    let oauth_kept = oauth_apps.clone().map(|apps| (oauth_fingerprint, apps));
     let public_routes = PublicRoutes::new(
         config
             .sites
@@ -287,7 +303,7 @@ where
                 metrics.auth_failures.clone(),
                 shared.1.clone(),
             )
-            .with_oauth(oauth_apps),
+            .with_oauth(oauth_apps.clone()),
         )
         // Before classification: the canonical, prefix-stripped path is what Frappe will see,
         // so it is what the rules must judge.
@@ -365,6 +381,7 @@ where
             idempotency,
             cache,
             telemetry,
+            oauth: oauth_kept,
         },
     })
 }

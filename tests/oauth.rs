@@ -646,3 +646,56 @@ async fn a_single_page_app_on_its_own_origin_reads_its_users_answers() {
     let other = from("https://elsewhere.example").await;
     assert_eq!(other.header("access-control-allow-origin"), None);
 }
+
+#[tokio::test]
+async fn a_reload_that_leaves_the_apps_alone_keeps_what_they_learnt() {
+    use erpgate::config::Config;
+    use erpgate::forwarding::PeerAddr;
+    use erpgate::metrics::Metrics;
+    use tower::ServiceExt;
+
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all");
+    let yaml = oauth_config(
+        &up,
+        "    per_user_rate_limit: { per_minute: 1, burst: 1 }\n",
+    );
+    let metrics = Metrics::new().unwrap();
+    let call = |gateway: &erpgate::stack::Gateway| {
+        let mut request = http::Request::get(WHO)
+            .header("authorization", "Bearer tok-alice")
+            .header("host", "gw.example.com")
+            .body(erpgate::empty_body())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(PeerAddr("127.0.0.1:40000".parse().unwrap()));
+        gateway.service.clone().oneshot(request)
+    };
+    let first =
+        erpgate::stack::build(&Config::from_yaml(&yaml, "t").unwrap(), &metrics, None).unwrap();
+    assert_eq!(call(&first).await.unwrap().status(), StatusCode::OK);
+    // Same apps, another client added: the user's quota and the introspection carry over.
+    let changed = yaml.replace("clients:\n", "clients:\n  late:\n    key_id: ek_late\n    secret_sha256: \"00000000000000000000000000000000000000000000000000000000000000aa\"\n    site: erp\n    service_account: sync\n");
+    let second = erpgate::stack::build(
+        &Config::from_yaml(&changed, "t").unwrap(),
+        &metrics,
+        Some(&first),
+    )
+    .unwrap();
+    assert_eq!(
+        call(&second).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(up.introspections(), 1);
+    // Changed apps start afresh.
+    let other = yaml.replace("burst: 1 }", "burst: 5 }");
+    let third = erpgate::stack::build(
+        &Config::from_yaml(&other, "t").unwrap(),
+        &metrics,
+        Some(&second),
+    )
+    .unwrap();
+    assert_eq!(call(&third).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(up.introspections(), 2);
+}
