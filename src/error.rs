@@ -67,6 +67,13 @@ pub enum GatewayError {
     /// cannot be promised, so it is not run.
     #[error("Idempotency-Key requests cannot be accepted right now (shared state unavailable); retry later")]
     SharedStateUnavailable { retry_after: Duration },
+    /// The event store could not record or read (disk error, Redis down): a webhook is not
+    /// acknowledged, so Frappe retries it.
+    #[error("events cannot be stored or read right now; retry later")]
+    EventsUnavailable { retry_after: Duration },
+    /// A gateway endpoint this kind of credential may not use.
+    #[error("{0}")]
+    NotPermitted(&'static str),
     /// The client did not send its request body in time: the client's slowness, never the
     /// site's, so no breaker counts it.
     #[error("the request body was not received within {timeout:?}")]
@@ -78,7 +85,7 @@ impl GatewayError {
         match self {
             Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "AuthenticationError"),
             Self::AuthThrottled { .. } => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsError"),
-            Self::Forbidden(_) | Self::SiteNotAllowed(_) => {
+            Self::Forbidden(_) | Self::SiteNotAllowed(_) | Self::NotPermitted(_) => {
                 (StatusCode::FORBIDDEN, "PermissionError")
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "ValidationError"),
@@ -96,6 +103,9 @@ impl GatewayError {
             Self::SharedStateUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "SharedStateUnavailable")
             }
+            Self::EventsUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "EventsUnavailable")
+            }
             Self::IdempotencyInFlight => (StatusCode::CONFLICT, "IdempotencyKeyInUse"),
             Self::IdempotencyMismatch => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "IdempotencyKeyMismatch")
@@ -108,7 +118,8 @@ impl GatewayError {
             Self::AuthThrottled { retry_after }
             | Self::TooManyRequests { retry_after, .. }
             | Self::BreakerOpen { retry_after, .. }
-            | Self::SharedStateUnavailable { retry_after } => Some(*retry_after),
+            | Self::SharedStateUnavailable { retry_after }
+            | Self::EventsUnavailable { retry_after } => Some(*retry_after),
             _ => None,
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod forwarding;
 pub mod frappe;
 pub mod layers;

@@ -71,6 +71,83 @@ pub struct Metrics {
     /// Shared state (Redis): reachable or not, command latency and errors, fallbacks to
     /// per-replica state, pub/sub traffic.
     pub redis: RedisMetrics,
+    /// The event relay.
+    pub events: EventMetrics,
+}
+
+/// The event relay's metrics.
+#[derive(Clone, Debug)]
+pub struct EventMetrics {
+    /// `erpgate_events_received_total{site}`: events accepted from Frappe (persisted).
+    pub received: IntCounterVec,
+    /// `erpgate_event_deliveries_total{client,subscription,outcome}`: `delivered`, `failed` (an
+    /// attempt, retried later), `dead_lettered`, `gone` (ended by a 410), `dropped` (over the
+    /// subscription's cap), `forbidden` (the client's rules no longer let it read the doctype).
+    pub deliveries: IntCounterVec,
+    /// `erpgate_event_backlog{client,subscription}`: deliveries still to make.
+    pub backlog: IntGaugeVec,
+    /// `erpgate_event_oldest_undelivered_seconds{client,subscription}`.
+    pub oldest_undelivered: prometheus::GaugeVec,
+    /// `erpgate_event_dead_letters{client,subscription}`.
+    pub dead_letters: IntGaugeVec,
+}
+
+impl EventMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let labels = &["client", "subscription"];
+        let received = IntCounterVec::new(
+            Opts::new(
+                "erpgate_events_received_total",
+                "Events accepted from Frappe webhooks and stored, by site.",
+            ),
+            &["site"],
+        )?;
+        let deliveries = IntCounterVec::new(
+            Opts::new(
+                "erpgate_event_deliveries_total",
+                "Event deliveries by outcome: delivered, failed (retried later), dead_lettered, \
+                 gone, dropped, forbidden.",
+            ),
+            &["client", "subscription", "outcome"],
+        )?;
+        let backlog = IntGaugeVec::new(
+            Opts::new(
+                "erpgate_event_backlog",
+                "Event deliveries still to make, by subscription.",
+            ),
+            labels,
+        )?;
+        let oldest_undelivered = prometheus::GaugeVec::new(
+            Opts::new(
+                "erpgate_event_oldest_undelivered_seconds",
+                "Age of the oldest event not yet delivered, by subscription.",
+            ),
+            labels,
+        )?;
+        let dead_letters = IntGaugeVec::new(
+            Opts::new(
+                "erpgate_event_dead_letters",
+                "Deliveries given up on (listable and replayable on the admin listener).",
+            ),
+            labels,
+        )?;
+        for collector in [
+            Box::new(received.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(deliveries.clone()),
+            Box::new(backlog.clone()),
+            Box::new(oldest_undelivered.clone()),
+            Box::new(dead_letters.clone()),
+        ] {
+            registry.register(collector)?;
+        }
+        Ok(Self {
+            received,
+            deliveries,
+            backlog,
+            oldest_undelivered,
+            dead_letters,
+        })
+    }
 }
 
 /// The shared-state metrics.
@@ -302,6 +379,7 @@ impl Metrics {
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
         let redis = RedisMetrics::new(&registry)?;
+        let events = EventMetrics::new(&registry)?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -332,6 +410,7 @@ impl Metrics {
             config_reloads,
             config_info,
             redis,
+            events,
         })
     }
 

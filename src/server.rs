@@ -773,6 +773,83 @@ impl Admin {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "GET /cache/stats, POST /cache/purge\n".into(),
             ),
+            (_, "/events/dead-letters" | "/events/replay") if live.events.is_none() => text(
+                StatusCode::NOT_FOUND,
+                "no event relay is configured\n".into(),
+            ),
+            (&Method::GET, "/events/dead-letters") => {
+                let relay = live.events.as_ref();
+                let limit = crate::frappe::form_dict::query_value(request.uri().query(), "limit")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(1000usize);
+                match relay.map(|r| r.dead_letters(limit)) {
+                    Some(listing) => match listing.await {
+                        Ok(letters) => {
+                            let letters: Vec<_> = letters
+                                .iter()
+                                .map(|l| {
+                                    serde_json::json!({
+                                        "subscription": l.subscription,
+                                        "event_id": l.event_id,
+                                        "attempts": l.attempts,
+                                        "reason": l.reason,
+                                        "dead_ms": l.dead_ms,
+                                        "event": crate::events::delivery::event_json(&l.event_id, &l.event),
+                                    })
+                                })
+                                .collect();
+                            let body = serde_json::json!({ "dead_letters": letters });
+                            (
+                                StatusCode::OK,
+                                "application/json",
+                                full_body(body.to_string()),
+                            )
+                        }
+                        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+                    },
+                    None => text(StatusCode::NOT_FOUND, "no event relay\n".into()),
+                }
+            }
+            (&Method::POST, "/events/replay")
+                if !admin_request_allowed(request, live.admin_token.as_deref()) =>
+            {
+                text(
+                    StatusCode::FORBIDDEN,
+                    "state-changing admin requests need the header X-Erpgate-Admin: 1 (or the admin token as a bearer token, when one is configured)\n".into(),
+                )
+            }
+            (&Method::POST, "/events/replay") => {
+                let param =
+                    |name| crate::frappe::form_dict::query_value(request.uri().query(), name);
+                let (subscription, event) = (param("subscription"), param("event"));
+                let replayed = match live.events.as_ref() {
+                    Some(relay) => Some(
+                        relay
+                            .replay(subscription.as_deref(), event.as_deref())
+                            .await,
+                    ),
+                    None => None,
+                };
+                match replayed {
+                    Some(replayed) => match replayed {
+                        Ok(replayed) => {
+                            tracing::info!(subscription, event, replayed, "dead letters replayed");
+                            let body = serde_json::json!({ "replayed": replayed });
+                            (
+                                StatusCode::OK,
+                                "application/json",
+                                full_body(body.to_string()),
+                            )
+                        }
+                        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+                    },
+                    None => text(StatusCode::NOT_FOUND, "no event relay\n".into()),
+                }
+            }
+            (_, "/events/dead-letters" | "/events/replay") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET /events/dead-letters, POST /events/replay\n".into(),
+            ),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         };
         let mut response = Response::new(body);

@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! client ─► sensitive headers ─► request id ─► observe ─► [server span] ─► [CORS]
-//!        ─► compression ─► catch panic ─► error edge ─► body limit ─► webhooks
-//!        ─► [public routes] ─► authenticate (gateway keys, OAuth access tokens)
-//!        ─► route ─► classify ─► rate limit ─► concurrency ─► authorize ─► cache
+//!        ─► compression ─► catch panic ─► error edge ─► body limit ─► webhooks (cache purge,
+//!           [event relay] intake) ─► [public routes] ─► authenticate (gateway keys, OAuth
+//!           access tokens) ─► [event feed] ─► route ─► classify ─► rate limit ─► concurrency ─► authorize ─► cache
 //!        ─► idempotency ─► buffer ─► deadline ─► retry ─► circuit breaker ─► credential swap
 //!        ─► [attempt span] ─► forward (pooled client) ─► site
 //! ```
@@ -20,6 +20,7 @@ use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
 use crate::config::{Config, LoadedConfig};
+use crate::events::{EventRelay, Subscriber};
 use crate::forwarding::TrustedProxies;
 use crate::frappe::acl::parse_operations;
 use crate::frappe::auth_header::token_header;
@@ -39,6 +40,7 @@ use crate::layers::cors::CorsLayer;
 use crate::layers::credential_swap::CredentialSwapLayer;
 use crate::layers::deadline::DeadlineLayer;
 use crate::layers::error_response::ErrorResponseLayer;
+use crate::layers::event_feed::EventFeedLayer;
 use crate::layers::forward::Forward;
 use crate::layers::idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, SharedStore};
 use crate::layers::observe::ObserveLayer;
@@ -115,6 +117,8 @@ pub struct Gateway {
     pub config_hash: String,
     /// Listener settings.
     pub server: ServerSettings,
+    /// The event relay, when configured.
+    pub events: Option<Arc<EventRelay>>,
     /// What `POST /cache/purge` on the admin listener requires as a bearer token, if set.
     pub admin_token: Option<String>,
     /// File watching.
@@ -133,6 +137,7 @@ struct Kept {
     cache: (String, Option<Arc<Cache>>),
     telemetry: (String, Option<Arc<Telemetry>>),
     oauth: Option<(String, Arc<OAuthApps>)>,
+    events: (String, Option<Arc<EventRelay>>),
 }
 
 /// Builds the gateway from a validated config; on a reload, `previous` is the gateway being
@@ -234,7 +239,33 @@ where
         format!("{:?} {} {:?}", config.cache, shared.0, config.compression),
         || build_cache(config, metrics, shared.1.clone(), compression.clone()),
     );
-    // Other replicas' invalidations reach this cache, their blocks this failure limiter.
+    // The relay (its store stays open over a reload that leaves its settings alone); the
+    // subscriptions are always the new config's, with the new clients' rules.
+    // Keyed by where the store is (the embedded one is a file only one relay may hold open).
+    let events_fingerprint = format!(
+        "{:?} {}",
+        config.events.as_ref().map(|e| &e.directory),
+        shared.0
+    );
+    let events = match kept.map(|k| &k.events) {
+        Some((was, relay)) if *was == events_fingerprint => (was.clone(), relay.clone()),
+        _ => (
+            events_fingerprint,
+            match &config.events {
+                None => None,
+                Some(settings) => Some(
+                    EventRelay::start(settings, shared.1.clone(), metrics.events.clone())
+                        .map_err(|e| BuildError::Invalid(format!("events: {e}")))?,
+                ),
+            },
+        ),
+    };
+    if let (Some(relay), Some(settings)) = (&events.1, &config.events) {
+        relay.set_settings(settings);
+        relay.set_subscribers(build_subscribers(loaded, &clients)?);
+    }
+    // Other replicas' invalidations reach this cache, their blocks this failure limiter,
+    // their events this relay.
     if let Some(state) = &shared.1 {
         let mut listeners: Vec<std::sync::Weak<dyn Listener>> = Vec::new();
         let failures: Arc<dyn Listener> = failures.1.clone();
@@ -243,19 +274,23 @@ where
             let cache: Arc<dyn Listener> = cache.clone();
             listeners.push(Arc::downgrade(&cache));
         }
+        if let Some(relay) = &events.1 {
+            let relay: Arc<dyn Listener> = relay.clone();
+            listeners.push(Arc::downgrade(&relay));
+        }
         state.set_listeners(listeners);
     }
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let telemetry = build_telemetry(config, metrics, kept.map(|k| &k.telemetry))?;
     let tracer = telemetry.1.as_ref().map(|t| t.spans.clone());
 
-    let webhooks = cache.1.as_ref().map(|cache| {
+    let webhooks = (cache.1.is_some() || events.1.is_some()).then(|| {
         let secrets = loaded
             .webhook_secrets
             .iter()
             .map(|(site, secret)| (site.clone(), secret.0.as_bytes().to_vec()))
             .collect();
-        WebhookLayer::new(cache.clone(), secrets)
+        WebhookLayer::new(cache.1.clone(), events.1.clone(), secrets)
     });
 
     let service = ServiceBuilder::new()
@@ -290,7 +325,8 @@ where
         .layer(ErrorResponseLayer::new(max_body))
         // Before any work is spent on an oversized request.
         .layer(BodyLimitLayer::new(max_body))
-        // Frappe's cache-purging webhooks carry a signature, not a gateway key: before auth.
+        // Frappe's webhooks (cache purges, relayed events) carry a signature, not a gateway
+        // key: before auth.
         .option_layer(webhooks)
         // The sites' OAuth sign-in flows carry the user's session, not a gateway key.
         .option_layer(public_routes.map(PublicRoutesLayer::new))
@@ -305,6 +341,9 @@ where
             )
             .with_oauth(oauth_apps.clone()),
         )
+        // The pull feed needs the client (its rules filter the events) and is erpgate's own
+        // path: before routing, never forwarded.
+        .option_layer(events.1.clone().map(EventFeedLayer::new))
         // Before classification: the canonical, prefix-stripped path is what Frappe will see,
         // so it is what the rules must judge.
         .layer(RouteLayer::new(router.clone()))
@@ -372,6 +411,7 @@ where
             http2_max_concurrent_streams: config.limits.http2_max_concurrent_streams,
             http2_keepalive_interval: config.limits.http2_keepalive_interval,
         },
+        events: events.1.clone(),
         admin_token: config.admin_token.as_ref().map(|t| t.0.clone()),
         reload: config.reload.clone(),
         kept: Kept {
@@ -382,6 +422,7 @@ where
             cache,
             telemetry,
             oauth: oauth_kept,
+            events,
         },
     })
 }
@@ -695,6 +736,44 @@ fn build_clients(
         ));
     }
     Ok(ClientTable::new(table))
+}
+
+/// The clients' subscriptions, each with its client as just built (its sites and rules).
+fn build_subscribers(
+    loaded: &LoadedConfig,
+    clients: &ClientTable,
+) -> Result<Vec<Arc<Subscriber>>, BuildError> {
+    let mut subscribers = Vec::new();
+    for (client_name, config) in &loaded.config.clients {
+        let Some(client) = clients.by_name(client_name) else {
+            continue;
+        };
+        for (name, subscription) in &config.subscriptions {
+            let at = format!("clients.{client_name}.subscriptions.{name}");
+            let secret = loaded
+                .subscription_secrets
+                .get(&(client_name.clone(), name.clone()))
+                .ok_or_else(|| BuildError::Invalid(format!("{at}.secret is missing")))?;
+            let key_hmac = crate::events::signature::signing_key(&secret.0)
+                .map_err(|e| BuildError::Invalid(format!("{at}.secret: {e}")))?;
+            let url = subscription
+                .url
+                .0
+                .parse()
+                .map_err(|_| BuildError::Invalid(format!("{at}.url is not a URL")))?;
+            subscribers.push(Arc::new(Subscriber {
+                key: format!("{client_name}/{name}"),
+                client: client.clone(),
+                name: name.clone(),
+                url,
+                doctypes: subscription.doctypes.clone(),
+                events: subscription.events.clone(),
+                key_hmac,
+                timeout: subscription.timeout,
+            }));
+        }
+    }
+    Ok(subscribers)
 }
 
 /// A client's (or app's) access rules; `None` without an `allow` block.

@@ -88,21 +88,7 @@ impl Upstream {
         ca_file: Option<&Path>,
         duration: Histogram,
     ) -> Result<Self, UpstreamBuildError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(root_store(ca_file)?)
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = https_connector(connect_timeout, ca_file)?;
         let clients = (0..workers.max(1))
             .map(|_| {
                 Client::builder(TokioExecutor::new())
@@ -291,6 +277,29 @@ impl http_body::Body for Sent {
 }
 
 /// System roots plus the PEM certificates in `ca_file`.
+/// An HTTP/1.1 connector for `http://` and `https://` (rustls with the system's roots, plus
+/// `ca_file`), connecting within `connect_timeout`.
+pub fn https_connector(
+    connect_timeout: Duration,
+    ca_file: Option<&Path>,
+) -> Result<HttpsConnector<HttpConnector>, UpstreamBuildError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(root_store(ca_file)?)
+    .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
+}
+
 pub(crate) fn root_store(
     ca_file: Option<&Path>,
 ) -> Result<rustls::RootCertStore, UpstreamBuildError> {

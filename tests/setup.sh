@@ -7,7 +7,9 @@
 #     port, for the shared state replicas use; deploy/validate.sh runs the bundled Redis's
 #     arguments with it (redis-cli comes with it);
 #   - chromium (Debian package `chromium`): tests/browser.rs loads pages in headless Chromium
-#     to show CORS working, and blocking, in a real browser.
+#     to show CORS working, and blocking, in a real browser;
+#   - standardwebhooks (PyPI, the Standard Webhooks reference library): tests/events.rs verifies
+#     the relay's delivery signatures with it, an implementation independent of erpgate's.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -28,6 +30,10 @@ if ! command -v chromium >/dev/null; then
   echo "== installing chromium (Debian package)"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+if ! python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
+  echo "== installing standardwebhooks (PyPI)"
+  python3 -m pip install --quiet standardwebhooks
 fi
 if ! command -v kubernetes-validate >/dev/null; then
   echo "== installing kubernetes-validate (PyPI)"

@@ -43,6 +43,8 @@ pub struct LoadedConfig {
     pub secrets: IndexMap<(String, String), Secret>,
     /// Webhook secrets by site.
     pub webhook_secrets: IndexMap<String, Secret>,
+    /// Subscription signing secrets (`whsec_...`, checked) by (client, subscription).
+    pub subscription_secrets: IndexMap<(String, String), Secret>,
     /// The shared-state Redis password, read from `password` or `password_file`.
     pub redis_password: Option<Secret>,
     /// SHA-256 (hex, first 16 digits) of the configuration text, exported as a metric label

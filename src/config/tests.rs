@@ -775,3 +775,86 @@ fn oauth_apps_and_public_routes_are_checked() {
         );
     }
 }
+
+/// `valid()` with a subscription on the `shop` client and `events` appended.
+fn with_subscription(subscription: &str, events: &str) -> String {
+    valid().replace(
+        "    extra_sites: { staging: sync }\n",
+        &format!("    extra_sites: {{ staging: sync }}\n    subscriptions:\n      orders: {subscription}\n"),
+    ) + events
+}
+
+#[test]
+fn subscriptions_and_the_event_relay_are_checked() {
+    let good = "{ url: \"https://hooks.example.com/erp\", doctypes: [ToDo], events: [on_update], secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw }";
+    let loaded = Config::from_yaml(
+        &with_subscription(good, "events: { directory: /tmp/erpgate-events-test }\n"),
+        "t",
+    )
+    .unwrap();
+    let events = loaded.config.events.as_ref().unwrap();
+    assert_eq!(events.retry_for, Duration::from_secs(24 * 3600));
+    assert_eq!(events.max_pending_per_subscription, 10_000);
+    assert_eq!(
+        loaded.config.clients["shop"].subscriptions["orders"].timeout,
+        Duration::from_secs(10)
+    );
+    assert!(loaded
+        .subscription_secrets
+        .contains_key(&("shop".to_owned(), "orders".to_owned())));
+
+    let cases = [
+        // Subscriptions without the relay, and the relay without a store.
+        (
+            with_subscription(good, ""),
+            "clients.shop.subscriptions.orders",
+        ),
+        (with_subscription(good, "events: {}\n"), "events.directory"),
+        // A secret that is not a Standard Webhooks secret.
+        (
+            with_subscription(
+                "{ url: \"https://h.example.com/\", doctypes: [ToDo], secret: plain-text }",
+                "events: { directory: /tmp/x }\n",
+            ),
+            "clients.shop.subscriptions.orders.secret",
+        ),
+        // An event Frappe has not.
+        (
+            with_subscription(
+                &good.replace("on_update", "on_save"),
+                "events: { directory: /tmp/x }\n",
+            ),
+            "clients.shop.subscriptions.orders.events",
+        ),
+        // Not an http(s) URL.
+        (
+            with_subscription(
+                &good.replace("https://hooks.example.com/erp", "ftp://x/"),
+                "events: { directory: /tmp/x }\n",
+            ),
+            "clients.shop.subscriptions.orders.url",
+        ),
+        (
+            with_subscription(
+                &good.replace("[ToDo]", "[]"),
+                "events: { directory: /tmp/x }\n",
+            ),
+            "clients.shop.subscriptions.orders.doctypes",
+        ),
+    ];
+    for (yaml, path) in cases {
+        let found = problems(&yaml);
+        assert!(
+            found.iter().any(|p| p.path == path),
+            "{path} not reported: {found:?}"
+        );
+    }
+    // Unknown keys are refused.
+    let typo = with_subscription(
+        &good.replace("doctypes", "doctype"),
+        "events: { directory: /tmp/x }\n",
+    );
+    assert!(Config::from_yaml(&typo, "t").is_err());
+    let typo = with_subscription(good, "events: { directroy: /tmp/x }\n");
+    assert!(Config::from_yaml(&typo, "t").is_err());
+}

@@ -105,6 +105,10 @@ pub struct Config {
     /// is passed to Frappe as it came).
     #[serde(default)]
     pub tracing: Option<TracingConfig>,
+    /// The event relay: webhook deliveries to clients' `subscriptions` and the pull feed
+    /// (README "Events"). Default: none, off.
+    #[serde(default)]
+    pub events: Option<EventsConfig>,
 }
 
 impl Config {
@@ -908,6 +912,96 @@ pub struct ClientConfig {
     /// top-level `cors` section. Default: `cors.allowed_origins`.
     #[serde(default)]
     pub allowed_origins: Option<Vec<String>>,
+    /// Webhooks erpgate sends this client when Frappe reports a change (README "Events"), by
+    /// name (in logs and metrics). Each gets only events of sites this client may use and
+    /// doctypes its `allow` rules let it read. Needs the top-level `events` section.
+    /// Default none.
+    #[serde(default)]
+    pub subscriptions: IndexMap<String, SubscriptionConfig>,
+}
+
+/// One webhook subscription of a client: events of its doctypes (and event types) are posted
+/// to `url`, signed in the Standard Webhooks format under `secret`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// Where deliveries are POSTed (`http://` or `https://`). `${ENV}` allowed.
+    #[serde(deserialize_with = "parse_env")]
+    pub url: EnvString,
+    /// Doctypes relayed, by exact name; `"*"` for every doctype the client may read.
+    pub doctypes: Vec<String>,
+    /// Frappe document events relayed (`after_insert`, `on_update`, `on_submit`, `on_cancel`,
+    /// `on_trash`, `on_update_after_submit`, `on_change`). Default: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// The signing secret in the Standard Webhooks form `whsec_<base64 of 24 to 64 bytes>`;
+    /// use `${ENV}`. Exactly one of `secret` and `secret_file` is required.
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub secret: Option<EnvString>,
+    /// A file holding the secret; trailing newline ignored.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Time the subscriber has to answer one delivery. Default `10s`.
+    #[serde(
+        default = "defaults::subscription_timeout",
+        deserialize_with = "parse_duration"
+    )]
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for SubscriptionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionConfig")
+            .field("url", &self.url)
+            .field("doctypes", &self.doctypes)
+            .field("events", &self.events)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// The event relay: Frappe webhooks received on the signed endpoint are kept, delivered to
+/// clients' subscriptions and offered on the pull feed `GET /_erpgate/events`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Directory of the embedded event store (crash-safe, one file), used when no
+    /// `shared_state` is configured (with it, events live in Redis Streams). Required then.
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+    /// How long a delivery is retried before it goes to the dead letters. Default `24h`.
+    #[serde(
+        default = "defaults::events_retry_for",
+        deserialize_with = "parse_duration"
+    )]
+    pub retry_for: Duration,
+    /// Wait before the first retry; doubles per attempt, with jitter. Default `5s`.
+    #[serde(
+        default = "defaults::events_initial_backoff",
+        deserialize_with = "parse_duration"
+    )]
+    pub initial_backoff: Duration,
+    /// Longest wait between retries. Default `1h`.
+    #[serde(
+        default = "defaults::events_max_backoff",
+        deserialize_with = "parse_duration"
+    )]
+    pub max_backoff: Duration,
+    /// Undelivered events kept per subscription; beyond it the oldest are dropped (counted).
+    /// Default `10000`.
+    #[serde(default = "defaults::events_max_pending")]
+    pub max_pending_per_subscription: u64,
+    /// How long the pull feed keeps an event. Default `24h`.
+    #[serde(
+        default = "defaults::events_feed_retention",
+        deserialize_with = "parse_duration"
+    )]
+    pub feed_retention: Duration,
+    /// Events the pull feed keeps at most; beyond it the oldest go. Default `100000`.
+    #[serde(default = "defaults::events_max_feed")]
+    pub max_feed_events: u64,
 }
 
 /// An app signing users in with a site's OAuth 2.0 provider (an `OAuth Client` in ERPNext).
@@ -1136,6 +1230,34 @@ mod defaults {
 
     pub fn introspection_ttl() -> Duration {
         Duration::from_secs(30)
+    }
+
+    pub fn subscription_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    pub fn events_retry_for() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+
+    pub fn events_initial_backoff() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    pub fn events_max_backoff() -> Duration {
+        Duration::from_secs(3600)
+    }
+
+    pub fn events_max_pending() -> u64 {
+        10_000
+    }
+
+    pub fn events_feed_retention() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+
+    pub fn events_max_feed() -> u64 {
+        100_000
     }
 
     pub fn sample_ratio() -> f64 {

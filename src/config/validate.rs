@@ -557,11 +557,108 @@ impl Config {
             }
         }
 
+        let mut subscription_secrets = IndexMap::new();
+        if let Some(events) = &self.events {
+            if events.directory.is_none() && self.shared_state.is_none() {
+                problem(
+                    "events.directory".into(),
+                    "required without shared_state: where the embedded event store lives".into(),
+                );
+            }
+            if events.initial_backoff.is_zero() || events.max_backoff < events.initial_backoff {
+                problem(
+                    "events.initial_backoff".into(),
+                    "must be more than 0 and at most events.max_backoff".into(),
+                );
+            }
+            if events.retry_for.is_zero() || events.feed_retention.is_zero() {
+                problem(
+                    "events".into(),
+                    "retry_for and feed_retention must be more than 0".into(),
+                );
+            }
+            if events.max_pending_per_subscription == 0 || events.max_feed_events == 0 {
+                problem(
+                    "events".into(),
+                    "max_pending_per_subscription and max_feed_events must be at least 1".into(),
+                );
+            }
+        }
+        for (client_name, client) in &self.clients {
+            for (name, subscription) in &client.subscriptions {
+                let at = format!("clients.{client_name}.subscriptions.{name}");
+                if self.events.is_none() {
+                    problem(
+                        at.clone(),
+                        "subscriptions need the top-level events section".into(),
+                    );
+                }
+                if !is_metric_safe_name(name) {
+                    problem(
+                        at.clone(),
+                        "a subscription name is letters, digits, '_' and '-'".into(),
+                    );
+                }
+                let uri = subscription.url.0.parse::<http::Uri>();
+                let usable = uri.as_ref().is_ok_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+                });
+                if !usable {
+                    problem(
+                        format!("{at}.url"),
+                        "must be an absolute http:// or https:// URL".into(),
+                    );
+                }
+                if subscription.doctypes.is_empty()
+                    || subscription.doctypes.iter().any(|d| d.trim().is_empty())
+                {
+                    problem(
+                        format!("{at}.doctypes"),
+                        "list doctypes by name, or \"*\" for all the client may read".into(),
+                    );
+                }
+                for event in &subscription.events {
+                    if !crate::frappe::webhook::DOC_EVENTS.contains(&event.as_str()) {
+                        problem(
+                            format!("{at}.events"),
+                            format!(
+                                "'{event}' is not a Frappe document event (one of {})",
+                                crate::frappe::webhook::DOC_EVENTS.join(", ")
+                            ),
+                        );
+                    }
+                }
+                if subscription.timeout.is_zero() || subscription.timeout > Duration::from_secs(300)
+                {
+                    problem(
+                        format!("{at}.timeout"),
+                        "must be more than 0 and at most 5m".into(),
+                    );
+                }
+                let secret = inline_or_file(
+                    &at,
+                    ("secret", subscription.secret.as_ref()),
+                    ("secret_file", subscription.secret_file.as_deref()),
+                );
+                match secret {
+                    Ok(s) => match crate::events::signature::signing_key(&s) {
+                        Ok(_) => {
+                            subscription_secrets
+                                .insert((client_name.clone(), name.clone()), Secret(s));
+                        }
+                        Err(why) => problem(format!("{at}.secret"), why.to_owned()),
+                    },
+                    Err((path, message)) => problem(path, message),
+                }
+            }
+        }
+
         if problems.is_empty() {
             Ok(LoadedConfig {
                 config: self,
                 secrets,
                 webhook_secrets,
+                subscription_secrets,
                 redis_password,
                 hash: String::new(),
             })
@@ -569,6 +666,15 @@ impl Config {
             Err(problems)
         }
     }
+}
+
+/// Whether `name` may be a metric label value and a Redis key part as it is.
+fn is_metric_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// What is wrong in an `allow` block at `at`.

@@ -12,6 +12,20 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
+/// Frappe's document events a Webhook can fire on (`webhook_docevent`). The render context of
+/// a Webhook's JSON body is only `doc` and `utils` (`frappe/integrations/doctype/webhook/
+/// webhook.py`, `get_context`), so the event is not in it: each Webhook is for one event and its
+/// body names that event literally (`"event": "on_update"`).
+pub const DOC_EVENTS: [&str; 7] = [
+    "after_insert",
+    "on_update",
+    "on_submit",
+    "on_cancel",
+    "on_trash",
+    "on_update_after_submit",
+    "on_change",
+];
+
 /// The header Frappe signs webhooks in.
 pub const SIGNATURE_HEADER: &str = "x-frappe-webhook-signature";
 
@@ -52,6 +66,8 @@ pub struct WebhookTarget {
     pub doctype: String,
     /// Its name, when the payload gives one.
     pub name: Option<String>,
+    /// The document event, when the payload names one (`event`).
+    pub event: Option<String>,
 }
 
 /// Reads the doctype and name from a signed webhook body.
@@ -65,6 +81,7 @@ pub fn target(body: &[u8]) -> Option<WebhookTarget> {
     Some(WebhookTarget {
         doctype,
         name: field("name"),
+        event: field("event"),
     })
 }
 
@@ -103,8 +120,14 @@ mod tests {
             target(br#"{"doctype": "Item", "name": "X", "x": 1}"#),
             Some(WebhookTarget {
                 doctype: "Item".into(),
-                name: Some("X".into())
+                name: Some("X".into()),
+                event: None,
             })
+        );
+        assert_eq!(
+            target(br#"{"doctype": "Item", "name": "X", "event": "on_update"}"#)
+                .and_then(|t| t.event),
+            Some("on_update".into())
         );
         assert_eq!(target(br#"{"name": "X"}"#).map(|t| t.doctype), None);
         assert_eq!(target(br#"{"name": "X"}"#), None);

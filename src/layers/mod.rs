@@ -15,6 +15,7 @@ pub mod cors;
 pub mod credential_swap;
 pub mod deadline;
 pub mod error_response;
+pub mod event_feed;
 pub mod forward;
 pub mod idempotency;
 pub mod observe;

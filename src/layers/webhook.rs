@@ -1,12 +1,14 @@
-//! Frappe webhooks that purge the cache: `POST /_erpgate/webhooks/frappe/<site>` on the public
-//! listener (a prefix no Frappe route uses), so edits made in the ERPNext desk, by scheduled
-//! jobs or by other integrations reach the cache too.
+//! Frappe webhooks: `POST /_erpgate/webhooks/frappe/<site>` on the public listener (a prefix no
+//! Frappe route uses), so edits made in the ERPNext desk, by scheduled jobs or by other
+//! integrations reach the cache, and the event relay's subscribers.
 //!
 //! The body must carry a valid `X-Frappe-Webhook-Signature` under the site's webhook secret,
-//! compared in constant time; otherwise 401 and nothing is invalidated. The document named in
-//! the signed payload (`doctype`, `name`) is dropped with its doctype's lists; without a name,
-//! the whole doctype. Nothing unsigned chooses the target (Frappe signs only the body). Answers
-//! 200 `{"message": "ok"}`.
+//! compared in constant time; otherwise 401 and nothing is invalidated or relayed. The document
+//! named in the signed payload (`doctype`, `name`) is dropped from the cache with its doctype's
+//! lists; without a name, the whole doctype. Nothing unsigned chooses the target (Frappe signs
+//! only the body). With the event relay on, the event is persisted with its deliveries before
+//! the answer: 200 `{"message": "ok"}` means it is kept; a store failure is 503, which Frappe
+//! retries (its webhook job tries three times).
 //!
 //! Before authentication: Frappe holds no gateway key, the signature is the credential, so the
 //! endpoint is open to strangers and bounded accordingly: at most [`MAX_CONCURRENT`] bodies are
@@ -30,6 +32,7 @@ use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
 use crate::error::GatewayError;
+use crate::events::EventRelay;
 use crate::frappe::webhook::{target, SignatureCheck, SIGNATURE_HEADER};
 use crate::layers::cache::Cache;
 use crate::layers::BoxResponseFuture;
@@ -54,7 +57,8 @@ pub const PURGES_PER_SECOND: u32 = 50;
 /// Receives webhooks for the sites in `secrets`.
 #[derive(Clone)]
 pub struct WebhookLayer {
-    cache: Arc<Cache>,
+    cache: Option<Arc<Cache>>,
+    events: Option<Arc<EventRelay>>,
     secrets: Arc<HashMap<String, Vec<u8>>>,
     reading: Arc<Semaphore>,
     purges: Arc<DefaultKeyedRateLimiter<String>>,
@@ -69,12 +73,18 @@ impl std::fmt::Debug for WebhookLayer {
 }
 
 impl WebhookLayer {
-    /// Webhooks invalidate `cache`; `secrets` are the sites' webhook secrets by site name.
-    pub fn new(cache: Arc<Cache>, secrets: HashMap<String, Vec<u8>>) -> Self {
+    /// Webhooks invalidate `cache` and are relayed by `events`; `secrets` are the sites' webhook
+    /// secrets by site name.
+    pub fn new(
+        cache: Option<Arc<Cache>>,
+        events: Option<Arc<EventRelay>>,
+        secrets: HashMap<String, Vec<u8>>,
+    ) -> Self {
         let per_second = NonZeroU32::new(PURGES_PER_SECOND).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(PURGES_PER_SECOND * 2).unwrap_or(NonZeroU32::MIN);
         Self {
             cache,
+            events,
             secrets: Arc::new(secrets),
             reading: Arc::new(Semaphore::new(MAX_CONCURRENT)),
             purges: Arc::new(governor::RateLimiter::keyed(
@@ -157,13 +167,21 @@ impl WebhookLayer {
             }
             .into());
         }
-        match &target.name {
-            Some(name) => self
-                .cache
-                .invalidate_document(&site, &target.doctype, name, "webhook"),
-            None => self
-                .cache
-                .invalidate_doctype(&site, &target.doctype, "webhook"),
+        match (&self.cache, &target.name) {
+            (Some(cache), Some(name)) => {
+                cache.invalidate_document(&site, &target.doctype, name, "webhook")
+            }
+            (Some(cache), None) => cache.invalidate_doctype(&site, &target.doctype, "webhook"),
+            (None, _) => {}
+        }
+        if let Some(events) = &self.events {
+            if let Err(e) = events.accept(&site, &target, &body).await {
+                tracing::error!(site, error = %e, "webhook event not stored; Frappe will retry");
+                return Err(GatewayError::EventsUnavailable {
+                    retry_after: Duration::from_secs(5),
+                }
+                .into());
+            }
         }
         let mut response = Response::new(full_body(r#"{"message":"ok"}"#));
         response.headers_mut().insert(

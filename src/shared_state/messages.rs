@@ -37,6 +37,8 @@ pub enum Message {
     /// An auth-failure bucket (`address:<ip>`, `key:<id>`, `unknown-keys`) is over its quota
     /// for `millis` more.
     Block { bucket: String, millis: u64 },
+    /// An event was stored: feed readers and delivery workers look now, not at their next poll.
+    EventsAppended,
 }
 
 #[derive(Serialize, Deserialize)]

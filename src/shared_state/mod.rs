@@ -176,6 +176,11 @@ impl SharedState {
         key
     }
 
+    /// This replica's id among the deployment's (random per start).
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
     /// Whether Redis answered the last command (requests then use it).
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)

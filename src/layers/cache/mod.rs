@@ -298,7 +298,7 @@ impl Cache {
                     .with_label_values(&["*", reason])
                     .inc();
             }
-            Message::Block { .. } => {}
+            Message::Block { .. } | Message::EventsAppended => {}
         }
     }
 
