@@ -710,6 +710,9 @@ impl Admin {
                 if let Some(cache) = cache {
                     cache.stats().await;
                 }
+                if let Some(relay) = &live.events {
+                    relay.refresh_gauges().await;
+                }
                 (
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

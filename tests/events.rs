@@ -67,6 +67,8 @@ struct Subscriber {
     received: Arc<Mutex<Vec<Received>>>,
     script: Arc<Mutex<VecDeque<u16>>>,
     otherwise: Arc<Mutex<u16>>,
+    /// Delays before answering, one per request, first first.
+    delays: Arc<Mutex<VecDeque<Duration>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -83,16 +85,22 @@ impl Subscriber {
         let received = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(VecDeque::new()));
         let otherwise = Arc::new(Mutex::new(200));
-        let (r, s, o) = (received.clone(), script.clone(), otherwise.clone());
+        let delays = Arc::new(Mutex::new(VecDeque::new()));
+        let (r, s, o, d) = (
+            received.clone(),
+            script.clone(),
+            otherwise.clone(),
+            delays.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (r, s, o) = (r.clone(), s.clone(), o.clone());
+                let (r, s, o, d) = (r.clone(), s.clone(), o.clone(), d.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<_>| {
-                        let (r, s, o) = (r.clone(), s.clone(), o.clone());
+                        let (r, s, o, d) = (r.clone(), s.clone(), o.clone(), d.clone());
                         async move {
                             let (parts, body) = request.into_parts();
                             let body = BodyExt::collect(body).await.unwrap().to_bytes();
@@ -102,6 +110,10 @@ impl Subscriber {
                                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
                                 .collect();
                             r.lock().unwrap().push(Received { headers, body });
+                            let delay = d.lock().unwrap().pop_front();
+                            if let Some(delay) = delay {
+                                tokio::time::sleep(delay).await;
+                            }
                             let status =
                                 s.lock().unwrap().pop_front().unwrap_or(*o.lock().unwrap());
                             let mut response = Response::new(Full::new(Bytes::new()));
@@ -120,6 +132,7 @@ impl Subscriber {
             received,
             script,
             otherwise,
+            delays,
             task,
         }
     }
@@ -135,6 +148,11 @@ impl Subscriber {
     /// Deliveries answered 2xx, by what they carried.
     fn answer(&self, statuses: &[u16]) {
         self.script.lock().unwrap().extend(statuses);
+    }
+
+    /// The next requests are answered after these delays.
+    fn delay(&self, delays: &[Duration]) {
+        self.delays.lock().unwrap().extend(delays);
     }
 
     fn always(&self, status: u16) {
@@ -533,6 +551,10 @@ async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_r
     assert_eq!(letters[0]["subscription"], "full/all");
     assert_eq!(letters[0]["reason"], "answered 500");
     assert_eq!(letters[0]["event"]["data"]["name"], "T1");
+    let m = gw.metrics().await;
+    let labels = [("client", "full"), ("subscription", "all")];
+    assert_eq!(metric_value(&m, "erpgate_event_dead_letters", &labels), 1.0);
+    assert_eq!(metric_value(&m, "erpgate_event_backlog", &labels), 0.0);
     let attempts = sub.received().len();
     assert!(attempts >= 3, "retried for retry_for: {attempts}");
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -613,6 +635,21 @@ async fn a_subscription_keeps_at_most_its_cap_dropping_the_oldest_and_counting()
             ]
         ),
         2.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "erpgate_event_backlog",
+            &[("client", "full"), ("subscription", "all")]
+        ),
+        3.0
+    );
+    assert!(
+        metric_value(
+            &m,
+            "erpgate_event_oldest_undelivered_seconds",
+            &[("client", "full"), ("subscription", "all")]
+        ) > 0.0
     );
     let sub = Subscriber::start_on(port).await;
     let got = sub.until("the three kept", |r| r.len() >= 3).await;
@@ -803,4 +840,138 @@ async fn two_replicas_on_one_redis_deliver_each_event_once_per_subscription() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reply = frappe_webhook(&a.base, "ToDo", "T99", "on_update").await;
     assert_eq!(reply.status, 503, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn a_document_whose_delivery_failed_holds_its_later_events_back_and_others_pass() {
+    let up = upstream().await;
+    let sub = Subscriber::start().await;
+    sub.answer(&[500]);
+    let yaml = one_subscription(&up, "order", &sub.url(), "[ToDo]", 1);
+    let gw = Gateway::start(&yaml).await;
+    accepted(&gw.base, "ToDo", "T1", "on_update").await;
+    accepted(&gw.base, "ToDo", "T1", "on_submit").await;
+    accepted(&gw.base, "ToDo", "T2", "on_update").await;
+    sub.until("four requests", |r| r.len() >= 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let whats: Vec<String> = sub.received().iter().map(Received::what).collect();
+    assert_eq!(
+        whats,
+        [
+            "ToDo/T1/on_update", // answered 500
+            "ToDo/T2/on_update", // another document passes
+            "ToDo/T1/on_update", // the retry
+            "ToDo/T1/on_submit", // only after it
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_subscriber_slower_than_its_timeout_is_tried_again() {
+    let up = upstream().await;
+    let sub = Subscriber::start().await;
+    sub.delay(&[Duration::from_secs(3)]);
+    let yaml = config(
+        &up,
+        &fast_events(&scratch_dir("timeout")),
+        &subscription("all", &sub.url(), "[ToDo]", ", timeout: 300ms", 1),
+        "",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let started = Instant::now();
+    accepted(&gw.base, "ToDo", "T1", "on_update").await;
+    let got = sub.until("a second attempt", |r| r.len() >= 2).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the timeout cut the first"
+    );
+    assert_eq!(got[0].id(), got[1].id());
+    let m = gw.metrics().await;
+    let outcome = |o| {
+        metric_value(
+            &m,
+            "erpgate_event_deliveries_total",
+            &[("client", "full"), ("subscription", "all"), ("outcome", o)],
+        )
+    };
+    assert_eq!(outcome("failed"), 1.0);
+    assert_eq!(outcome("delivered"), 1.0);
+}
+
+/// A replica killed with SIGKILL in the middle of a delivery: another replica on the same Redis
+/// takes the delivery over once it has been left unsettled too long, and makes it.
+#[tokio::test]
+async fn a_delivery_a_killed_replica_was_making_is_made_by_another() {
+    let redis = Redis::start();
+    let up = upstream().await;
+    let sub = Subscriber::start().await;
+    // The first attempt hangs (the replica making it is killed meanwhile).
+    sub.delay(&[Duration::from_secs(30)]);
+    let prefix = format!("evk{}:", rand_suffix());
+    let events = format!(
+        "events: {{ initial_backoff: 50ms, max_backoff: 200ms }}\nshared_state:\n  redis: {{ url: \"{}\", key_prefix: \"{prefix}\", connect_timeout: 300ms, command_timeout: 500ms }}\n",
+        redis.url()
+    );
+    let yaml = config(
+        &up,
+        &events,
+        &subscription("all", &sub.url(), "[ToDo]", ", timeout: 1s", 1),
+        "",
+    )
+    .replace(
+        "log: { format: pretty, level: warn }",
+        "log: { format: json, level: info }",
+    );
+    let path = scratch_file(&format!("events-claim-{}.yaml", rand_suffix()), &yaml);
+    let mut first = GatewayProcess::start(&path);
+    let base = format!("http://{}", first.listen);
+    // Redis found before the webhook comes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = frappe_webhook(&base, "ToDo", "T1", "on_update").await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sub.until("the first attempt", |r| !r.is_empty()).await;
+    let second = GatewayProcess::start(&path);
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let killed_at = Instant::now();
+    let got = sub.until("the delivery made again", |r| r.len() >= 2).await;
+    // Not before the claim delay (2 × 1s + 5s after the first took it).
+    assert!(killed_at.elapsed() > Duration::from_secs(3));
+    assert_eq!(got[0].id(), got[1].id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sub.received().len(), 2);
+    let metrics = send(
+        Method::GET,
+        &format!("http://{}/metrics", second.admin),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "erpgate_event_deliveries_total",
+            &[
+                ("client", "full"),
+                ("subscription", "all"),
+                ("outcome", "delivered")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "erpgate_event_backlog",
+            &[("client", "full"), ("subscription", "all")]
+        ),
+        0.0
+    );
 }

@@ -110,7 +110,11 @@ pub async fn work(relay: Weak<EventRelay>, key: String) {
             return;
         };
         appended.mark_unchanged();
-        let due = match relay.store.due(&key, now_ms(), BATCH).await {
+        let due = match relay
+            .store
+            .due(&key, now_ms(), BATCH, subscriber.claim_after())
+            .await
+        {
             Ok(due) => due,
             Err(e) => {
                 tracing::debug!(subscription = key, error = %e, "event store unavailable");

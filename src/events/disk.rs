@@ -175,6 +175,7 @@ impl EventStore for DiskStore {
         subscription: &str,
         now_ms: u64,
         max: usize,
+        _claim_after: std::time::Duration,
     ) -> Result<Vec<Delivery>, StoreError> {
         let sub = subscription.to_owned();
         self.blocking(move |db| {

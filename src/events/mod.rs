@@ -39,7 +39,7 @@ pub use store::{Event, EventStore, StoreError};
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Deliveries a worker takes at once.
 const BATCH: usize = 16;
-/// How often the backlog gauges are refreshed and the feed trimmed.
+/// How often the feed is trimmed.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 /// One subscription, as the relay runs it.
@@ -82,6 +82,12 @@ pub fn may_read(client: &Client, event: &Event) -> bool {
 }
 
 impl Subscriber {
+    /// How long a delivery another replica took may stay unsettled before it is presumed dead:
+    /// longer than any live attempt and its bookkeeping.
+    pub fn claim_after(&self) -> Duration {
+        self.timeout * 2 + Duration::from_secs(5)
+    }
+
     /// Whether this subscription gets `event`.
     pub fn wants(&self, event: &Event) -> bool {
         self.doctypes
@@ -128,11 +134,7 @@ impl EventRelay {
         metrics: EventMetrics,
     ) -> Result<Arc<Self>, StoreError> {
         let store: Arc<dyn EventStore> = match (&shared, &settings.directory) {
-            (Some(state), _) => Arc::new(redis_streams::RedisStore::new(
-                state.clone(),
-                // Longer than any delivery can take: a live replica's entry is never taken.
-                Duration::from_secs(300) + Duration::from_secs(60),
-            )),
+            (Some(state), _) => Arc::new(redis_streams::RedisStore::new(state.clone())),
             (None, Some(directory)) => Arc::new(disk::DiskStore::open(directory)?),
             (None, None) => return Err(StoreError("events.directory is required".into())),
         };
@@ -338,7 +340,38 @@ impl Listener for EventRelay {
     }
 }
 
-/// Refreshes the backlog gauges and trims the feed to its retention.
+impl EventRelay {
+    /// Sets the backlog, oldest-undelivered and dead-letter gauges from the store (on every
+    /// scrape of `/metrics`, so they are exact when read).
+    pub async fn refresh_gauges(&self) {
+        let now = now_ms();
+        for subscriber in self.subscribers.load().iter() {
+            let Ok(backlog) = self.store.backlog(&subscriber.key).await else {
+                continue;
+            };
+            let labels = [&*subscriber.client.name, subscriber.name.as_str()];
+            let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let metrics = &self.metrics;
+            metrics
+                .backlog
+                .with_label_values(&labels)
+                .set(to_i64(backlog.pending));
+            metrics
+                .dead_letters
+                .with_label_values(&labels)
+                .set(to_i64(backlog.dead));
+            let age = backlog
+                .oldest_ms
+                .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0);
+            metrics
+                .oldest_undelivered
+                .with_label_values(&labels)
+                .set(age);
+        }
+    }
+}
+
+/// Trims the feed to its retention and cap.
 async fn housekeeping(relay: std::sync::Weak<EventRelay>) {
     loop {
         tokio::time::sleep(HOUSEKEEPING).await;
@@ -346,31 +379,6 @@ async fn housekeeping(relay: std::sync::Weak<EventRelay>) {
             return;
         };
         let now = now_ms();
-        for subscriber in relay.subscribers.load().iter() {
-            let Ok(backlog) = relay.store.backlog(&subscriber.key).await else {
-                continue;
-            };
-            let labels = [&*subscriber.client.name, subscriber.name.as_str()];
-            let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            relay
-                .metrics
-                .backlog
-                .with_label_values(&labels)
-                .set(to_i64(backlog.pending));
-            relay
-                .metrics
-                .dead_letters
-                .with_label_values(&labels)
-                .set(to_i64(backlog.dead));
-            let age = backlog
-                .oldest_ms
-                .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0);
-            relay
-                .metrics
-                .oldest_undelivered
-                .with_label_values(&labels)
-                .set(age);
-        }
         let settings = relay.settings();
         let retention = u64::try_from(settings.feed_retention.as_millis()).unwrap_or(0);
         if let Err(e) = relay

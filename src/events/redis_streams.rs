@@ -4,7 +4,8 @@
 //! - `<prefix>ev:q:<client/subscription>`: deliveries to make, read through the consumer group
 //!   `relay` (each replica a consumer): Redis hands each entry to one replica only, so under
 //!   normal operation each event is delivered once per subscription. An entry a replica took
-//!   and never acknowledged (it died) is claimed by another after `stale_after`.
+//!   and never settled (it died) is claimed by another once it has been idle longer than any
+//!   live delivery can take (twice the subscription's timeout, plus 5 s).
 //! - `<prefix>ev:retry:<sub>`: failed deliveries waiting for their next attempt, scored by its
 //!   time; when due they go back into the stream, atomically.
 //! - `<prefix>ev:dead:<sub>`: dead letters by event id.
@@ -142,8 +143,6 @@ return 1
 /// The shared store.
 pub struct RedisStore {
     state: Arc<SharedState>,
-    /// An entry taken by a replica and not settled for this long is taken by another.
-    stale_after: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -166,8 +165,8 @@ struct DeadRecord {
 
 impl RedisStore {
     /// A store in `state`'s Redis.
-    pub fn new(state: Arc<SharedState>, stale_after: Duration) -> Self {
-        Self { state, stale_after }
+    pub fn new(state: Arc<SharedState>) -> Self {
+        Self { state }
     }
 
     fn feed_key(&self) -> String {
@@ -274,6 +273,7 @@ impl EventStore for RedisStore {
         subscription: &str,
         now_ms: u64,
         max: usize,
+        claim_after: Duration,
     ) -> Result<Vec<Delivery>, StoreError> {
         let queue = self.queue_key(subscription);
         let retry = self.retry_key(subscription);
@@ -314,7 +314,7 @@ impl EventStore for RedisStore {
             .arg(&queue)
             .arg(GROUP)
             .arg(&consumer)
-            .arg(self.stale_after.as_millis() as u64)
+            .arg(u64::try_from(claim_after.as_millis()).unwrap_or(u64::MAX))
             .arg("0-0")
             .arg("COUNT")
             .arg(max);

@@ -7,6 +7,7 @@
 //! feed trimmed to its retention never loses an undelivered event) and the *dead letters*.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -114,12 +115,14 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<(String, Vec<u64>), StoreError>;
 
     /// Up to `max` deliveries of `subscription` due at `now_ms`, oldest first, none of them
-    /// given to another replica at the same time.
+    /// given to another replica at the same time; one another replica took and has not settled
+    /// for `claim_after` (it died) is given again.
     async fn due(
         &self,
         subscription: &str,
         now_ms: u64,
         max: usize,
+        claim_after: Duration,
     ) -> Result<Vec<Delivery>, StoreError>;
 
     /// The delivery was made: forget it.
