@@ -780,6 +780,15 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 "no event relay is configured\n".into(),
             ),
+            (&Method::GET, "/events/dead-letters")
+                if !admin_request_allowed(request, live.admin_token.as_deref()) =>
+            {
+                // Dead letters hold documents' data: as guarded as the state-changing calls.
+                text(
+                    StatusCode::FORBIDDEN,
+                    "dead letters need the header X-Erpgate-Admin: 1 (or the admin token as a bearer token, when one is configured)\n".into(),
+                )
+            }
             (&Method::GET, "/events/dead-letters") => {
                 let relay = live.events.as_ref();
                 let limit = crate::frappe::form_dict::query_value(request.uri().query(), "limit")

@@ -185,13 +185,10 @@ impl Drop for Subscriber {
 
 /// The admin listener's dead letters.
 async fn dead_letters(gw: &Gateway) -> Vec<serde_json::Value> {
-    let reply = send(
-        Method::GET,
-        &format!("{}/events/dead-letters", gw.admin),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let url = format!("{}/events/dead-letters", gw.admin);
+    let unguarded = send(Method::GET, &url, &[], Bytes::new()).await;
+    assert_eq!(unguarded.status, 403, "dead letters hold documents' data");
+    let reply = send(Method::GET, &url, &[("x-erpgate-admin", "1")], Bytes::new()).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()["dead_letters"].as_array().unwrap().clone()
 }
@@ -222,7 +219,8 @@ fn rand_suffix() -> u64 {
 }
 
 /// `base_config` with a webhook secret on the site, an `events` section (`events`), and
-/// `subscriptions` blocks spliced into the two clients.
+/// `subscriptions` blocks spliced into the two clients; the full client may read every doctype
+/// (events need an explicit grant).
 fn config(up: &FrappeUpstream, events: &str, full_subs: &str, reader_subs: &str) -> String {
     base_config(up)
         .replace(
@@ -233,7 +231,9 @@ fn config(up: &FrappeUpstream, events: &str, full_subs: &str, reader_subs: &str)
         )
         .replace(
             "    service_account: sync\n",
-            &format!("    service_account: sync\n{full_subs}"),
+            &format!(
+                "    service_account: sync\n    allow: {{ resources: {{ \"*\": [read] }} }}\n{full_subs}"
+            ),
         )
         .replace(
             "      methods: [frappe.client.get_list]\n",
@@ -521,22 +521,59 @@ for line in sys.stdin:
     }
 }
 
-#[tokio::test]
-async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_replays() {
+/// Where a test keeps its events: the embedded store, or Redis Streams.
+enum TestStore {
+    Disk(String),
+    Redis(Redis, String),
+}
+
+impl TestStore {
+    fn disk(name: &str) -> Self {
+        Self::Disk(scratch_dir(name))
+    }
+
+    fn redis() -> Self {
+        Self::Redis(Redis::start(), format!("ev{}:", rand_suffix()))
+    }
+
+    /// The `events` section with fast retries and `extra` keys (`, key: value`), and the
+    /// `shared_state` section for Redis.
+    fn yaml(&self, extra: &str) -> String {
+        match self {
+            Self::Disk(directory) => format!(
+                "events: {{ directory: \"{directory}\", initial_backoff: 50ms, max_backoff: 100ms{extra} }}\n"
+            ),
+            Self::Redis(redis, prefix) => format!(
+                "events: {{ initial_backoff: 50ms, max_backoff: 100ms{extra} }}\nshared_state:\n  redis: {{ url: \"{}\", key_prefix: \"{prefix}\", connect_timeout: 300ms, command_timeout: 500ms }}\n",
+                redis.url()
+            ),
+        }
+    }
+
+    /// Waits until the gateway's store answers (Redis is connected in the background).
+    async fn ready(&self, gw: &Gateway) {
+        if let Self::Redis(..) = self {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metric_value(&gw.metrics().await, "erpgate_redis_up", &[]) != 1.0 {
+                assert!(Instant::now() < deadline, "Redis not up within 10s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn dead_letters_are_listed_and_replayed(store: TestStore) {
     let up = upstream().await;
     let sub = Subscriber::start().await;
     sub.always(500);
-    let directory = scratch_dir("dead");
-    let events = format!(
-        "events: {{ directory: \"{directory}\", initial_backoff: 50ms, max_backoff: 100ms, retry_for: 1s }}\n"
-    );
     let yaml = config(
         &up,
-        &events,
+        &store.yaml(", retry_for: 1s"),
         &subscription("all", &sub.url(), "[ToDo]", "", 1),
         "",
     );
     let gw = Gateway::start(&yaml).await;
+    store.ready(&gw).await;
     accepted(&gw.base, "ToDo", "T1", "on_update").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let letters = loop {
@@ -551,6 +588,10 @@ async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_r
     assert_eq!(letters[0]["subscription"], "full/all");
     assert_eq!(letters[0]["reason"], "answered 500");
     assert_eq!(letters[0]["event"]["data"]["name"], "T1");
+    assert_eq!(
+        letters[0]["event"]["data"]["doc"]["description"],
+        "changed T1"
+    );
     let m = gw.metrics().await;
     let labels = [("client", "full"), ("subscription", "all")];
     assert_eq!(metric_value(&m, "erpgate_event_dead_letters", &labels), 1.0);
@@ -560,7 +601,7 @@ async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_r
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(sub.received().len(), attempts, "no attempt after burial");
 
-    // Replay needs the admin header; then the (mended) subscriber gets it.
+    // Replay needs the admin header; then the (mended) subscriber gets it, once.
     sub.always(200);
     let refused = send(
         Method::POST,
@@ -582,75 +623,91 @@ async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_r
         .until("the replayed delivery", |r| r.len() > attempts)
         .await;
     assert_eq!(got.last().unwrap().what(), "ToDo/T1/on_update");
+    assert_eq!(got.last().unwrap().id(), got[0].id(), "the same webhook-id");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(sub.received().len(), attempts + 1);
     assert!(dead_letters(&gw).await.is_empty());
 }
 
 #[tokio::test]
-async fn a_subscriber_answering_410_ends_its_queued_deliveries() {
-    let up = upstream().await;
-    let sub = Subscriber::start().await;
-    sub.always(410);
-    let yaml = one_subscription(&up, "gone", &sub.url(), "[ToDo]", 1);
-    let gw = Gateway::start(&yaml).await;
-    for name in ["T1", "T2", "T3"] {
-        accepted(&gw.base, "ToDo", name, "on_update").await;
-    }
-    sub.until("a first attempt", |r| !r.is_empty()).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    // One 410 ends all three (at most one attempt per event raced in before it).
-    assert!(sub.received().len() <= 3, "{}", sub.received().len());
-    let letters = dead_letters(&gw).await;
-    assert_eq!(letters.len(), 3, "{letters:?}");
-    assert!(letters.iter().all(|l| l["reason"] == "410 Gone"));
+async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_replays() {
+    dead_letters_are_listed_and_replayed(TestStore::disk("dead")).await;
 }
 
 #[tokio::test]
-async fn a_subscription_keeps_at_most_its_cap_dropping_the_oldest_and_counting() {
+async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_replays_on_redis() {
+    dead_letters_are_listed_and_replayed(TestStore::redis()).await;
+}
+
+async fn a_410_ends_queued_deliveries(store: TestStore) {
     let up = upstream().await;
+    // Down while three events queue up, then back answering 410 Gone.
     let port = free_port();
-    let directory = scratch_dir("cap");
-    let events = format!(
-        "events: {{ directory: \"{directory}\", initial_backoff: 50ms, max_backoff: 100ms, max_pending_per_subscription: 3 }}\n"
-    );
     let url = format!("http://127.0.0.1:{port}/hook");
     let yaml = config(
         &up,
-        &events,
+        &store.yaml(""),
         &subscription("all", &url, "[ToDo]", "", 1),
         "",
     );
     let gw = Gateway::start(&yaml).await;
+    store.ready(&gw).await;
+    for name in ["T1", "T2", "T3"] {
+        accepted(&gw.base, "ToDo", name, "on_update").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sub = Subscriber::start_on(port).await;
+    sub.always(410);
+    sub.until("a first attempt", |r| !r.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // One 410 ends all three: nothing more is sent.
+    assert_eq!(sub.received().len(), 1);
+    let letters = dead_letters(&gw).await;
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(letters.iter().all(|l| l["reason"] == "410 Gone"));
+    let m = gw.metrics().await;
+    let labels = [("client", "full"), ("subscription", "all")];
+    assert_eq!(metric_value(&m, "erpgate_event_backlog", &labels), 0.0);
+    assert_eq!(metric_value(&m, "erpgate_event_dead_letters", &labels), 3.0);
+}
+
+#[tokio::test]
+async fn a_subscriber_answering_410_ends_its_queued_deliveries() {
+    a_410_ends_queued_deliveries(TestStore::disk("gone")).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_answering_410_ends_its_queued_deliveries_on_redis() {
+    a_410_ends_queued_deliveries(TestStore::redis()).await;
+}
+
+async fn the_cap_drops_the_oldest(store: TestStore) {
+    let up = upstream().await;
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let yaml = config(
+        &up,
+        &store.yaml(", max_pending_per_subscription: 3"),
+        &subscription("all", &url, "[ToDo]", "", 1),
+        "",
+    );
+    let gw = Gateway::start(&yaml).await;
+    store.ready(&gw).await;
     for n in 1..=5 {
         accepted(&gw.base, "ToDo", &format!("T{n}"), "on_update").await;
     }
     let m = gw.metrics().await;
+    let labels = [("client", "full"), ("subscription", "all")];
     assert_eq!(
         metric_value(
             &m,
             "erpgate_event_deliveries_total",
-            &[
-                ("client", "full"),
-                ("subscription", "all"),
-                ("outcome", "dropped")
-            ]
+            &[labels[0], labels[1], ("outcome", "dropped")]
         ),
         2.0
     );
-    assert_eq!(
-        metric_value(
-            &m,
-            "erpgate_event_backlog",
-            &[("client", "full"), ("subscription", "all")]
-        ),
-        3.0
-    );
-    assert!(
-        metric_value(
-            &m,
-            "erpgate_event_oldest_undelivered_seconds",
-            &[("client", "full"), ("subscription", "all")]
-        ) > 0.0
-    );
+    assert_eq!(metric_value(&m, "erpgate_event_backlog", &labels), 3.0);
+    assert!(metric_value(&m, "erpgate_event_oldest_undelivered_seconds", &labels) > 0.0);
     let sub = Subscriber::start_on(port).await;
     let got = sub.until("the three kept", |r| r.len() >= 3).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -665,6 +722,16 @@ async fn a_subscription_keeps_at_most_its_cap_dropping_the_oldest_and_counting()
         ],
         "{got:?}"
     );
+}
+
+#[tokio::test]
+async fn a_subscription_keeps_at_most_its_cap_dropping_the_oldest_and_counting() {
+    the_cap_drops_the_oldest(TestStore::disk("cap")).await;
+}
+
+#[tokio::test]
+async fn a_subscription_keeps_at_most_its_cap_dropping_the_oldest_and_counting_on_redis() {
+    the_cap_drops_the_oldest(TestStore::redis()).await;
 }
 
 /// The gateway binary killed with SIGKILL while its subscriber is down: every event it
@@ -974,4 +1041,49 @@ async fn a_delivery_a_killed_replica_was_making_is_made_by_another() {
         ),
         0.0
     );
+}
+
+#[tokio::test]
+async fn the_feed_keeps_at_most_max_feed_events_the_newest() {
+    let up = upstream().await;
+    let directory = scratch_dir("retention");
+    let events = format!("events: {{ directory: \"{directory}\", max_feed_events: 2 }}\n");
+    let gw = Gateway::start(&config(&up, &events, "", "")).await;
+    for name in ["T1", "T2", "T3"] {
+        accepted(&gw.base, "ToDo", name, "on_update").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let feed = get(&gw.url("/_erpgate/events"), FULL).await;
+        let names: Vec<String> = feed.json()["message"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["data"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        if names == ["T2", "T3"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_without_allow_rules_has_no_feed() {
+    let up = upstream().await;
+    let yaml = base_config(&up).replace(
+        "    timeouts: { connect: 1s, request: 3s }\n",
+        &format!(
+            "    timeouts: {{ connect: 1s, request: 3s }}\n    webhook: {{ secret: {WEBHOOK_SECRET} }}\n"
+        ),
+    ) + &fast_events(&scratch_dir("norules"));
+    let gw = Gateway::start(&yaml).await;
+    accepted(&gw.base, "ToDo", "T1", "on_update").await;
+    let unrestricted = get(&gw.url("/_erpgate/events"), FULL).await;
+    assert_eq!(unrestricted.status, 403, "{}", unrestricted.text());
+    assert!(!unrestricted.text().contains("T1"));
+    let reader = get(&gw.url("/_erpgate/events"), TODO_READER).await;
+    assert_eq!(reader.status, 200);
+    assert_eq!(reader.json()["message"]["events"][0]["data"]["name"], "T1");
 }

@@ -842,6 +842,15 @@ fn subscriptions_and_the_event_relay_are_checked() {
             "clients.shop.subscriptions.orders.doctypes",
         ),
     ];
+    // A client without allow rules: erpgate could not know what it may read.
+    let unrestricted = with_subscription(good, "events: { directory: /tmp/x }\n").replace(
+        "    allow:\n      resources: { ToDo: [read, write], \"Sales Order\": [all] }\n      methods: [frappe.client.get_list, \"myapp.api.*\"]\n",
+        "",
+    );
+    assert!(!unrestricted.contains("allow:"));
+    let cases = cases
+        .into_iter()
+        .chain([(unrestricted, "clients.shop.subscriptions.orders")]);
     for (yaml, path) in cases {
         let found = problems(&yaml);
         assert!(

@@ -593,6 +593,15 @@ impl Config {
                         "subscriptions need the top-level events section".into(),
                     );
                 }
+                if client.allow.is_none() {
+                    problem(
+                        at.clone(),
+                        "subscriptions need the client's allow rules: events go only for \
+                         doctypes they grant read on (erpgate cannot know what the service \
+                         account may read in Frappe)"
+                            .into(),
+                    );
+                }
                 if !is_metric_safe_name(name) {
                     problem(
                         at.clone(),

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::signature::sign;
 use super::store::{Delivery, Event};
-use super::{now_ms, EventRelay, Subscriber, BATCH, IDLE_POLL};
+use super::{now_ms, EventRelay, Subscriber, IDLE_POLL};
 
 /// The client deliveries go out on (HTTP/1.1, TLS by the system's roots).
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -112,7 +112,12 @@ pub async fn work(relay: Weak<EventRelay>, key: String) {
         appended.mark_unchanged();
         let due = match relay
             .store
-            .due(&key, now_ms(), BATCH, subscriber.claim_after())
+            .due(
+                &key,
+                now_ms(),
+                relay.store.batch(),
+                subscriber.claim_after(),
+            )
             .await
         {
             Ok(due) => due,
@@ -134,15 +139,28 @@ pub async fn work(relay: Weak<EventRelay>, key: String) {
             if relay.store.ordered() && held.contains(&document) {
                 continue;
             }
-            if !handle(&relay, &subscriber, &delivery).await {
-                held.push(document);
+            match handle(&relay, &subscriber, &delivery).await {
+                Handled::Settled => {}
+                Handled::Again => held.push(document),
+                // Everything queued, the rest of this batch included, is a dead letter now.
+                Handled::Ended => break,
             }
         }
     }
 }
 
-/// Makes one delivery and records its outcome; false when it must be tried again.
-async fn handle(relay: &EventRelay, subscriber: &Subscriber, delivery: &Delivery) -> bool {
+/// What became of one delivery.
+enum Handled {
+    /// Delivered, withdrawn or buried: done with.
+    Settled,
+    /// To be tried again.
+    Again,
+    /// The subscriber said 410 Gone: everything queued for it ended.
+    Ended,
+}
+
+/// Makes one delivery and records its outcome.
+async fn handle(relay: &EventRelay, subscriber: &Subscriber, delivery: &Delivery) -> Handled {
     let store = &relay.store;
     let key = subscriber.key.as_str();
     let count = |outcome: &str, n: u64| {
@@ -164,7 +182,7 @@ async fn handle(relay: &EventRelay, subscriber: &Subscriber, delivery: &Delivery
                 "event delivery withdrawn: the client may no longer read this doctype"
             );
         }
-        return true;
+        return Handled::Settled;
     }
     match attempt(relay, subscriber, delivery).await {
         Attempt::Delivered => {
@@ -180,7 +198,7 @@ async fn handle(relay: &EventRelay, subscriber: &Subscriber, delivery: &Delivery
                     "event delivered"
                 );
             }
-            true
+            Handled::Settled
         }
         Attempt::Gone => {
             let now = now_ms();
@@ -191,7 +209,7 @@ async fn handle(relay: &EventRelay, subscriber: &Subscriber, delivery: &Delivery
                 ended = buried,
                 "subscriber answered 410 Gone: its queued deliveries are dead letters"
             );
-            true
+            Handled::Ended
         }
         Attempt::Failed(reason) => {
             count("failed", 1);
@@ -223,7 +241,7 @@ async fn handle(relay: &EventRelay, subscriber: &Subscriber, delivery: &Delivery
                     "event delivery failed; retrying"
                 );
             }
-            false
+            Handled::Again
         }
     }
 }

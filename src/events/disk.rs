@@ -411,6 +411,33 @@ impl EventStore for DiskStore {
         .await
     }
 
+    async fn trim_dead(&self, subscription: &str, max: u64) -> Result<u64, StoreError> {
+        let sub = subscription.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(err)?;
+            let mut trimmed = 0;
+            {
+                let mut dead = txn.open_table(DEAD).map_err(err)?;
+                let range = (sub.as_str(), 0)..=(sub.as_str(), u64::MAX);
+                let held = dead.range(range.clone()).map_err(err)?.count() as u64;
+                if held > max {
+                    // Keys order by event sequence: the oldest events go first.
+                    let excess = held - max;
+                    let gone = dead
+                        .extract_from_if(range, |_, _| {
+                            trimmed += 1;
+                            trimmed <= excess
+                        })
+                        .map_err(err)?;
+                    trimmed = gone.count() as u64;
+                }
+            }
+            txn.commit().map_err(err)?;
+            Ok(trimmed)
+        })
+        .await
+    }
+
     async fn feed(&self, after: Option<&str>, max: usize) -> Result<FeedPage, StoreError> {
         let start = match after {
             Some(cursor) => seq_of(cursor)?.saturating_add(1),

@@ -37,10 +37,10 @@ pub use store::{Event, EventStore, StoreError};
 
 /// How often an idle worker looks for due deliveries (retries, other replicas' events).
 const IDLE_POLL: Duration = Duration::from_millis(250);
-/// Deliveries a worker takes at once.
-const BATCH: usize = 16;
-/// How often the feed is trimmed.
-const HOUSEKEEPING: Duration = Duration::from_secs(5);
+/// Housekeeping rounds between two trims of the dead letters.
+const DEAD_LETTER_TRIM_ROUNDS: u64 = 30;
+/// How often the feed is trimmed (one cheap look at its oldest entry when nothing is due).
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// One subscription, as the relay runs it.
 pub struct Subscriber {
@@ -71,14 +71,18 @@ impl std::fmt::Debug for Subscriber {
     }
 }
 
-/// Whether `client` may read `event`: a site it has an account on, a doctype its rules let it
-/// read (no rules: whatever its service account may).
+/// Whether `client` may read `event`: a site it has an account on, and a doctype its `allow`
+/// rules grant read on. A request's answer is Frappe's decision under the service account; an
+/// event is relayed by erpgate alone, which cannot know what that account may read in Frappe.
+/// So an event needs an explicit grant: a client without `allow` rules gets none. (Frappe's
+/// row-level User Permissions and field permission levels are not applied either: a subscriber
+/// gets the fields the site's Webhook body lists — README "Events".)
 pub fn may_read(client: &Client, event: &Event) -> bool {
     client.account_on(&event.site).is_some()
         && client
             .rules
             .as_ref()
-            .is_none_or(|rules| rules.may_read(&event.doctype))
+            .is_some_and(|rules| rules.may_read(&event.doctype))
 }
 
 impl Subscriber {
@@ -92,7 +96,7 @@ impl Subscriber {
     pub fn wants(&self, event: &Event) -> bool {
         self.doctypes
             .iter()
-            .any(|d| d == "*" || *d == event.doctype)
+            .any(|d| d == "*" || d.eq_ignore_ascii_case(&event.doctype))
             && (self.events.is_empty() || self.events.contains(&event.event))
             && may_read(&self.client, event)
     }
@@ -373,8 +377,10 @@ impl EventRelay {
 
 /// Trims the feed to its retention and cap.
 async fn housekeeping(relay: std::sync::Weak<EventRelay>) {
+    let mut round: u64 = 0;
     loop {
         tokio::time::sleep(HOUSEKEEPING).await;
+        round += 1;
         let Some(relay) = relay.upgrade() else {
             return;
         };
@@ -387,6 +393,19 @@ async fn housekeeping(relay: std::sync::Weak<EventRelay>) {
             .await
         {
             tracing::debug!(error = %e, "event feed not trimmed");
+        }
+        // Dead letters are bounded like pending deliveries: the oldest go beyond the cap.
+        if round % DEAD_LETTER_TRIM_ROUNDS == 0 {
+            for subscriber in relay.subscribers.load().iter() {
+                let cap = settings.max_pending_per_subscription;
+                if let Ok(trimmed @ 1..) = relay.store.trim_dead(&subscriber.key, cap).await {
+                    tracing::warn!(
+                        subscription = subscriber.key,
+                        trimmed,
+                        "oldest dead letters dropped: over max_pending_per_subscription"
+                    );
+                }
+            }
         }
     }
 }

@@ -169,11 +169,19 @@ pub trait EventStore: Send + Sync + 'static {
         event_id: Option<&str>,
     ) -> Result<u64, StoreError>;
 
+    /// Drops the oldest dead letters of `subscription` beyond `max`; returns how many.
+    async fn trim_dead(&self, subscription: &str, max: u64) -> Result<u64, StoreError>;
+
     /// Feed events after `after` (from the oldest kept when `None`), at most `max`.
     async fn feed(&self, after: Option<&str>, max: usize) -> Result<FeedPage, StoreError>;
 
     /// The position of the newest event (a cursor that skips everything kept).
     async fn tip(&self) -> Result<String, StoreError>;
+
+    /// How many deliveries a worker takes at once.
+    fn batch(&self) -> usize {
+        16
+    }
 
     /// Whether deliveries come out in order per document (a failed one holds back the
     /// document's later events).

@@ -154,6 +154,13 @@ async fn serve(relay: Arc<EventRelay>, request: Request<Body>) -> Result<Respons
     let Some(client) = request.extensions().get::<Arc<Client>>().cloned() else {
         return Err(GatewayError::Unauthenticated("no client").into());
     };
+    if client.rules.is_none() {
+        return Err(GatewayError::NotPermitted(
+            "the event feed lists only doctypes the client's allow rules grant read on; this \
+             client has no allow rules",
+        )
+        .into());
+    }
     if request.method() != Method::GET {
         return Err(GatewayError::BadRequest("the event feed is read with GET".into()).into());
     }
@@ -209,7 +216,7 @@ async fn serve(relay: Arc<EventRelay>, request: Request<Body>) -> Result<Respons
                 let wanted = query
                     .doctype
                     .as_deref()
-                    .is_none_or(|d| d == entry.event.doctype)
+                    .is_none_or(|d| d.eq_ignore_ascii_case(&entry.event.doctype))
                     && may_read(&client, &entry.event);
                 if wanted {
                     events.push(event_json(&entry.id, &entry.event));

@@ -264,7 +264,8 @@ impl SharedState {
         })
     }
 
-    /// Runs one command under the command timeout; a failure marks Redis down.
+    /// Runs one command under the command timeout; a timeout or a lost connection marks Redis
+    /// down.
     pub async fn run<T, F>(
         &self,
         command: &'static str,
@@ -293,7 +294,19 @@ impl SharedState {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 self.metrics.errors.with_label_values(&[command]).inc();
-                self.mark_down(command, &e.to_string());
+                // Only a lost or refused connection means Redis is gone; an error reply (a
+                // command a request's input made invalid, a script error) fails that command
+                // alone, or a client could take shared mode down by sending bad input.
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    self.mark_down(command, &e.to_string());
+                } else {
+                    tracing::debug!(command, error = %e, "shared state: command refused");
+                }
                 Err(Unavailable)
             }
             Err(_) => {
