@@ -80,6 +80,9 @@ pub struct Metrics {
 pub struct EventMetrics {
     /// `erpgate_events_received_total{site}`: events accepted from Frappe (persisted).
     pub received: IntCounterVec,
+    /// `erpgate_events_repeated_total{site}`: webhook bodies seen again within minutes (a
+    /// Frappe retry, or a replay), acknowledged and not stored again.
+    pub repeats: IntCounterVec,
     /// `erpgate_event_deliveries_total{client,subscription,outcome}`: `delivered`, `failed` (an
     /// attempt, retried later), `dead_lettered`, `gone` (ended by a 410), `dropped` (over the
     /// subscription's cap), `forbidden` (the client's rules no longer let it read the doctype).
@@ -99,6 +102,13 @@ impl EventMetrics {
             Opts::new(
                 "erpgate_events_received_total",
                 "Events accepted from Frappe webhooks and stored, by site.",
+            ),
+            &["site"],
+        )?;
+        let repeats = IntCounterVec::new(
+            Opts::new(
+                "erpgate_events_repeated_total",
+                "Webhook bodies received again within minutes, acknowledged and not stored again.",
             ),
             &["site"],
         )?;
@@ -133,6 +143,7 @@ impl EventMetrics {
         )?;
         for collector in [
             Box::new(received.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(repeats.clone()),
             Box::new(deliveries.clone()),
             Box::new(backlog.clone()),
             Box::new(oldest_undelivered.clone()),
@@ -142,6 +153,7 @@ impl EventMetrics {
         }
         Ok(Self {
             received,
+            repeats,
             deliveries,
             backlog,
             oldest_undelivered,

@@ -806,7 +806,7 @@ impl Admin {
                                         "attempts": l.attempts,
                                         "reason": l.reason,
                                         "dead_ms": l.dead_ms,
-                                        "event": crate::events::delivery::event_json(&l.event_id, &l.event),
+                                        "event": crate::events::delivery::EventObject::new(&l.event_id, &l.event),
                                     })
                                 })
                                 .collect();

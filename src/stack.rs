@@ -290,7 +290,7 @@ where
             .iter()
             .map(|(site, secret)| (site.clone(), secret.0.as_bytes().to_vec()))
             .collect();
-        WebhookLayer::new(cache.1.clone(), events.1.clone(), secrets)
+        WebhookLayer::new(cache.1.clone(), events.1.clone(), secrets, trusted.clone())
     });
 
     let service = ServiceBuilder::new()

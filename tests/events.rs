@@ -902,6 +902,23 @@ async fn two_replicas_on_one_redis_deliver_each_event_once_per_subscription() {
         20
     );
     assert_eq!(feed_a.json()["message"], feed_b.json()["message"]);
+    // The largest stream id has nothing after it: refused, and Redis stays in use.
+    let bad = get(
+        &a.url("/_erpgate/events?since=18446744073709551615-18446744073709551615"),
+        FULL,
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    let late = get(
+        &a.url("/_erpgate/events?since=18446744073709551615-0"),
+        FULL,
+    )
+    .await;
+    assert_eq!(late.status, 200, "{}", late.text());
+    assert_eq!(
+        metric_value(&a.metrics().await, "erpgate_redis_up", &[]),
+        1.0
+    );
     // With Redis gone, a webhook is not acknowledged: Frappe retries it.
     drop(redis);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1086,4 +1103,134 @@ async fn a_client_without_allow_rules_has_no_feed() {
     let reader = get(&gw.url("/_erpgate/events"), TODO_READER).await;
     assert_eq!(reader.status, 200);
     assert_eq!(reader.json()["message"]["events"][0]["data"]["name"], "T1");
+}
+
+#[tokio::test]
+async fn a_client_gets_no_event_of_a_site_it_has_no_account_on() {
+    let up = upstream().await;
+    let sub = Subscriber::start().await;
+    let other_site = format!(
+        "  other:\n    backends: [{}]\n    site_name: other.localhost\n    service_accounts:\n      sync: {{ api_key: {SYNC_KEY}, api_secret: {SYNC_SECRET} }}\n    webhook: {{ secret: {WEBHOOK_SECRET} }}\nclients:\n",
+        up.url()
+    );
+    let yaml = one_subscription(&up, "sites", &sub.url(), "[\"*\"]", 1).replacen(
+        "clients:\n",
+        &other_site,
+        1,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let body = frappe_body("ToDo", "elsewhere", "on_update");
+    let reply = send(
+        Method::POST,
+        &gw.url("/_erpgate/webhooks/frappe/other"),
+        &[
+            ("content-type", "application/json"),
+            ("x-frappe-webhook-signature", &sign(&body)),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    accepted(&gw.base, "ToDo", "here", "on_update").await;
+    let got = sub
+        .until("the event of its own site", |r| !r.is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let whats: Vec<String> = sub.received().iter().map(Received::what).collect();
+    assert_eq!(whats, ["ToDo/here/on_update"], "{got:?}");
+    let feed = get(&gw.url("/_erpgate/events"), FULL).await;
+    let sites: Vec<String> = feed.json()["message"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"]["site"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sites, ["erp"]);
+}
+
+#[tokio::test]
+async fn a_burst_over_the_purge_rate_keeps_every_event_and_a_repeat_is_kept_once() {
+    let up = upstream().await;
+    let yaml = config(&up, &fast_events(&scratch_dir("burst")), "", "")
+        + "cache: { rules: [{ doctype: ToDo, ttl: 60s }] }\n";
+    let gw = Gateway::start(&yaml).await;
+    // 150 different changes, eight at a time (a bench's background workers): far over the 50
+    // purges/s (burst 100) of the site.
+    let mut replies = Vec::new();
+    for chunk in (0..150).collect::<Vec<_>>().chunks(8) {
+        let sends = chunk.iter().map(|n| {
+            let base = gw.base.clone();
+            async move { frappe_webhook(&base, "ToDo", &format!("B{n}"), "on_update").await }
+        });
+        replies.extend(futures_util::future::join_all(sends).await);
+    }
+    let refused: Vec<u16> = replies
+        .iter()
+        .map(|r| r.status.as_u16())
+        .filter(|s| *s != 200)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let feed = get(&gw.url("/_erpgate/events?limit=1000"), FULL).await;
+    assert_eq!(
+        feed.json()["message"]["events"].as_array().unwrap().len(),
+        150
+    );
+    // The same signed body again (a Frappe retry, or a replay): acknowledged, kept once.
+    accepted(&gw.base, "ToDo", "B0", "on_update").await;
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "erpgate_events_repeated_total", &[("site", "erp")]),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
+        150.0
+    );
+    // A body without `modified` may be the same for two saves: each is kept.
+    for _ in 0..2 {
+        let body = r#"{"doctype": "ToDo", "name": "M1", "event": "on_update"}"#;
+        let reply = send(
+            Method::POST,
+            &gw.url("/_erpgate/webhooks/frappe/erp"),
+            &[
+                ("content-type", "application/json"),
+                ("x-frappe-webhook-signature", &sign(body)),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
+        152.0
+    );
+}
+
+#[tokio::test]
+async fn one_source_trickling_webhook_bodies_cannot_take_every_slot() {
+    use tokio::io::AsyncWriteExt as _;
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up, &fast_events(&scratch_dir("slow")), "", "")).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    // Eight requests whose bodies never come hold this address's eight slots...
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /_erpgate/webhooks/frappe/erp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-frappe-webhook-signature: AAAA\r\ncontent-length: 100\r\n\r\n{",
+            )
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...so a ninth from it is refused at once, and nothing is stored.
+    let reply = frappe_webhook(&gw.base, "ToDo", "T1", "on_update").await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    accepted(&gw.base, "ToDo", "T1", "on_update").await;
 }

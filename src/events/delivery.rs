@@ -32,21 +32,48 @@ pub fn http_client() -> Result<HttpClient, crate::upstream::UpstreamBuildError> 
         .build(connector))
 }
 
-/// The JSON object of one event, as delivered and as the feed lists it.
-pub fn event_json(id: &str, event: &Event) -> serde_json::Value {
-    let timestamp = std::time::UNIX_EPOCH + Duration::from_millis(event.received_ms);
-    serde_json::json!({
-        "id": id,
-        "type": format!("erpnext.{}", event.event),
-        "timestamp": humantime::format_rfc3339_millis(timestamp).to_string(),
-        "data": {
-            "site": event.site,
-            "doctype": event.doctype,
-            "name": event.name,
-            "event": event.event,
-            "doc": event.payload,
-        },
-    })
+/// The JSON object of one event, as delivered and as the feed lists it: serialized straight
+/// from the stored event, Frappe's body copied as it came (never parsed again).
+#[derive(Debug, serde::Serialize)]
+pub struct EventObject<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: String,
+    timestamp: String,
+    data: EventData<'a>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct EventData<'a> {
+    site: &'a str,
+    doctype: &'a str,
+    name: Option<&'a str>,
+    event: &'a str,
+    doc: &'a serde_json::value::RawValue,
+}
+
+impl<'a> EventObject<'a> {
+    /// Event `id` as subscribers and the feed see it.
+    pub fn new(id: &'a str, event: &'a Event) -> Self {
+        let timestamp = std::time::UNIX_EPOCH + Duration::from_millis(event.received_ms);
+        Self {
+            id,
+            kind: format!("erpnext.{}", event.event),
+            timestamp: humantime::format_rfc3339_millis(timestamp).to_string(),
+            data: EventData {
+                site: &event.site,
+                doctype: &event.doctype,
+                name: event.name.as_deref(),
+                event: &event.event,
+                doc: &event.payload,
+            },
+        }
+    }
+
+    /// About how many bytes it serializes to.
+    pub fn size_hint(event: &Event) -> usize {
+        event.payload.get().len() + event.doctype.len() + 256
+    }
 }
 
 /// What one attempt came to.
@@ -57,7 +84,7 @@ enum Attempt {
 }
 
 async fn attempt(relay: &EventRelay, subscriber: &Subscriber, delivery: &Delivery) -> Attempt {
-    let body = match serde_json::to_vec(&event_json(&delivery.event_id, &delivery.event)) {
+    let body = match serde_json::to_vec(&EventObject::new(&delivery.event_id, &delivery.event)) {
         Ok(body) => body,
         Err(e) => return Attempt::Failed(e.to_string()),
     };

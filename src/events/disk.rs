@@ -17,6 +17,10 @@ use super::store::{
     Backlog, DeadLetter, Delivery, Event, EventStore, FeedEntry, FeedPage, StoreError,
 };
 
+/// Pending records one look for due deliveries reads at most (their heads only): a long
+/// backlog waiting for retries is not all read every time.
+const SCAN_LIMIT: usize = 4096;
+
 /// Every accepted event by sequence number.
 const FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("feed");
 /// Deliveries still to make by (subscription, event sequence number).
@@ -28,11 +32,59 @@ const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 /// The next sequence number.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-#[derive(Serialize, Deserialize)]
+/// A pending delivery: a small fixed head — attempts (u32), next attempt (u64, ms), the
+/// document key's length (u16) and the key (`doctype \0 name`) — then the event's JSON. The
+/// scheduler reads heads only, never the events it does not send.
 struct PendingRecord {
     attempts: u32,
     next_ms: u64,
     event: Arc<Event>,
+}
+
+impl PendingRecord {
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let key = document_key(&self.event);
+        let length = u16::try_from(key.len()).map_err(err)?;
+        let mut out = Vec::with_capacity(14 + key.len() + self.event.payload.get().len() + 128);
+        out.extend_from_slice(&self.attempts.to_be_bytes());
+        out.extend_from_slice(&self.next_ms.to_be_bytes());
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&key);
+        serde_json::to_writer(&mut out, &*self.event).map_err(err)?;
+        Ok(out)
+    }
+
+    /// Attempts, next attempt and document key, without reading the event.
+    fn head(bytes: &[u8]) -> Result<(u32, u64, &[u8]), StoreError> {
+        let bad = || StoreError("corrupt pending record".into());
+        let attempts =
+            u32::from_be_bytes(bytes.get(0..4).ok_or_else(bad)?.try_into().map_err(err)?);
+        let next_ms =
+            u64::from_be_bytes(bytes.get(4..12).ok_or_else(bad)?.try_into().map_err(err)?);
+        let length =
+            u16::from_be_bytes(bytes.get(12..14).ok_or_else(bad)?.try_into().map_err(err)?);
+        let key = bytes.get(14..14 + usize::from(length)).ok_or_else(bad)?;
+        Ok((attempts, next_ms, key))
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let (attempts, next_ms, key) = Self::head(bytes)?;
+        let event: Event = serde_json::from_slice(&bytes[14 + key.len()..]).map_err(err)?;
+        Ok(Self {
+            attempts,
+            next_ms,
+            event: Arc::new(event),
+        })
+    }
+}
+
+/// What identifies a document for ordering: doctype and name.
+fn document_key(event: &Event) -> Vec<u8> {
+    let mut key = event.doctype.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(event.name.as_deref().unwrap_or("").as_bytes());
+    key.truncate(u16::MAX.into());
+    key
 }
 
 #[derive(Serialize, Deserialize)]
@@ -136,12 +188,12 @@ impl EventStore for DiskStore {
                 feed.insert(seq, bytes.as_slice()).map_err(err)?;
                 let mut pending = txn.open_table(PENDING).map_err(err)?;
                 let mut counts = txn.open_table(COUNTS).map_err(err)?;
-                let record = serde_json::to_vec(&PendingRecord {
+                let record = PendingRecord {
                     attempts: 0,
                     next_ms: 0,
                     event: event.clone(),
-                })
-                .map_err(err)?;
+                }
+                .encode()?;
                 for subscription in &subscriptions {
                     let sub = subscription.as_str();
                     let mut count = counts.get(sub).map_err(err)?.map_or(0, |v| v.value());
@@ -184,24 +236,22 @@ impl EventStore for DiskStore {
             let mut due = Vec::new();
             // Per-document order: a document whose earlier event waits for a retry holds its
             // later events back.
-            let mut waiting: Vec<(String, Option<String>)> = Vec::new();
+            let mut waiting: Vec<Vec<u8>> = Vec::new();
             for entry in pending
                 .range((sub.as_str(), 0)..=(sub.as_str(), u64::MAX))
                 .map_err(err)?
+                .take(SCAN_LIMIT)
             {
                 let (key, value) = entry.map_err(err)?;
-                let record: PendingRecord = serde_json::from_slice(value.value()).map_err(err)?;
-                let document = (record.event.doctype.clone(), record.event.name.clone());
-                if record.next_ms > now_ms || waiting.contains(&document) {
-                    if !waiting.contains(&document) {
-                        waiting.push(document);
-                    }
-                    // A long backlog of waiting retries is not scanned every time.
-                    if waiting.len() > 1024 {
-                        break;
+                let bytes = value.value();
+                let (_, next_ms, document) = PendingRecord::head(bytes)?;
+                if next_ms > now_ms || waiting.iter().any(|w| w == document) {
+                    if !waiting.iter().any(|w| w == document) {
+                        waiting.push(document.to_vec());
                     }
                     continue;
                 }
+                let record = PendingRecord::decode(bytes)?;
                 due.push(Delivery {
                     event_id: key.value().1.to_string(),
                     event: record.event,
@@ -242,12 +292,12 @@ impl EventStore for DiskStore {
     ) -> Result<(), StoreError> {
         let sub = subscription.to_owned();
         let seq = seq_of(&delivery.handle)?;
-        let record = serde_json::to_vec(&PendingRecord {
+        let record = PendingRecord {
             attempts: delivery.attempts + 1,
             next_ms: at_ms,
             event: delivery.event.clone(),
-        })
-        .map_err(err)?;
+        }
+        .encode()?;
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(err)?;
             {
@@ -317,8 +367,7 @@ impl EventStore for DiskStore {
                     .map_err(err)?;
                 for entry in taken {
                     let (key, value) = entry.map_err(err)?;
-                    let record: PendingRecord =
-                        serde_json::from_slice(value.value()).map_err(err)?;
+                    let record = PendingRecord::decode(value.value())?;
                     let bytes = serde_json::to_vec(&DeadRecord {
                         attempts: record.attempts,
                         reason: reason.clone(),
@@ -394,12 +443,12 @@ impl EventStore for DiskStore {
                     let (key, value) = entry.map_err(err)?;
                     let (name, seq) = key.value();
                     let record: DeadRecord = serde_json::from_slice(value.value()).map_err(err)?;
-                    let bytes = serde_json::to_vec(&PendingRecord {
+                    let bytes = PendingRecord {
                         attempts: 0,
                         next_ms: 0,
                         event: record.event,
-                    })
-                    .map_err(err)?;
+                    }
+                    .encode()?;
                     pending.insert((name, seq), bytes.as_slice()).map_err(err)?;
                     adjust_count(&mut counts, name, 1)?;
                     replayed += 1;
@@ -491,8 +540,7 @@ impl EventStore for DiskStore {
             let oldest = match pending.range(range.clone()).map_err(err)?.next() {
                 Some(entry) => {
                     let (_, value) = entry.map_err(err)?;
-                    let record: PendingRecord =
-                        serde_json::from_slice(value.value()).map_err(err)?;
+                    let record = PendingRecord::decode(value.value())?;
                     Some(record.event.received_ms)
                 }
                 None => None,

@@ -37,6 +37,10 @@ pub use store::{Event, EventStore, StoreError};
 
 /// How often an idle worker looks for due deliveries (retries, other replicas' events).
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How long a webhook body is remembered to recognise a repeat.
+const REPEAT_WINDOW: Duration = Duration::from_secs(300);
+/// Bodies remembered at most (32 bytes each).
+const RECENT_BODIES: u64 = 100_000;
 /// Housekeeping rounds between two trims of the dead letters.
 const DEAD_LETTER_TRIM_ROUNDS: u64 = 30;
 /// How often the feed is trimmed (one cheap look at its oldest entry when nothing is due).
@@ -114,6 +118,12 @@ pub struct EventRelay {
     client: delivery::HttpClient,
     workers: Mutex<HashMap<String, JoinHandle<()>>>,
     housekeeping: Mutex<Option<JoinHandle<()>>>,
+    /// Hashes of the webhook bodies accepted lately, per site: Frappe signs no timestamp, so a
+    /// captured webhook can be sent again; a repeat within [`REPEAT_WINDOW`] of a body that
+    /// carries the document's `modified` (new on every save, so a same body is the same change)
+    /// is acknowledged and not stored again (on this replica). Bodies without it are all kept:
+    /// a minimal body is the same for two different saves.
+    recent: moka::sync::Cache<[u8; 32], ()>,
 }
 
 impl std::fmt::Debug for EventRelay {
@@ -152,6 +162,10 @@ impl EventRelay {
             client: delivery::http_client().map_err(StoreError::from)?,
             workers: Mutex::new(HashMap::new()),
             housekeeping: Mutex::new(None),
+            recent: moka::sync::Cache::builder()
+                .max_capacity(RECENT_BODIES)
+                .time_to_live(REPEAT_WINDOW)
+                .build(),
         });
         let task = tokio::spawn(housekeeping(Arc::downgrade(&relay)));
         if let Ok(mut slot) = relay.housekeeping.lock() {
@@ -218,12 +232,31 @@ impl EventRelay {
     }
 
     /// Persists a signed webhook's event with its deliveries; only then may Frappe hear 200.
+    /// False for a repeat of a body (with `modified`) accepted within the last minutes.
     pub async fn accept(
         &self,
         site: &str,
         target: &WebhookTarget,
         body: &[u8],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let fingerprint: [u8; 32] = {
+            use sha2::Digest as _;
+            let mut hash = sha2::Sha256::new();
+            hash.update(site.as_bytes());
+            hash.update([0]);
+            hash.update(body);
+            hash.finalize().into()
+        };
+        let repeatable = target.modified.is_some();
+        if repeatable && self.recent.contains_key(&fingerprint) {
+            self.metrics.repeats.with_label_values(&[site]).inc();
+            tracing::info!(
+                site,
+                doctype = target.doctype,
+                "repeated webhook body: kept once already"
+            );
+            return Ok(false);
+        }
         let payload = serde_json::from_slice::<&RawValue>(body)
             .map_err(StoreError::from)?
             .to_owned();
@@ -265,11 +298,14 @@ impl EventRelay {
             subscriptions = keys.len(),
             "event accepted"
         );
+        if repeatable {
+            self.recent.insert(fingerprint, ());
+        }
         self.wake();
         if let Some(shared) = &self.shared {
             shared.broadcast(Message::EventsAppended);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Wakes workers and feed readers here.

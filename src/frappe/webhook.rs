@@ -68,6 +68,9 @@ pub struct WebhookTarget {
     pub name: Option<String>,
     /// The document event, when the payload names one (`event`).
     pub event: Option<String>,
+    /// The document's `modified` timestamp, when the payload carries it: Frappe sets it anew on
+    /// every save, submit and cancel, so two bodies with the same one are the same change.
+    pub modified: Option<String>,
 }
 
 /// Reads the doctype and name from a signed webhook body.
@@ -82,6 +85,7 @@ pub fn target(body: &[u8]) -> Option<WebhookTarget> {
         doctype,
         name: field("name"),
         event: field("event"),
+        modified: field("modified"),
     })
 }
 
@@ -122,6 +126,7 @@ mod tests {
                 doctype: "Item".into(),
                 name: Some("X".into()),
                 event: None,
+                modified: None,
             })
         );
         assert_eq!(

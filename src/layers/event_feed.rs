@@ -25,7 +25,8 @@ use http::{header, HeaderValue, Method, Request, Response};
 use tower::{Layer, Service};
 
 use crate::error::GatewayError;
-use crate::events::delivery::event_json;
+use crate::events::delivery::EventObject;
+use crate::events::store::FeedEntry;
 use crate::events::{may_read, EventRelay};
 use crate::frappe::form_dict::query_value;
 use crate::layers::auth::Client;
@@ -41,7 +42,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_LIMIT: usize = 1000;
 /// Stored events one call reads at most looking for readable ones (then it answers with what
 /// it found and a cursor past them).
-const MAX_SCAN: usize = 10_000;
+const MAX_SCAN: usize = 2_000;
+/// An answer stops growing past about this many bytes (at least one event is always sent).
+const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// How often a waiting call looks again without a wake-up (another replica's event whose
 /// message was missed).
 const RECHECK: Duration = Duration::from_secs(1);
@@ -194,21 +197,22 @@ async fn serve(relay: Arc<EventRelay>, request: Request<Body>) -> Result<Respons
     };
     let deadline = Instant::now() + query.wait;
     let mut appended = relay.appended();
-    let mut events = Vec::new();
+    let mut events: Vec<FeedEntry> = Vec::new();
+    let mut bytes = 0;
     loop {
         appended.mark_unchanged();
         let mut scanned = 0;
-        while events.len() < query.limit && scanned < MAX_SCAN {
+        while events.len() < query.limit && bytes < MAX_ANSWER_BYTES && scanned < MAX_SCAN {
             let page = relay
                 .store()
-                .feed(cursor.as_deref(), query.limit.clamp(100, 500))
+                .feed(cursor.as_deref(), query.limit.clamp(20, 100))
                 .await
                 .map_err(unavailable)?;
             let Some(last) = page.last else { break };
             scanned += page.entries.len().max(1);
             let mut stopped_at = None;
             for entry in page.entries {
-                if events.len() == query.limit {
+                if events.len() == query.limit || bytes >= MAX_ANSWER_BYTES {
                     stopped_at = Some(());
                     break;
                 }
@@ -219,7 +223,8 @@ async fn serve(relay: Arc<EventRelay>, request: Request<Body>) -> Result<Respons
                     .is_none_or(|d| d.eq_ignore_ascii_case(&entry.event.doctype))
                     && may_read(&client, &entry.event);
                 if wanted {
-                    events.push(event_json(&entry.id, &entry.event));
+                    bytes += EventObject::size_hint(&entry.event);
+                    events.push(entry);
                 }
             }
             if stopped_at.is_none() {
@@ -237,8 +242,26 @@ async fn serve(relay: Arc<EventRelay>, request: Request<Body>) -> Result<Respons
         Some(cursor) => cursor,
         None => relay.store().tip().await.map_err(unavailable)?,
     };
-    let body = serde_json::json!({ "message": { "events": events, "next": next } });
-    let mut response = Response::new(full_body(body.to_string()));
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        events: Vec<EventObject<'a>>,
+        next: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        message: Page<'a>,
+    }
+    let answer = Answer {
+        message: Page {
+            events: events
+                .iter()
+                .map(|e| EventObject::new(&e.id, &e.event))
+                .collect(),
+            next: &next,
+        },
+    };
+    let body = serde_json::to_vec(&answer).map_err(|e| -> BoxError { e.into() })?;
+    let mut response = Response::new(full_body(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -14,10 +14,16 @@
 //! endpoint is open to strangers and bounded accordingly: at most [`MAX_CONCURRENT`] bodies are
 //! read at once (more get 429 at once), each must arrive within [`READ_DEADLINE`] (408) and is
 //! at most [`MAX_WEBHOOK_BYTES`] (413) — the signature is computed while the body streams, so
-//! only the small JSON is held — and purges are limited per site ([`PURGES_PER_SECOND`], 429
-//! above). A flood of strangers therefore holds at most `MAX_CONCURRENT × MAX_WEBHOOK_BYTES`.
+//! only the small JSON is held —, one source address reads at most
+//! [`MAX_CONCURRENT_PER_SOURCE`] at once (so a stranger trickling bodies cannot take every slot
+//! from Frappe), and purges are limited per site ([`PURGES_PER_SECOND`]: 429 above, or with the
+//! event kept, a purge of the whole doctype instead, since Frappe must hear 200). A flood of
+//! strangers therefore holds at most `MAX_CONCURRENT × MAX_WEBHOOK_BYTES`.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use dashmap::DashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -33,6 +39,7 @@ use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::events::EventRelay;
+use crate::forwarding::{source_block, PeerAddr, TrustedProxies};
 use crate::frappe::webhook::{target, SignatureCheck, SIGNATURE_HEADER};
 use crate::layers::cache::Cache;
 use crate::layers::BoxResponseFuture;
@@ -50,6 +57,36 @@ pub const MAX_CONCURRENT: usize = 32;
 /// Time a sender has to deliver the whole body.
 pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Webhook bodies read at once from one source address (IPv6: one /64).
+pub const MAX_CONCURRENT_PER_SOURCE: usize = 8;
+
+/// One source's share of the bodies being read; given back on drop.
+struct SourceSlot<'a> {
+    slots: &'a DashMap<IpAddr, usize>,
+    source: IpAddr,
+}
+
+impl<'a> SourceSlot<'a> {
+    fn take(slots: &'a DashMap<IpAddr, usize>, source: IpAddr) -> Option<Self> {
+        let mut held = slots.entry(source).or_insert(0);
+        if *held >= MAX_CONCURRENT_PER_SOURCE {
+            return None;
+        }
+        *held += 1;
+        Some(Self { slots, source })
+    }
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        // Empty entries go, so the table holds only sources reading now.
+        self.slots.remove_if_mut(&self.source, |_, held| {
+            *held = held.saturating_sub(1);
+            *held == 0
+        });
+    }
+}
+
 /// Purges per second per site (with a burst of twice that); a signed webhook replayed in a
 /// loop cannot keep a site's cache empty.
 pub const PURGES_PER_SECOND: u32 = 50;
@@ -59,6 +96,8 @@ pub const PURGES_PER_SECOND: u32 = 50;
 pub struct WebhookLayer {
     cache: Option<Arc<Cache>>,
     events: Option<Arc<EventRelay>>,
+    trusted: TrustedProxies,
+    reading_by_source: Arc<DashMap<IpAddr, usize>>,
     secrets: Arc<HashMap<String, Vec<u8>>>,
     reading: Arc<Semaphore>,
     purges: Arc<DefaultKeyedRateLimiter<String>>,
@@ -79,12 +118,15 @@ impl WebhookLayer {
         cache: Option<Arc<Cache>>,
         events: Option<Arc<EventRelay>>,
         secrets: HashMap<String, Vec<u8>>,
+        trusted: TrustedProxies,
     ) -> Self {
         let per_second = NonZeroU32::new(PURGES_PER_SECOND).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(PURGES_PER_SECOND * 2).unwrap_or(NonZeroU32::MIN);
         Self {
             cache,
             events,
+            trusted,
+            reading_by_source: Arc::new(DashMap::new()),
             secrets: Arc::new(secrets),
             reading: Arc::new(Semaphore::new(MAX_CONCURRENT)),
             purges: Arc::new(governor::RateLimiter::keyed(
@@ -130,12 +172,24 @@ impl WebhookLayer {
             tracing::warn!(site, "webhook without a signature refused");
             return Err(GatewayError::Unauthenticated("bad webhook signature").into());
         };
-        let Ok(_reading) = self.reading.clone().try_acquire_owned() else {
-            return Err(GatewayError::TooManyRequests {
+        let peer = request
+            .extensions()
+            .get::<PeerAddr>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+        let source = source_block(self.trusted.client_ip(peer, request.headers()));
+        let busy = || -> BoxError {
+            GatewayError::TooManyRequests {
                 message: "too many webhooks are being received; retry later",
                 retry_after: Duration::from_secs(1),
             }
-            .into());
+            .into()
+        };
+        // Per source first: a stranger trickling bodies holds at most its own share.
+        let Some(_from_source) = SourceSlot::take(&self.reading_by_source, source) else {
+            return Err(busy());
+        };
+        let Ok(_reading) = self.reading.clone().try_acquire_owned() else {
+            return Err(busy());
         };
         let read = read_signed(request.into_body(), secret);
         let (body, check) = match tokio::time::timeout(READ_DEADLINE, read).await {
@@ -159,28 +213,41 @@ impl WebhookLayer {
             )
             .into());
         };
-        if let Err(not_until) = self.purges.check_key(&site) {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            return Err(GatewayError::TooManyRequests {
-                message: "too many purges for this site; retry later",
-                retry_after: wait.max(Duration::from_millis(1)),
-            }
-            .into());
-        }
-        match (&self.cache, &target.name) {
-            (Some(cache), Some(name)) => {
-                cache.invalidate_document(&site, &target.doctype, name, "webhook")
-            }
-            (Some(cache), None) => cache.invalidate_doctype(&site, &target.doctype, "webhook"),
-            (None, _) => {}
-        }
-        if let Some(events) = &self.events {
-            if let Err(e) = events.accept(&site, &target, &body).await {
-                tracing::error!(site, error = %e, "webhook event not stored; Frappe will retry");
-                return Err(GatewayError::EventsUnavailable {
-                    retry_after: Duration::from_secs(5),
+        // The event first: it is kept whatever the purge limit says (Frappe retries a webhook
+        // only a few times, so a refused one in a burst would be an event lost).
+        let stored = match &self.events {
+            None => false,
+            Some(events) => match events.accept(&site, &target, &body).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::error!(site, error = %e, "webhook event not stored; Frappe will retry");
+                    return Err(GatewayError::EventsUnavailable {
+                        retry_after: Duration::from_secs(5),
+                    }
+                    .into());
                 }
-                .into());
+            },
+        };
+        if let Some(cache) = &self.cache {
+            match (self.purges.check_key(&site), &target.name) {
+                (Ok(()), Some(name)) => {
+                    cache.invalidate_document(&site, &target.doctype, name, "webhook")
+                }
+                (Ok(()), None) => cache.invalidate_doctype(&site, &target.doctype, "webhook"),
+                // Over the purge rate with the event kept: the answer must be 200 (a refusal
+                // would have Frappe send it again), so the purge widens to the doctype, which
+                // a flood of replays cannot turn into more work than one purge.
+                (Err(_), _) if stored => {
+                    cache.invalidate_doctype(&site, &target.doctype, "webhook")
+                }
+                (Err(not_until), _) => {
+                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    return Err(GatewayError::TooManyRequests {
+                        message: "too many purges for this site; retry later",
+                        retry_after: wait.max(Duration::from_millis(1)),
+                    }
+                    .into());
+                }
             }
         }
         let mut response = Response::new(full_body(r#"{"message":"ok"}"#));
