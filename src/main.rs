@@ -132,7 +132,18 @@ fn run(path: PathBuf) -> ExitCode {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&loaded.config.log.level));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    // Lines go to a buffer a writer thread drains to stdout: a worker never waits for a slow
+    // log pipe, and when the buffer is full lines are dropped and counted
+    // (`erpgate_log_lines_dropped_total`), never waited for. The guard flushes what is
+    // buffered when `run` returns.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(loaded.config.log.buffer_lines.max(1))
+        .lossy(true)
+        .finish(std::io::stdout());
+    erpgate::metrics::count_dropped_log_lines(writer.error_counter());
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match loaded.config.log.format {
         LogFormat::Json => subscriber.json().flatten_event(true).init(),
         LogFormat::Pretty => subscriber.init(),

@@ -12,6 +12,15 @@ const BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The log writer's count of lines it dropped (its buffer full), when logging goes through it.
+static DROPPED_LOG_LINES: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Reports `counter` (the non-blocking log writer's) as `erpgate_log_lines_dropped_total`.
+pub fn count_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCounter) {
+    let _ = DROPPED_LOG_LINES.set(counter);
+}
+
 /// All metric handles.
 #[derive(Clone)]
 pub struct Metrics {
@@ -73,6 +82,8 @@ pub struct Metrics {
     pub redis: RedisMetrics,
     /// The event relay.
     pub events: EventMetrics,
+    /// `erpgate_log_lines_dropped_total`: log lines the writer dropped, its buffer full.
+    pub log_lines_dropped: IntCounter,
 }
 
 /// The event relay's metrics.
@@ -392,6 +403,11 @@ impl Metrics {
         registry.register(Box::new(auth_failures.clone()))?;
         let redis = RedisMetrics::new(&registry)?;
         let events = EventMetrics::new(&registry)?;
+        let log_lines_dropped = IntCounter::new(
+            "erpgate_log_lines_dropped_total",
+            "Log lines dropped because the log writer's buffer was full (a slow log pipe).",
+        )?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -423,11 +439,18 @@ impl Metrics {
             config_info,
             redis,
             events,
+            log_lines_dropped,
         })
     }
 
     /// The text exposition format.
     pub fn encode(&self) -> Vec<u8> {
+        if let Some(dropped) = DROPPED_LOG_LINES.get() {
+            let (now, counted) = (dropped.dropped_lines() as u64, self.log_lines_dropped.get());
+            if now > counted {
+                self.log_lines_dropped.inc_by(now - counted);
+            }
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail on I/O; a failure would be a bad metric family.
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -456,3 +456,64 @@ async fn a_reload_picks_up_a_renewed_certificate() {
     assert!(ping(new_ca).await);
     assert!(!ping(old_ca).await);
 }
+
+/// Access lines go through a bounded buffer a writer thread drains: with nobody reading the
+/// gateway's stdout (a stalled log pipe), requests are still answered at once, and the lines
+/// that did not fit are dropped and counted. (With a write per line on the worker, the first
+/// full pipe would hold every request.)
+#[tokio::test]
+async fn a_stalled_log_pipe_never_holds_a_request_and_dropped_lines_are_counted() {
+    let up = upstream().await;
+    let config = json_logs(&base_config(&up)).replace(
+        "log: { format: json, level: info }",
+        "log: { format: json, level: info, buffer_lines: 64 }\nrate_limit: null",
+    );
+    let path = scratch_file("stalled-log.yaml", &config);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read up to the line saying where it listens, then never again (the pipe stays open).
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut base, mut admin) = (String::new(), String::new());
+    let mut line = String::new();
+    while base.is_empty() {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "gateway did not start"
+        );
+        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if log["message"] == "erpgate listening" {
+            base = format!("http://{}", log["listen_addr"].as_str().unwrap());
+            admin = format!("http://{}", log["admin_addr"].as_str().unwrap());
+        }
+    }
+    // ~3,000 access lines of ~300 bytes: far more than the pipe (64 KiB) and the buffer hold.
+    let auth = token(FULL);
+    let started = std::time::Instant::now();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    for _ in 0..3000 {
+        let request = Request::get(format!("{base}/api/method/ping"))
+            .header("authorization", &auth)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+            .await
+            .expect("a request was held by the stalled log pipe")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let metrics = send(Method::GET, &format!("{admin}/metrics"), &[], Bytes::new())
+        .await
+        .text();
+    let dropped = metric_value(&metrics, "erpgate_log_lines_dropped_total", &[]);
+    assert!(dropped > 1000.0, "dropped {dropped}");
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stdout);
+}

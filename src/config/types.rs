@@ -312,6 +312,11 @@ pub struct LogConfig {
     /// Default `info`.
     #[serde(default = "defaults::log_level")]
     pub level: String,
+    /// Lines waiting to be written at most: a writer thread drains them to stdout, so a slow
+    /// log pipe never holds a request; beyond it lines are dropped and counted
+    /// (`erpgate_log_lines_dropped_total`). Default `65536`. Takes effect on restart.
+    #[serde(default = "defaults::log_buffer_lines")]
+    pub buffer_lines: usize,
 }
 
 /// Log line format.
@@ -1232,6 +1237,10 @@ mod defaults {
         Duration::from_secs(30)
     }
 
+    pub fn log_buffer_lines() -> usize {
+        64 * 1024
+    }
+
     pub fn subscription_timeout() -> Duration {
         Duration::from_secs(10)
     }
@@ -1478,6 +1487,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::default(),
             level: defaults::log_level(),
+            buffer_lines: defaults::log_buffer_lines(),
         }
     }
 }

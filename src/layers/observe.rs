@@ -11,6 +11,7 @@
 //! metrics are labelled by them; a span per request through the `tracing` subscriber would cost
 //! every request when only the line is wanted. OpenTelemetry spans are `layers::server_span`.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use std::time::Instant;
 
 use http::{Method, Request, Response};
 use pin_project_lite::pin_project;
+use prometheus::{Histogram, IntCounter};
+use rustc_hash::FxHashMap;
 use tower::{Layer, Service};
 
 use crate::error::ErrorKind;
@@ -33,6 +36,101 @@ struct Handles {
     requests: prometheus::IntCounterVec,
     request_duration: prometheus::HistogramVec,
     inflight: prometheus::IntGauge,
+}
+
+/// A label value by identity: the address of a configured name (`Arc<str>` from the config,
+/// kept alive by the entry) or of a `&'static str` kind. No string is hashed or compared.
+type Name = usize;
+
+fn name_of(name: Option<&Arc<str>>) -> Name {
+    name.map_or(0, |n| Arc::as_ptr(n).cast::<u8>() as usize)
+}
+
+/// One serving worker's metric handles by label set, so a request finds its counter and
+/// histogram without hashing label strings or taking the metric family's lock, which every
+/// worker would otherwise touch on every request (prometheus' `with_label_values`). Each
+/// entry holds the names it is keyed by, so their addresses cannot be reused while it lives.
+#[derive(Default)]
+struct WorkerHandles {
+    /// Which `Handles` these belong to (tests run several gateways on one thread), held so
+    /// its address is not reused by another while these are cached.
+    owner: Option<Arc<Handles>>,
+    requests: FxHashMap<(Name, Name, Name, u16), CachedCounter>,
+    durations: FxHashMap<(Name, Name), CachedHistogram>,
+}
+
+/// `erpgate_requests_total` of one (site, client, kind, code), with the site and client names.
+type CachedCounter = (IntCounter, [Option<Arc<str>>; 2]);
+/// `erpgate_request_duration_seconds` of one (site, kind), with the site name.
+type CachedHistogram = (Histogram, Option<Arc<str>>);
+
+/// More entries than any configuration makes (sites × clients × kinds × codes seen): a worker
+/// that reaches it (reloads renaming clients many times) starts afresh.
+const MAX_CACHED_HANDLES: usize = 16_384;
+
+thread_local! {
+    static WORKER_HANDLES: RefCell<WorkerHandles> = RefCell::new(WorkerHandles::default());
+}
+
+impl Handles {
+    /// Counts one answer and its duration, through this worker's cached handles.
+    fn record(
+        self: &Arc<Self>,
+        site: Option<&Arc<str>>,
+        client: Option<&Arc<str>>,
+        kind: &'static str,
+        status: u16,
+        elapsed: f64,
+    ) {
+        let site_label = site.map_or("none", |s| s.as_ref());
+        let client_label = client.map_or("none", |c| c.as_ref());
+        WORKER_HANDLES.with(|cell| {
+            let Ok(mut cached) = cell.try_borrow_mut() else {
+                // Re-entered from a drop inside a drop: report without the cache.
+                let mut code = itoa::Buffer::new();
+                self.requests
+                    .with_label_values(&[site_label, client_label, kind, code.format(status)])
+                    .inc();
+                self.request_duration
+                    .with_label_values(&[site_label, kind])
+                    .observe(elapsed);
+                return;
+            };
+            let mine = cached.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, self));
+            if !mine || cached.requests.len() + cached.durations.len() > MAX_CACHED_HANDLES {
+                *cached = WorkerHandles {
+                    owner: Some(self.clone()),
+                    ..WorkerHandles::default()
+                };
+            }
+            let kind_name = kind.as_ptr() as usize;
+            let (site_name, client_name) = (name_of(site), name_of(client));
+            cached
+                .requests
+                .entry((site_name, client_name, kind_name, status))
+                .or_insert_with(|| {
+                    let mut code = itoa::Buffer::new();
+                    let counter = self.requests.with_label_values(&[
+                        site_label,
+                        client_label,
+                        kind,
+                        code.format(status),
+                    ]);
+                    (counter, [site.cloned(), client.cloned()])
+                })
+                .0
+                .inc();
+            cached
+                .durations
+                .entry((site_name, kind_name))
+                .or_insert_with(|| {
+                    let histogram = self.request_duration.with_label_values(&[site_label, kind]);
+                    (histogram, site.cloned())
+                })
+                .0
+                .observe(elapsed);
+        });
+    }
 }
 
 /// Observes requests.
@@ -119,19 +217,17 @@ impl Record {
     fn finish(&mut self, status: u16, error: Option<&str>) {
         self.done = true;
         self.handles.inflight.dec();
-        let client = self.tags.client.get().map_or("none", |c| c.as_ref());
-        let site = self.tags.site.get().map_or("none", |s| s.as_ref());
         let kind = self.tags.kind.get().copied().unwrap_or("unclassified");
         let elapsed = self.started.elapsed();
-        let mut code = itoa::Buffer::new();
-        self.handles
-            .requests
-            .with_label_values(&[site, client, kind, code.format(status)])
-            .inc();
-        self.handles
-            .request_duration
-            .with_label_values(&[site, kind])
-            .observe(elapsed.as_secs_f64());
+        self.handles.record(
+            self.tags.site.get(),
+            self.tags.client.get(),
+            kind,
+            status,
+            elapsed.as_secs_f64(),
+        );
+        let client = self.tags.client.get().map_or("none", |c| c.as_ref());
+        let site = self.tags.site.get().map_or("none", |s| s.as_ref());
         let request_id = self
             .request_id
             .as_ref()
