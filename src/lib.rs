@@ -10,6 +10,7 @@ pub mod events;
 pub mod forwarding;
 pub mod frappe;
 pub mod layers;
+pub mod log_format;
 pub mod metrics;
 pub mod oauth;
 pub mod routing;

@@ -145,7 +145,9 @@ fn run(path: PathBuf) -> ExitCode {
         .with_env_filter(filter)
         .with_writer(writer);
     match loaded.config.log.format {
-        LogFormat::Json => subscriber.json().flatten_event(true).init(),
+        LogFormat::Json => subscriber
+            .event_format(erpgate::log_format::JsonLines)
+            .init(),
         LogFormat::Pretty => subscriber.init(),
     }
     // This thread runs the admin listener, signals and reloads; the serving workers run their

@@ -218,7 +218,10 @@ impl WebhookLayer {
         let stored = match &self.events {
             None => false,
             Some(events) => match events.accept(&site, &target, &body).await {
-                Ok(stored) => stored,
+                Ok(true) => true,
+                // The same change seen within minutes (a Frappe retry, or a replay): kept and
+                // purged the first time already.
+                Ok(false) => return Ok(ok_response()),
                 Err(e) => {
                     tracing::error!(site, error = %e, "webhook event not stored; Frappe will retry");
                     return Err(GatewayError::EventsUnavailable {
@@ -250,13 +253,18 @@ impl WebhookLayer {
                 }
             }
         }
-        let mut response = Response::new(full_body(r#"{"message":"ok"}"#));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        Ok(response)
+        Ok(ok_response())
     }
+}
+
+/// `{"message": "ok"}`.
+fn ok_response() -> Response<Body> {
+    let mut response = Response::new(full_body(r#"{"message":"ok"}"#));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Reads a webhook body of at most [`MAX_WEBHOOK_BYTES`], computing its signature as it
