@@ -408,13 +408,19 @@ class Instance:
         self.log_bytes = self.log_lines = 0
 
     def harvest_log(self):
-        """Counts what the access log holds, then empties it (the process appends, so it goes
-        on writing at the start), so that a long run does not fill the disk."""
+        """Counts what the access log holds, then empties it so that a long run does not fill
+        the disk. nginx and erpgate append; HAProxy resets its stdout to plain O_NONBLOCK
+        (no O_APPEND), so it goes on writing at its offset and the file becomes sparse: reading
+        starts at the first data and skips the zeros of a partial hole block."""
         if not self.log_path or not os.path.exists(self.log_path):
             return
         with open(self.log_path, "rb") as f:
+            try:
+                f.seek(os.lseek(f.fileno(), 0, os.SEEK_DATA))
+            except OSError:  # ENXIO: nothing but holes
+                return
             while chunk := f.read(1 << 20):
-                self.log_bytes += len(chunk)
+                self.log_bytes += len(chunk) - chunk.count(b"\0")
                 self.log_lines += chunk.count(b"\n")
         os.truncate(self.log_path, 0)
 
@@ -454,7 +460,7 @@ def start_all(work, targets, log_modes, procs):
             stdout = subprocess.DEVNULL
             if inst.log_path and target not in ("nginx", "nginx-lua"):
                 # As a container runtime collects it: stdout into a file (appending, so that
-                # harvest_log can empty it under the running process).
+                # harvest_log can empty it under the running process; see there for HAProxy).
                 stdout = open(inst.log_path, "ab")
             if target in ("nginx", "nginx-lua"):
                 conf = (nginx_proxy_conf if target == "nginx" else nginx_lua_conf)(work, stem, inst.port, nginx_log)
