@@ -9,6 +9,8 @@ Targets (TARGETS, comma-separated; default all):
   erpgate             the full stack, cache off
   erpgate-cache       the full stack serving cache hits       (first connection count, log off)
   erpgate-unbuffered  the full stack with buffering off        (first connection count, log off)
+  erpgate-before      another erpgate binary (ERPGATE_BEFORE=path, e.g. a build of an earlier
+                      commit), same config: before/after a change, in the same rounds
 
 Every proxy target except the two marked runs once per access-log mode (LOG_MODES, default
 "off on") as a separate process; all of them are measured in the same alternating rounds, at
@@ -50,10 +52,12 @@ TOKEN = f"token {KEY_ID}:{SECRET}"
 PATH = "/api/resource/ToDo?limit=20"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-ALL_TARGETS = ("direct", "nginx", "haproxy", "nginx-lua", "erpgate", "erpgate-cache", "erpgate-unbuffered")
-LOGGED = ("nginx", "haproxy", "nginx-lua", "erpgate")  # the targets with an access-log-on variant
+ERPGATE_BEFORE = os.environ.get("ERPGATE_BEFORE", "")
+ALL_TARGETS = ("direct", "nginx", "haproxy", "nginx-lua", "erpgate", "erpgate-cache", "erpgate-unbuffered") \
+    + (("erpgate-before",) if ERPGATE_BEFORE else ())
+LOGGED = ("nginx", "haproxy", "nginx-lua", "erpgate", "erpgate-before")  # with an access-log-on variant
 EXTRAS = ("erpgate-cache", "erpgate-unbuffered")  # measured at the first connection count, log off
-CHECKING = ("haproxy", "nginx-lua", "erpgate", "erpgate-cache", "erpgate-unbuffered")  # 401 / 403
+CHECKING = ("haproxy", "nginx-lua", "erpgate", "erpgate-cache", "erpgate-unbuffered", "erpgate-before")
 LABELS = {"erpgate-cache": "erpgate cache", "erpgate-unbuffered": "erpgate unbuffered"}
 
 BODY = json.dumps({"data": [{"name": f"TODO-{i:04}", "status": "Open", "owner": "sync@example.com"}
@@ -471,7 +475,8 @@ def start_all(work, targets, log_modes, procs):
                 conf = erpgate_conf(work, stem, inst.port, admin, cache=target == "erpgate-cache",
                                     buffering=target != "erpgate-unbuffered",
                                     log_level="info" if log == "on" else "error")
-                cmd = ["target/release/erpgate", "run", "--config", conf]
+                binary = ERPGATE_BEFORE if target == "erpgate-before" else "target/release/erpgate"
+                cmd = [binary, "run", "--config", conf]
             inst.proc = subprocess.Popen(cmd, stdout=stdout)
             procs.append(inst.proc)
             if stdout is not subprocess.DEVNULL:
@@ -595,6 +600,11 @@ def main():
                         ratios.append((f"erpgate ÷ {peer} CPU per request",
                                        f"{med(conns, 'erpgate', 'cpu_per_10k', log) / med(conns, peer, 'cpu_per_10k', log):.2f}",
                                        target_cpu))
+                if have(conns, "erpgate", "erpgate-before", log=log):
+                    ratios.append(("erpgate ÷ erpgate-before req/s",
+                                   f"{med(conns, 'erpgate', 'rps', log) / med(conns, 'erpgate-before', 'rps', log):.2f}", ""))
+                    ratios.append(("erpgate ÷ erpgate-before CPU per request",
+                                   f"{med(conns, 'erpgate', 'cpu_per_10k', log) / med(conns, 'erpgate-before', 'cpu_per_10k', log):.2f}", ""))
                 if have(conns, "erpgate", log=log) and have(conns, "direct"):
                     ratios.append(("erpgate ÷ direct req/s (direct: no log)",
                                    f"{med(conns, 'erpgate', 'rps', log) / med(conns, 'direct', 'rps'):.2f}", ""))
