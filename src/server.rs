@@ -270,6 +270,9 @@ fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor>
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        // The read buffer never grows past the largest head allowed: what an idle keep-alive
+        // connection holds (bodies are read through it in chunks of at most this).
+        .max_buf_size(settings.max_request_head_bytes)
         .keep_alive(true);
     builder
         .http2()
@@ -604,6 +607,7 @@ async fn serve_public(
 /// Whether a worker's connection builder still fits the settings in force.
 fn same_listener_settings(a: &ServerSettings, b: &ServerSettings) -> bool {
     a.header_read_timeout == b.header_read_timeout
+        && a.max_request_head_bytes == b.max_request_head_bytes
         && a.http2_max_concurrent_streams == b.http2_max_concurrent_streams
         && a.http2_keepalive_interval == b.http2_keepalive_interval
 }

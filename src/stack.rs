@@ -71,6 +71,8 @@ pub type GatewayService = BoxCloneSyncService<Request<Body>, Response<Body>, Box
 pub struct ServerSettings {
     /// Time a client has to send its request headers.
     pub header_read_timeout: Duration,
+    /// Largest HTTP/1.1 request head, and so a connection's read buffer.
+    pub max_request_head_bytes: usize,
     /// Time in-flight requests get on shutdown.
     pub shutdown_grace: Duration,
     /// Time the listener keeps accepting after SIGTERM.
@@ -404,6 +406,9 @@ where
         config_hash: loaded.hash.clone(),
         server: ServerSettings {
             header_read_timeout: config.limits.header_read_timeout,
+            max_request_head_bytes: usize::try_from(config.limits.max_request_head_bytes.0)
+                .unwrap_or(usize::MAX)
+                .clamp(8 << 10, 1 << 20),
             shutdown_grace: config.limits.shutdown_grace,
             drain_delay: config.limits.drain_delay,
             max_connections: usize::try_from(config.limits.max_connections).unwrap_or(usize::MAX),

@@ -146,3 +146,53 @@ async fn an_admin_connection_that_sends_nothing_is_closed() {
         .expect("an idle admin connection was never closed");
     assert!(closed >= Duration::from_secs(5), "closed after {closed:?}");
 }
+
+/// A connection's read buffer is bounded by `limits.max_request_head_bytes` (8 KiB by
+/// default): a larger HTTP/1.1 head gets 431 and reaches nothing, a smaller one passes, and the
+/// limit can be raised. A body larger than it still streams through whole.
+#[tokio::test]
+async fn the_request_head_is_bounded_by_max_request_head_bytes() {
+    let up = upstream().await;
+    let auth = token(FULL);
+    let head_of = |pad: usize| "p".repeat(pad);
+    let default = Gateway::start(&config(&up, "header_read_timeout: 5s")).await;
+    let small = head_of(6 << 10);
+    let reply = send(
+        Method::GET,
+        &default.url("/api/method/ping"),
+        &[("authorization", &auth), ("x-pad", &small)],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let before = up.count();
+    let large = head_of(9 << 10);
+    let reply = send(
+        Method::GET,
+        &default.url("/api/method/ping"),
+        &[("authorization", &auth), ("x-pad", &large)],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(up.count(), before, "nothing reached the upstream");
+    // A body far larger than the buffer is read through it, whole.
+    let body = format!(r#"{{"description": "{}"}}"#, "b".repeat(200 << 10));
+    let reply = send_json(
+        Method::POST,
+        &default.url("/api/resource/ToDo"),
+        FULL,
+        &body,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let raised = Gateway::start(&config(&up, "max_request_head_bytes: 32KiB")).await;
+    let reply = send(
+        Method::GET,
+        &raised.url("/api/method/ping"),
+        &[("authorization", &auth), ("x-pad", &large)],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}

@@ -867,3 +867,19 @@ fn subscriptions_and_the_event_relay_are_checked() {
     let typo = with_subscription(good, "events: { directroy: /tmp/x }\n");
     assert!(Config::from_yaml(&typo, "t").is_err());
 }
+
+#[test]
+fn the_request_head_limit_is_8kib_to_1mib() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    assert_eq!(loaded.config.limits.max_request_head_bytes.0, 8 << 10);
+    for size in ["4KiB", "2MiB"] {
+        let yaml = format!("{}limits: {{ max_request_head_bytes: {size} }}\n", valid());
+        let found = problems(&yaml);
+        assert!(
+            found
+                .iter()
+                .any(|p| p.path == "limits.max_request_head_bytes"),
+            "{size}: {found:?}"
+        );
+    }
+}

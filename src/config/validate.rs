@@ -30,6 +30,13 @@ impl Config {
         if self.limits.max_body_bytes.0 == 0 {
             problem("limits.max_body_bytes".into(), "must be more than 0".into());
         }
+        // hyper's read buffer cannot be smaller (it asserts so).
+        if !(8 << 10..=1 << 20).contains(&self.limits.max_request_head_bytes.0) {
+            problem(
+                "limits.max_request_head_bytes".into(),
+                "must be 8KiB to 1MiB".into(),
+            );
+        }
         if self.limits.max_inspected_body_bytes.0 > self.limits.max_body_bytes.0 {
             problem(
                 "limits.max_inspected_body_bytes".into(),
