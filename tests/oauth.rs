@@ -532,6 +532,98 @@ async fn only_the_listed_routes_pass_without_a_key_however_the_request_is_spelle
     );
 }
 
+/// What an attacker would send to a public route: a `cmd` in every carrier Frappe reads, under
+/// Content-Types spelled as werkzeug still parses them, a repeated Content-Type or Host, and
+/// headers gunicorn or Frappe would act on. Asserts what reached the upstream.
+#[tokio::test]
+async fn a_public_route_judges_every_carrier_and_spelling_an_attacker_would_use() {
+    let up = upstream().await;
+    let gw = Gateway::start(&flow_config(&up, 100)).await;
+    let url = gw.url("/api/method/frappe.integrations.oauth2.get_token");
+    let cmd_json = r#"{"cmd": "frappe.client.delete", "doctype": "ToDo", "name": "x"}"#;
+    let cmd_form = "cmd=frappe.client.delete&doctype=ToDo&name=x";
+    // werkzeug judges the mimetype lower-cased before `;`, and `application/*+json` is JSON.
+    let refused = [
+        ("Application/JSON; charset=utf-8", cmd_json.to_owned()),
+        ("application/merge-patch+json", cmd_json.to_owned()),
+        ("application/x-www-form-urlencoded; charset=UTF-8", cmd_form.to_owned()),
+        ("APPLICATION/X-WWW-FORM-URLENCODED", cmd_form.to_owned()),
+        (
+            "multipart/form-data; boundary=b",
+            "--b\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nfrappe.client.delete\r\n--b--\r\n"
+                .to_owned(),
+        ),
+    ];
+    for (content_type, body) in refused {
+        let reply = send(
+            Method::POST,
+            &url,
+            &[("content-type", content_type)],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "{content_type} {body}: {}",
+            reply.text()
+        );
+    }
+    // Two Content-Types (the classifier would read one, gunicorn another), two Hosts: 400.
+    for headers in [
+        vec![
+            ("content-type", "text/plain"),
+            ("content-type", "application/json"),
+        ],
+        vec![("host", "erp.localhost"), ("host", "other.localhost")],
+    ] {
+        let reply = send(Method::POST, &url, &headers, cmd_json.to_owned()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{headers:?}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+
+    // A body werkzeug does not parse (text/plain) carries no cmd for Frappe: the route passes,
+    // and headers gunicorn or Frappe would act on are gone.
+    let reply = send(
+        Method::POST,
+        &url,
+        &[
+            ("content-type", "text/plain"),
+            ("script_name", "/api/method/frappe.client.delete"),
+            ("path_info", "/api/method/frappe.client.delete"),
+            ("x-frappe-site-name", "other.localhost"),
+            ("frappe-authorization-source", "token"),
+            ("x-forwarded-ssl", "on"),
+            ("x-forwarded-protocol", "https"),
+        ],
+        cmd_form,
+    )
+    .await;
+    assert_ne!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    let received = up.received();
+    assert_eq!(received.len(), 1);
+    let seen = &received[0];
+    assert_eq!(
+        seen.path_and_query,
+        "/api/method/frappe.integrations.oauth2.get_token"
+    );
+    for name in [
+        "script_name",
+        "path_info",
+        "frappe-authorization-source",
+        "x-forwarded-ssl",
+        "x-forwarded-protocol",
+    ] {
+        assert!(seen.headers.get(name).is_none(), "{name} reached the site");
+    }
+    assert_eq!(seen.headers["x-frappe-site-name"], SITE);
+}
+
 #[tokio::test]
 async fn the_public_routes_are_bounded_per_source_address() {
     let up = upstream().await;

@@ -32,6 +32,7 @@ use crate::config::PublicRoutesConfig;
 use crate::error::GatewayError;
 use crate::forwarding::{source_block, PeerAddr, TrustedProxies};
 use crate::frappe::auth_header::parse_credential;
+use crate::frappe::headers::repeated_singleton;
 use crate::frappe::headers::{remove_hop_by_hop, remove_overrides, remove_wsgi_specials};
 use crate::frappe::{CanonicalPath, FrappeRequest, MethodName, RequestKind};
 use crate::layers::auth::ClientTable;
@@ -194,6 +195,13 @@ where
         let Some(public) = routes.sites.get(&*site.name) else {
             return Either::Left(self.inner.call(request));
         };
+        // Before authentication, so the same check: two Content-Types (or Hosts, or
+        // Content-Lengths) would let the classifier read one while gunicorn reads another.
+        if let Some(name) = repeated_singleton(request.headers()) {
+            return Either::Right(EarlyReturn::error(GatewayError::BadRequest(format!(
+                "the {name} header must appear once"
+            ))));
+        }
         let peer = request
             .extensions()
             .get::<PeerAddr>()
