@@ -791,3 +791,37 @@ async fn a_reload_that_leaves_the_apps_alone_keeps_what_they_learnt() {
     assert_eq!(call(&third).await.unwrap().status(), StatusCode::OK);
     assert_eq!(up.introspections(), 2);
 }
+
+/// The event feed is for gateway keys: an app's user, whose reads Frappe judges per user,
+/// gets 403 from it, and nothing but the token's introspection reaches the site.
+#[tokio::test]
+async fn an_oauth_token_has_no_event_feed() {
+    let up = upstream().await;
+    up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, "all openid");
+    let directory = std::env::temp_dir().join(format!(
+        "erpgate-oauth-feed-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let events = format!("events: {{ directory: \"{}\" }}\n", directory.display());
+    let gw = Gateway::start(&oauth_config(&up, &events)).await;
+    for path in ["/_erpgate/events", "/_erpgate/events/?since=now&wait=1s"] {
+        let reply = bearer(&gw, "tok-alice", path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            reply.text()
+        );
+    }
+    let forwarded: Vec<String> = up
+        .received()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .filter(|p| !p.contains("introspect_token"))
+        .collect();
+    assert!(forwarded.is_empty(), "{forwarded:?}");
+}
