@@ -239,16 +239,17 @@ impl EventRelay {
         target: &WebhookTarget,
         body: &[u8],
     ) -> Result<bool, StoreError> {
-        let fingerprint: [u8; 32] = {
+        // Only bodies carrying `modified` can be told apart from a second save: only they are
+        // remembered, and only they pay for the hash.
+        let fingerprint: Option<[u8; 32]> = target.modified.is_some().then(|| {
             use sha2::Digest as _;
             let mut hash = sha2::Sha256::new();
             hash.update(site.as_bytes());
             hash.update([0]);
             hash.update(body);
             hash.finalize().into()
-        };
-        let repeatable = target.modified.is_some();
-        if repeatable && self.recent.contains_key(&fingerprint) {
+        });
+        if fingerprint.is_some_and(|f| self.recent.contains_key(&f)) {
             self.metrics.repeats.with_label_values(&[site]).inc();
             tracing::info!(
                 site,
@@ -298,7 +299,7 @@ impl EventRelay {
             subscriptions = keys.len(),
             "event accepted"
         );
-        if repeatable {
+        if let Some(fingerprint) = fingerprint {
             self.recent.insert(fingerprint, ());
         }
         self.wake();
