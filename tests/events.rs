@@ -639,19 +639,29 @@ async fn an_undeliverable_event_becomes_a_dead_letter_that_the_admin_lists_and_r
     dead_letters_are_listed_and_replayed(TestStore::redis()).await;
 }
 
-async fn a_410_ends_queued_deliveries(store: TestStore) {
+/// A gateway (on `store`, with `extra` events keys) whose full client subscribes to ToDo events
+/// at a port nobody listens on yet: the subscriber is down until the test starts it there.
+async fn gateway_with_subscriber_down(
+    store: &TestStore,
+    extra: &str,
+) -> (FrappeUpstream, Gateway, u16) {
     let up = upstream().await;
-    // Down while three events queue up, then back answering 410 Gone.
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/hook");
     let yaml = config(
         &up,
-        &store.yaml(""),
+        &store.yaml(extra),
         &subscription("all", &url, "[ToDo]", "", 1),
         "",
     );
     let gw = Gateway::start(&yaml).await;
     store.ready(&gw).await;
+    (up, gw, port)
+}
+
+async fn a_410_ends_queued_deliveries(store: TestStore) {
+    // Down while three events queue up, then back answering 410 Gone.
+    let (_up, gw, port) = gateway_with_subscriber_down(&store, "").await;
     for name in ["T1", "T2", "T3"] {
         accepted(&gw.base, "ToDo", name, "on_update").await;
     }
@@ -682,17 +692,8 @@ async fn a_subscriber_answering_410_ends_its_queued_deliveries_on_redis() {
 }
 
 async fn the_cap_drops_the_oldest(store: TestStore) {
-    let up = upstream().await;
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}/hook");
-    let yaml = config(
-        &up,
-        &store.yaml(", max_pending_per_subscription: 3"),
-        &subscription("all", &url, "[ToDo]", "", 1),
-        "",
-    );
-    let gw = Gateway::start(&yaml).await;
-    store.ready(&gw).await;
+    let (_up, gw, port) =
+        gateway_with_subscriber_down(&store, ", max_pending_per_subscription: 3").await;
     for n in 1..=5 {
         accepted(&gw.base, "ToDo", &format!("T{n}"), "on_update").await;
     }
