@@ -173,14 +173,22 @@ async fn a_request_is_one_server_span_under_the_callers_and_one_client_span_per_
         format!("00-{TRACE}-{}-01", hex::encode(&client.span_id)).as_str()
     );
     assert_eq!(received.headers["tracestate"], "vendor=caller");
-    let metrics = gw.metrics().await;
-    assert!(
-        metric_value(
+    // The exporter counts the export once the collector's answer is in, which may be just
+    // after the collector has the spans.
+    let mut exported = 0.0;
+    for _ in 0..100 {
+        let metrics = gw.metrics().await;
+        exported = metric_value(
             &metrics,
             "erpgate_trace_exports_total",
-            &[("outcome", "ok")]
-        ) >= 1.0
-    );
+            &[("outcome", "ok")],
+        );
+        if exported >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(exported >= 1.0, "{exported} exports counted ok");
 }
 
 #[tokio::test]
