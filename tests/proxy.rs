@@ -945,3 +945,54 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(up.count(), 0);
 }
+
+/// The site's connections are kept: sequential requests, each on a new client connection, reach
+/// the site over one connection (one worker, so one worker's connections).
+#[tokio::test]
+async fn upstream_connections_are_kept_and_reused() {
+    let up = upstream().await;
+    let gw = Gateway::start(&format!("workers: 1\n{}", base_config(&up))).await;
+    for _ in 0..20 {
+        let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(up.count(), 20);
+    assert_eq!(up.connections(), 1);
+}
+
+/// gunicorn closes a keep-alive connection after its `keepalive` seconds without a word: the
+/// next request goes out on a new connection and nothing fails or is sent twice.
+#[tokio::test]
+async fn a_connection_the_site_closed_while_idle_is_replaced_and_no_request_fails() {
+    let up = upstream().await;
+    up.set_idle_close(Duration::from_millis(200));
+    let gw = Gateway::start(&format!("workers: 1\n{}", base_config(&up))).await;
+    for _ in 0..3 {
+        let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(up.count(), 3);
+    assert_eq!(up.connections(), 3);
+}
+
+/// A response that broke off mid-body leaves no half-read connection behind: the next request
+/// gets its own answer on a new connection.
+#[tokio::test]
+async fn a_response_broken_mid_body_does_not_leave_its_connection_to_the_next_request() {
+    let up = upstream().await;
+    let gw = Gateway::start(&format!("workers: 1\n{}", base_config(&up))).await;
+    up.set_behaviour(Behaviour::BreakBody);
+    let broken = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_ne!(broken.status, StatusCode::OK);
+    up.set_behaviour(Behaviour::Normal);
+    let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["message"],
+        "sync@example.com",
+        "{}",
+        reply.text()
+    );
+    assert_eq!(up.connections(), 2);
+}

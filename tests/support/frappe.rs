@@ -68,6 +68,10 @@ struct State {
     oauth_tokens: Mutex<BTreeMap<String, OAuthToken>>,
     /// Calls to `introspect_token`.
     introspections: AtomicU64,
+    /// TCP connections accepted.
+    connections: AtomicU64,
+    /// Close a keep-alive connection idle this long (gunicorn's `keepalive`), silently.
+    idle_close: Mutex<Option<Duration>>,
 }
 
 /// An `OAuth Bearer Token` document.
@@ -156,6 +160,8 @@ impl FrappeUpstream {
             workers: Mutex::new(None),
             oauth_tokens: Mutex::new(BTreeMap::new()),
             introspections: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            idle_close: Mutex::new(None),
         });
         let upstream = Self { addr, state };
         let server = upstream.clone();
@@ -164,6 +170,8 @@ impl FrappeUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                server.state.connections.fetch_add(1, Ordering::SeqCst);
+                let idle_close = *server.state.idle_close.lock().unwrap();
                 let server = server.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -171,7 +179,13 @@ impl FrappeUpstream {
                         let server = server.clone();
                         async move { server.handle(req).await }
                     });
-                    let http = hyper::server::conn::http1::Builder::new();
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    if let Some(idle) = idle_close {
+                        // hyper closes a connection whose next request head has not arrived
+                        // in time, without a word: what gunicorn does after `keepalive`.
+                        http.timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(idle);
+                    }
                     match tls {
                         None => {
                             let _ = http.serve_connection(TokioIo::new(stream), service).await;
@@ -201,6 +215,17 @@ impl FrappeUpstream {
     /// Every request received so far.
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
+    }
+
+    /// How many TCP connections were accepted.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes keep-alive connections (accepted from now on) once idle for `idle`, silently,
+    /// as gunicorn does after its `keepalive` seconds.
+    pub fn set_idle_close(&self, idle: Duration) {
+        *self.state.idle_close.lock().unwrap() = Some(idle);
     }
 
     /// How many requests were received.
