@@ -58,7 +58,7 @@ use crate::shared_state::{Listener, SharedState};
 use crate::site::breaker::{Breaker, BreakerSettings};
 use crate::site::{identity_of, RetrySettings, ServiceAccount, Site};
 use crate::telemetry::{ExportMetrics, Telemetry};
-use crate::upstream::{Upstream, UpstreamBuildError};
+use crate::upstream::{Upstream, UpstreamBuildError, UpstreamOptions};
 use crate::{Body, BoxError};
 use tower::retry::budget::TpsBudget;
 use tower::retry::RetryLayer;
@@ -589,9 +589,12 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
             config.workers(),
             name.as_str().into(),
             &backends,
-            site.timeouts.connect,
-            site.timeouts.request,
-            site.ca_file.as_deref(),
+            &UpstreamOptions {
+                protocol: site.upstream_protocol,
+                connect_timeout: site.timeouts.connect,
+                request_timeout: site.timeouts.request,
+                ca_file: site.ca_file.as_deref(),
+            },
             metrics.upstream_duration.with_label_values(&[name]),
         )
         .map_err(|source| BuildError::Upstream {

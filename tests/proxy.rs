@@ -960,6 +960,247 @@ async fn upstream_connections_are_kept_and_reused() {
     assert_eq!(up.connections(), 1);
 }
 
+/// `base_config` on one worker, the site speaking HTTP/2 to its backends.
+fn http2_config(up: &FrappeUpstream) -> String {
+    format!("workers: 1\n{}", base_config(up)).replace(
+        "    timeouts:",
+        "    upstream_protocol: http2\n    timeouts:",
+    )
+}
+
+/// The sync account's token, as the site must receive it.
+fn sync_token() -> String {
+    format!("token {SYNC_KEY}:{SYNC_SECRET}")
+}
+
+/// A site with `upstream_protocol: http2` reaches an h2c backend over one connection per worker:
+/// every request goes out as HTTP/2, signed, with the site's host as `:authority` (werkzeug's
+/// `Host` over HTTP/2) and no `Host` header, bodies intact.
+#[tokio::test]
+async fn an_http2_site_sends_every_request_over_one_h2c_connection() {
+    let up = FrappeUpstream::start_h2c(SITE, &[(SYNC_KEY, SYNC_SECRET, "sync@example.com")]).await;
+    let gw = Gateway::start(&http2_config(&up)).await;
+    for _ in 0..20 {
+        let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["message"], "sync@example.com");
+    }
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        FULL,
+        r#"{"description":"over h2"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["data"]["description"], "over h2");
+
+    let seen = up.received();
+    assert_eq!(seen.len(), 21);
+    for r in &seen {
+        assert_eq!(r.version, http::Version::HTTP_2);
+        assert_eq!(r.authority.as_deref(), Some(SITE));
+        assert!(r.headers.get("host").is_none(), "{:?}", r.headers);
+        assert_eq!(r.headers["authorization"], sync_token().as_str());
+        assert_eq!(r.headers["x-frappe-site-name"], SITE);
+    }
+    assert_eq!(
+        seen[0].path_and_query,
+        "/api/method/frappe.auth.get_logged_user"
+    );
+    assert_eq!(up.connections(), 1);
+}
+
+/// Requests in flight at once on one worker share its one HTTP/2 connection, the first of them
+/// included: they wait for one connect instead of each opening its own. Each takes 300 ms
+/// upstream and the attempt timeout is 3 s, so they cannot have gone one after another.
+#[tokio::test]
+async fn concurrent_requests_share_one_http2_connection() {
+    let up = FrappeUpstream::start_h2c(SITE, &[(SYNC_KEY, SYNC_SECRET, "sync@example.com")]).await;
+    let gw = Gateway::start(&http2_config(&up)).await;
+    let url = gw.url("/api/method/test.slow?ms=300");
+    let replies = futures_util::future::join_all((0..50).map(|_| get(&url, FULL))).await;
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["message"], "slow done");
+    }
+    assert_eq!(up.count(), 50);
+    assert!(up
+        .received()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_2));
+    assert_eq!(up.connections(), 1);
+}
+
+/// Failures over HTTP/2 are reported as over HTTP/1.1: nothing listening is 502, a silent
+/// backend 504, a stream the backend broke 502. A reset stream costs no connection.
+#[tokio::test]
+async fn an_http2_site_reports_an_unreachable_upstream_as_502_and_a_silent_one_as_504() {
+    let up = FrappeUpstream::start_h2c(SITE, &[(SYNC_KEY, SYNC_SECRET, "sync@example.com")]).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = http2_config(&up).replace(&up.url(), &format!("http://{dead}"));
+    let gw = Gateway::start(&config).await;
+    let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["exc_type"], "BadGateway");
+    assert_eq!(exc_of(&reply).len(), 1);
+
+    // Retries and the breaker are off: this is about how single failures are reported.
+    let config = http2_config(&up).replace(
+        "timeouts: { connect: 1s, request: 3s }",
+        "timeouts: { connect: 1s, request: 300ms }\n    retry: { max_retries: 0 }\n    breaker: { enabled: false }",
+    );
+    let gw = Gateway::start(&config).await;
+    up.set_behaviour(Behaviour::Stall);
+    let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["exc_type"], "UpstreamTimeout");
+
+    up.set_behaviour(Behaviour::Drop);
+    let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    let reply = get(&gw.url("/api/v2/document/ToDo"), FULL).await;
+    assert_eq!(reply.json()["errors"][0]["type"], "BadGateway");
+
+    up.set_behaviour(Behaviour::Normal);
+    let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(up.count(), 4);
+    assert_eq!(up.connections(), 1);
+}
+
+/// Round-robin and its cool-down hold over HTTP/2: a backend refusing connections is skipped,
+/// and a request that met it moves on to the next backend, its buffered body too.
+#[tokio::test]
+async fn an_http2_site_skips_a_backend_that_refuses_connections() {
+    let up = FrappeUpstream::start_h2c(SITE, &[(SYNC_KEY, SYNC_SECRET, "sync@example.com")]).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = http2_config(&up).replace(
+        &format!("[{}]", up.url()),
+        &format!("[http://{dead}, {}]", up.url()),
+    );
+    let gw = Gateway::start(&config).await;
+    for _ in 0..6 {
+        let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        FULL,
+        r#"{"description":"x"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(up.count(), 7);
+    assert_eq!(up.connections(), 1);
+}
+
+/// A backend that closes its HTTP/2 connection (a GOAWAY, as nginx says after
+/// `keepalive_timeout`): the next request connects anew and nothing fails or is sent twice.
+#[tokio::test]
+async fn an_http2_connection_the_site_closed_is_replaced_and_no_request_fails() {
+    let up = FrappeUpstream::start_h2c(SITE, &[(SYNC_KEY, SYNC_SECRET, "sync@example.com")]).await;
+    up.set_idle_close(Duration::from_millis(200));
+    let gw = Gateway::start(&http2_config(&up)).await;
+    for _ in 0..3 {
+        let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(up.count(), 3);
+    assert_eq!(up.connections(), 3);
+}
+
+/// A body streamed to an HTTP/2 site and cut off at the size limit is the client's 413, not
+/// the site's 502: hyper reports the failing body only as a reset stream.
+#[tokio::test]
+async fn a_streamed_body_over_the_limit_is_413_on_an_http2_site() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FrappeUpstream::start_h2c(SITE, &[(SYNC_KEY, SYNC_SECRET, "sync@example.com")]).await;
+    let config = http2_config(&up).replace("max_body_bytes: 64MiB", "max_body_bytes: 2MiB")
+        + "routes:\n  - { path_prefix: /api/method/upload_file, site: erp, streaming: true }\n";
+    let gw = Gateway::start(&config).await;
+    let mut body = format!(
+        "POST /api/method/upload_file HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+        token(FULL)
+    )
+    .into_bytes();
+    for _ in 0..4 {
+        body.extend_from_slice(format!("{:x}\r\n", 1 << 20).as_bytes());
+        body.extend_from_slice(&vec![1u8; 1 << 20]);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    // Read the answer while still writing, as curl does: the gateway refuses part-way.
+    let socket = tokio::net::TcpStream::connect(gw.running.listen_addr)
+        .await
+        .unwrap();
+    let (mut read, mut write) = socket.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = write.write_all(&body).await;
+        write
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), read.read_to_end(&mut answer)).await;
+    writer.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    assert!(answer.contains("RequestEntityTooLarge"), "{answer}");
+    // The body did start upstream, over HTTP/2: this is the streamed path.
+    assert!(up.body_progress() > 0);
+}
+
+/// An `https://` HTTP/2 site agrees on h2 by ALPN, the certificate checked with the site's
+/// `ca_file`; a backend whose ALPN does not pick h2 is never sent HTTP/2 (the connect fails).
+#[tokio::test]
+async fn an_https_http2_site_needs_its_backend_to_pick_h2_by_alpn() {
+    let (ca_pem, tls) = test_pki();
+    let ca_file = scratch_file("http2-ca.pem", &ca_pem);
+    let mut h2 = (*tls).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tokens = [(SYNC_KEY, SYNC_SECRET, "sync@example.com")];
+    let up = FrappeUpstream::start_tls(SITE, &tokens, std::sync::Arc::new(h2)).await;
+    let https_config = |up: &FrappeUpstream| {
+        http2_config(up)
+            .replace(&up.url(), &format!("https://127.0.0.1:{}", up.addr.port()))
+            .replace(
+                "    timeouts:",
+                &format!("    ca_file: {}\n    timeouts:", ca_file.display()),
+            )
+    };
+    let gw = Gateway::start(&https_config(&up)).await;
+    for _ in 0..5 {
+        let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["message"], "sync@example.com");
+    }
+    for r in up.received() {
+        assert_eq!(r.version, http::Version::HTTP_2);
+        assert_eq!(r.authority.as_deref(), Some(SITE));
+        assert_eq!(r.headers["authorization"], sync_token().as_str());
+    }
+    assert_eq!(up.count(), 5);
+    assert_eq!(up.connections(), 1);
+
+    // No ALPN at all on this one: it would read the HTTP/2 preface as a broken HTTP/1.1 request.
+    let h1_only = FrappeUpstream::start_tls(SITE, &tokens, tls).await;
+    let gw = Gateway::start(&https_config(&h1_only)).await;
+    let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(h1_only.count(), 0);
+}
+
 /// gunicorn closes a keep-alive connection after its `keepalive` seconds without a word: the
 /// next request goes out on a new connection and nothing fails or is sent twice.
 #[tokio::test]

@@ -225,6 +225,31 @@ fn the_shipped_gateway_yaml_is_valid() {
 }
 
 #[test]
+fn the_upstream_protocol_is_http1_unless_a_site_asks_for_http2() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    assert_eq!(
+        loaded.config.sites["erp"].upstream_protocol,
+        UpstreamProtocol::Http1
+    );
+    let loaded =
+        Config::from_yaml(&with_site_lines("    upstream_protocol: http2\n"), "t").unwrap();
+    assert_eq!(
+        loaded.config.sites["erp"].upstream_protocol,
+        UpstreamProtocol::Http2
+    );
+    assert_eq!(
+        loaded.config.sites["staging"].upstream_protocol,
+        UpstreamProtocol::Http1
+    );
+    let p = problems(&with_site_lines("    upstream_protocol: h2\n"));
+    assert!(
+        p.iter()
+            .any(|p| p.path.starts_with("sites.erp") && p.message.contains("unknown variant `h2`")),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn resilience_settings_load_with_defaults_and_bad_ones_are_rejected() {
     let loaded = Config::from_yaml(&valid(), "t").unwrap();
     let c = &loaded.config;

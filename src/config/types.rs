@@ -469,6 +469,12 @@ pub struct SiteConfig {
     /// roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The protocol spoken to the backends. Default `http1`. `http2` needs a backend that
+    /// speaks it: for `https://` its ALPN must offer `h2` (e.g. an nginx in front of gunicorn
+    /// with `http2 on`), for `http://` HTTP/2 with prior knowledge (h2c). gunicorn itself
+    /// speaks HTTP/1.1 only.
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
     /// Pass Frappe's Python tracebacks through to clients. Default `false`: each is replaced
     /// with its one-line summary.
     #[serde(default)]
@@ -801,6 +807,18 @@ impl std::str::FromStr for RedisUrl {
         }
         Ok(Self(s.to_owned()))
     }
+}
+
+/// The protocol a site's backends are reached with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive: each worker keeps idle connections per backend, one request
+    /// on each at a time.
+    #[default]
+    Http1,
+    /// HTTP/2: each worker keeps one connection per backend and multiplexes its requests on it.
+    Http2,
 }
 
 /// What keyed requests get while shared state is unavailable.

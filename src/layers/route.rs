@@ -147,7 +147,7 @@ pub(crate) fn test_target(
     total_timeout: std::time::Duration,
 ) -> RouteTarget {
     use crate::site::identity_of;
-    use crate::upstream::Upstream;
+    use crate::upstream::{Upstream, UpstreamOptions};
     use http::HeaderValue;
     use std::collections::HashMap;
     use std::time::Duration;
@@ -158,9 +158,12 @@ pub(crate) fn test_target(
         1,
         "erp".into(),
         &[backend],
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-        None,
+        &UpstreamOptions {
+            protocol: crate::config::UpstreamProtocol::Http1,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            ca_file: None,
+        },
         histogram,
     )
     .expect("upstream builds");

@@ -43,8 +43,13 @@ pub enum Behaviour {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub method: Method,
+    /// The protocol it came over.
+    pub version: http::Version,
     /// Path and query as they arrived on the wire.
     pub path_and_query: String,
+    /// The request target's authority: HTTP/2's `:authority`, none for an HTTP/1.1 origin-form
+    /// target.
+    pub authority: Option<String>,
     pub headers: HeaderMap,
     pub body_len: usize,
     pub body_sha256: String,
@@ -111,7 +116,13 @@ const GUEST_COOKIES: [&str; 5] = [
 impl FrappeUpstream {
     /// Starts an upstream for `site_name` accepting `(api_key, api_secret, user)` tokens.
     pub async fn start(site_name: &str, tokens: &[(&str, &str, &str)]) -> Self {
-        Self::start_with(site_name, tokens, None, "127.0.0.1:0").await
+        Self::start_with(site_name, tokens, None, "127.0.0.1:0", false).await
+    }
+
+    /// Starts an upstream speaking HTTP/2 only, in cleartext with prior knowledge (h2c), as an
+    /// nginx with `listen ... http2` and no TLS does.
+    pub async fn start_h2c(site_name: &str, tokens: &[(&str, &str, &str)]) -> Self {
+        Self::start_with(site_name, tokens, None, "127.0.0.1:0", true).await
     }
 
     /// Starts an upstream on `addr`: a port the gateway was refused on, now coming back.
@@ -120,10 +131,11 @@ impl FrappeUpstream {
         site_name: &str,
         tokens: &[(&str, &str, &str)],
     ) -> Self {
-        Self::start_with(site_name, tokens, None, &addr.to_string()).await
+        Self::start_with(site_name, tokens, None, &addr.to_string(), false).await
     }
 
-    /// Starts an upstream serving HTTPS with `tls`.
+    /// Starts an upstream serving HTTPS with `tls`: HTTP/2 on connections where ALPN picked
+    /// `h2` (which `tls.alpn_protocols` must offer), HTTP/1.1 on the others.
     pub async fn start_tls(
         site_name: &str,
         tokens: &[(&str, &str, &str)],
@@ -134,6 +146,7 @@ impl FrappeUpstream {
             tokens,
             Some(tokio_rustls::TlsAcceptor::from(tls)),
             "127.0.0.1:0",
+            false,
         )
         .await
     }
@@ -143,6 +156,7 @@ impl FrappeUpstream {
         tokens: &[(&str, &str, &str)],
         tls: Option<tokio_rustls::TlsAcceptor>,
         bind: &str,
+        h2c: bool,
     ) -> Self {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -187,11 +201,17 @@ impl FrappeUpstream {
                             .header_read_timeout(idle);
                     }
                     match tls {
+                        None if h2c => serve_h2(TokioIo::new(stream), service, idle_close).await,
                         None => {
                             let _ = http.serve_connection(TokioIo::new(stream), service).await;
                         }
                         Some(tls) => {
-                            if let Ok(stream) = tls.accept(stream).await {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            if stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+                                serve_h2(TokioIo::new(stream), service, idle_close).await;
+                            } else {
                                 let _ = http.serve_connection(TokioIo::new(stream), service).await;
                             }
                         }
@@ -223,7 +243,8 @@ impl FrappeUpstream {
     }
 
     /// Closes keep-alive connections (accepted from now on) once idle for `idle`, silently,
-    /// as gunicorn does after its `keepalive` seconds.
+    /// as gunicorn does after its `keepalive` seconds. An HTTP/2 connection is closed with a
+    /// GOAWAY that long after it opened, as nginx closes an idle one after `keepalive_timeout`.
     pub fn set_idle_close(&self, idle: Duration) {
         *self.state.idle_close.lock().unwrap() = Some(idle);
     }
@@ -345,6 +366,8 @@ impl FrappeUpstream {
         let body_bytes = Bytes::from(kept);
         let received = Received {
             method: parts.method.clone(),
+            version: parts.version,
+            authority: parts.uri.authority().map(ToString::to_string),
             path_and_query: parts
                 .uri
                 .path_and_query()
@@ -425,11 +448,13 @@ impl FrappeUpstream {
         body: &Bytes,
         len: usize,
     ) -> Response<Full<Bytes>> {
-        // Site selection as Frappe does it: X-Frappe-Site-Name, else Host without port.
+        // Site selection as Frappe does it: X-Frappe-Site-Name, else Host without port (over
+        // HTTP/2, `:authority`, which werkzeug reads as the host).
         let site = headers
             .get("x-frappe-site-name")
             .or_else(|| headers.get("host"))
             .and_then(|v| v.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()))
             .map(|h| h.split(':').next().unwrap_or(h).to_owned())
             .unwrap_or_default();
         if site != self.state.site_name {
@@ -715,6 +740,32 @@ impl FrappeUpstream {
                 "ValidationError",
                 "method not allowed",
             ),
+        }
+    }
+}
+
+/// Serves HTTP/2 on `io`; with `close_after`, says GOAWAY that long after the connection opened
+/// and closes once its streams are done.
+async fn serve_h2<I, S>(io: I, service: S, close_after: Option<Duration>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as http_body::Body>::Data: Send,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let h2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let mut connection = std::pin::pin!(h2.serve_connection(io, service));
+    let Some(after) = close_after else {
+        let _ = connection.await;
+        return;
+    };
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = tokio::time::sleep(after) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
         }
     }
 }
