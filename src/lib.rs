@@ -22,6 +22,7 @@ pub mod tags;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod worker;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

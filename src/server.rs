@@ -242,7 +242,7 @@ fn serve_worker(
     done: tokio::sync::oneshot::Sender<()>,
     budget: Arc<ConnectionBudget>,
 ) {
-    crate::upstream::set_worker_index(index);
+    crate::worker::set_index(index);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -55,17 +55,6 @@ use crate::config::UpstreamProtocol;
 use crate::error::{find_cause, GatewayError};
 use crate::{full_body, Body, BoxError};
 
-thread_local! {
-    /// Which serving worker this thread is (see `server`): it picks that worker's connections.
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks this thread as serving worker `index`: its requests use that worker's connections,
-/// so a request and its upstream connection never wake another thread.
-pub fn set_worker_index(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
-
 /// How long a backend that refused a connection is skipped.
 const BACKEND_COOL_DOWN: Duration = Duration::from_secs(2);
 
@@ -411,7 +400,7 @@ impl Upstream {
 
     /// This worker's connections.
     fn worker(&self) -> &WorkerConnections {
-        let index = WORKER.with(std::cell::Cell::get);
+        let index = crate::worker::index();
         &self.workers[index % self.workers.len()]
     }
 
