@@ -108,6 +108,10 @@ pub struct Breaker {
     mirror: Arc<Mirror>,
     /// Half-open lets exactly one probe through; failsafe alone would let everyone through.
     probe_in_flight: AtomicBool,
+    /// Whether a failure was recorded since the last success failsafe was told of.
+    failed_since_success: AtomicBool,
+    /// Whether the failure-rate trigger is on: then failsafe must count every success.
+    counts_successes: bool,
 }
 
 impl std::fmt::Debug for Breaker {
@@ -171,6 +175,8 @@ impl Breaker {
                 .build(),
             mirror,
             probe_in_flight: AtomicBool::new(false),
+            failed_since_success: AtomicBool::new(false),
+            counts_successes: settings.failure_rate.is_some(),
         }
     }
 
@@ -190,7 +196,14 @@ impl Breaker {
     }
 
     /// Lets a call through (a normal one, or the one probe while half-open), or not.
+    ///
+    /// While closed, failsafe permits every call without a change of state: the mirror answers
+    /// without failsafe's lock, which every worker would otherwise take for every request to
+    /// the site.
     pub fn admit(&self) -> Option<Admission> {
+        if self.mirror.state.load(Ordering::Acquire) == CLOSED {
+            return Some(Admission::Normal);
+        }
         if !self.machine.is_call_permitted() {
             return None;
         }
@@ -204,10 +217,27 @@ impl Breaker {
     }
 
     /// Records how a call went.
+    ///
+    /// A success while closed, with no failure since the last success and no failure-rate
+    /// window to count it in, changes nothing in failsafe (its consecutive-failure count is
+    /// already zero): it is not taken to failsafe's lock. A failure always is, and marks that
+    /// the next success must be.
     pub fn record(&self, outcome: Outcome) {
         match outcome {
-            Outcome::Success => self.machine.on_success(),
-            Outcome::Failure => self.machine.on_error(),
+            Outcome::Success => {
+                let needed = self.counts_successes
+                    || self.mirror.state.load(Ordering::Acquire) != CLOSED
+                    || (self.failed_since_success.load(Ordering::Acquire)
+                        && self.failed_since_success.swap(false, Ordering::AcqRel));
+                if needed {
+                    self.machine.on_success();
+                }
+            }
+            Outcome::Failure => {
+                self.machine.on_error();
+                // After failsafe counted it: a success that sees the mark resets the count.
+                self.failed_since_success.store(true, Ordering::Release);
+            }
             Outcome::Neither => {}
         }
     }
@@ -309,6 +339,30 @@ mod tests {
             );
             assert_eq!(b.mirror.gauge.get(), 0);
         });
+    }
+
+    #[test]
+    fn successes_skipped_on_the_fast_path_still_reset_the_count_after_a_failure() {
+        let b = breaker(3);
+        // Many successes with no failure: none needs failsafe, and none leaves a trace.
+        for _ in 0..100 {
+            assert!(matches!(b.admit(), Some(Admission::Normal)));
+            b.record(Outcome::Success);
+        }
+        // Two failures, then successes: the first success after them resets the count, so
+        // two more failures still leave the breaker closed...
+        for round in 0..3 {
+            b.record(Outcome::Failure);
+            b.record(Outcome::Failure);
+            b.record(Outcome::Success);
+            b.record(Outcome::Success);
+            assert!(b.admit().is_some(), "closed in round {round}");
+        }
+        // ...and three in a row open it.
+        for _ in 0..3 {
+            b.record(Outcome::Failure);
+        }
+        assert!(b.admit().is_none());
     }
 
     #[test]
