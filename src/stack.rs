@@ -35,7 +35,7 @@ use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
 use crate::layers::cache::{Cache, CacheLayer};
 use crate::layers::classify::ClassifyLayer;
 use crate::layers::compression::{CompressionLayer, Settings as CompressionSettings};
-use crate::layers::concurrency::ConcurrencyLayer;
+use crate::layers::concurrency::{ConcurrencyLayer, InFlight};
 use crate::layers::cors::CorsLayer;
 use crate::layers::credential_swap::CredentialSwapLayer;
 use crate::layers::deadline::DeadlineLayer;
@@ -716,7 +716,7 @@ fn build_clients(
                     requests: quota_policy("default", requests, &shared_key)?,
                     writes: quota_policy("writes", writes, &shared_key)?,
                 },
-                Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize)),
+                InFlight::new(max_in_flight as usize),
             ),
         };
         let mut secret_sha256 = [0u8; 32];
@@ -839,7 +839,7 @@ fn build_oauth_apps(
                 requests: quota_policy("default", requests, &shared_key)?,
                 writes: quota_policy("writes", writes, &shared_key)?,
             },
-            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize)),
+            in_flight: InFlight::new(max_in_flight as usize),
             limits_fingerprint: String::new(),
         };
         let per_user = app

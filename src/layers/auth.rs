@@ -68,7 +68,7 @@ pub struct Client {
     /// Request and write quotas.
     pub quotas: crate::layers::rate_limit::ClientQuotas,
     /// Slots for requests in flight.
-    pub in_flight: Arc<tokio::sync::Semaphore>,
+    pub in_flight: Arc<crate::layers::concurrency::InFlight>,
     /// What `quotas` and `in_flight` were made from: a reload that leaves it alone keeps them,
     /// and with them the client's rate-limit state.
     pub limits_fingerprint: String,

@@ -5,6 +5,7 @@
 //! Right after the rate limiter: both are per-client admission decisions.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,12 +15,66 @@ use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 use prometheus::IntCounterVec;
-use tokio::sync::OwnedSemaphorePermit;
 use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::layers::auth::Client;
 use crate::{Body, BoxError};
+
+/// One client's requests in flight, against its cap.
+///
+/// A counter, not tokio's `Semaphore`: nothing ever waits for a slot (over the cap is 429 at
+/// once), and the semaphore takes its waiters' lock on every release, a lock every worker took
+/// for every request of the client.
+#[derive(Debug)]
+pub struct InFlight {
+    count: AtomicUsize,
+    cap: usize,
+}
+
+impl InFlight {
+    /// At most `cap` at once.
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicUsize::new(0),
+            cap,
+        })
+    }
+
+    /// A slot, held until the returned guard is dropped; `None` at the cap.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<InFlightSlot> {
+        let mut count = self.count.load(Ordering::Relaxed);
+        loop {
+            if count >= self.cap {
+                return None;
+            }
+            match self.count.compare_exchange_weak(
+                count,
+                count + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(InFlightSlot(self.clone())),
+                Err(now) => count = now,
+            }
+        }
+    }
+
+    /// Requests in flight now.
+    pub fn current(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// A held slot of an [`InFlight`]; freed on drop.
+#[derive(Debug)]
+pub struct InFlightSlot(Arc<InFlight>);
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Release);
+    }
+}
 
 /// Caps requests in flight per client.
 #[derive(Clone)]
@@ -70,12 +125,12 @@ where
                 permit: None,
             };
         };
-        match client.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => ConcurrencyFuture::Inner {
+        match client.in_flight.try_acquire() {
+            Some(permit) => ConcurrencyFuture::Inner {
                 future: self.inner.call(request),
                 permit: Some(permit),
             },
-            Err(_) => {
+            None => {
                 self.rejected
                     .with_label_values(&[&client.name, "concurrency"])
                     .inc();
@@ -90,7 +145,7 @@ pin_project! {
     #[project = ConcurrencyProj]
     pub enum ConcurrencyFuture<F> {
         Rejected,
-        Inner { #[pin] future: F, permit: Option<OwnedSemaphorePermit> },
+        Inner { #[pin] future: F, permit: Option<InFlightSlot> },
     }
 }
 
@@ -128,7 +183,7 @@ pin_project! {
     struct HoldingPermit {
         #[pin]
         body: Body,
-        _permit: OwnedSemaphorePermit,
+        _permit: InFlightSlot,
     }
 }
 
@@ -149,5 +204,43 @@ impl http_body::Body for HoldingPermit {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_stop_at_the_cap_and_come_back_when_dropped() {
+        let in_flight = InFlight::new(2);
+        let a = in_flight.try_acquire();
+        let b = in_flight.try_acquire();
+        assert!(a.is_some() && b.is_some());
+        assert!(in_flight.try_acquire().is_none());
+        drop(a);
+        assert_eq!(in_flight.current(), 1);
+        assert!(in_flight.try_acquire().is_some());
+    }
+
+    #[test]
+    fn racing_threads_never_hold_more_than_the_cap() {
+        let in_flight = InFlight::new(3);
+        let most = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                let (in_flight, most) = (in_flight.clone(), most.clone());
+                scope.spawn(move || {
+                    for _ in 0..20_000 {
+                        if let Some(slot) = in_flight.try_acquire() {
+                            most.fetch_max(in_flight.current(), Ordering::Relaxed);
+                            drop(slot);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(most.load(Ordering::Relaxed) <= 3);
+        assert_eq!(in_flight.current(), 0);
     }
 }

@@ -177,7 +177,7 @@ async fn serve(relay: Arc<EventRelay>, request: Request<Body>) -> Result<Respons
             .into());
         }
     }
-    let Ok(_slot) = client.in_flight.clone().try_acquire_owned() else {
+    let Some(_slot) = client.in_flight.try_acquire() else {
         return Err(GatewayError::TooManyRequests {
             message: "too many requests in flight for this client",
             retry_after: Duration::from_secs(1),
