@@ -8,6 +8,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::alloc::System;
+
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+/// Counts heap allocations, so the bench can say how many one request makes.
+#[global_allocator]
+static ALLOCATOR: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -116,6 +124,31 @@ where
     assert!(!body.is_empty());
 }
 
+/// Prints the heap allocations one request through `service` makes, averaged over enough
+/// requests to hide one-off growth.
+fn allocations<S>(
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    service: &S,
+    extensions: Option<&Extensions>,
+) where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone,
+{
+    const REQUESTS: usize = 10_000;
+    let region = Region::new(ALLOCATOR);
+    runtime.block_on(async {
+        for _ in 0..REQUESTS {
+            call(service, request(extensions)).await;
+        }
+    });
+    let stats = region.change();
+    println!(
+        "{name}: {:.1} allocations, {:.0} bytes allocated per request",
+        (stats.allocations + stats.reallocations) as f64 / REQUESTS as f64,
+        stats.bytes_allocated as f64 / REQUESTS as f64,
+    );
+}
+
 fn benches(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -149,6 +182,13 @@ fn benches(c: &mut Criterion) {
     let cached_stack = cached.service.clone();
     runtime.block_on(call(&cached_stack, request(None)));
 
+    for (name, service) in [
+        ("full_stack", &stack),
+        ("full_stack_cache_hit", &cached_stack),
+    ] {
+        allocations(&runtime, &format!("stack/{name}"), service, None);
+    }
+
     let mut group = c.benchmark_group("stack");
     group.measurement_time(Duration::from_secs(3));
     group.bench_function("full_stack", |b| {
@@ -166,11 +206,13 @@ fn benches(c: &mut Criterion) {
     macro_rules! layer {
         ($name:expr, $layer:expr) => {{
             let service = $layer.layer(noop.clone());
+            allocations(&runtime, concat!("layer/", $name), &service, e);
             group.bench_function($name, |b| {
                 b.to_async(&runtime).iter(|| call(&service, request(e)))
             });
         }};
     }
+    allocations(&runtime, "layer/baseline", &noop, e);
     group.bench_function("baseline", |b| {
         b.to_async(&runtime).iter(|| call(&noop, request(e)))
     });
@@ -204,7 +246,7 @@ fn benches(c: &mut Criterion) {
                 ))),
                 writes: None,
             },
-            in_flight: Arc::new(tokio::sync::Semaphore::new(1024)),
+            in_flight: erpgate::layers::concurrency::InFlight::new(1024),
             limits_fingerprint: String::new(),
         },
     )]);
