@@ -550,7 +550,9 @@ impl Upstream {
             Connections::Http2(shared) => {
                 address_http2(&mut request, backend)
                     .map_err(|e| AttemptError::Exchange(e.into()))?;
-                self.exchange_http2(backend, &shared[index], request).await
+                // Boxed: its state (a shared connect, HTTP/2 handshakes) would otherwise
+                // size every HTTP/1.1 attempt's future too, and be copied with it.
+                Box::pin(self.exchange_http2(backend, &shared[index], request)).await
             }
         }
     }
@@ -571,8 +573,9 @@ impl Upstream {
                     Err(_) => continue,
                 },
                 None => {
-                    let sender = self
-                        .connect_http1(backend)
+                    // Boxed: a connect (TCP, TLS handshake state) is rare, and inline its
+                    // state would triple the size of every attempt's future.
+                    let sender = Box::pin(self.connect_http1(backend))
                         .await
                         .map_err(AttemptError::Connect)?;
                     idle.start_reaper();
