@@ -908,3 +908,17 @@ fn the_request_head_limit_is_8kib_to_1mib() {
         );
     }
 }
+
+#[test]
+fn a_backend_url_with_credentials_is_refused_without_echoing_them() {
+    let yaml = valid().replace(
+        "backends: [http://127.0.0.1:8000]",
+        "backends: [\"https://admin:hunter2@erp.example.com\"]",
+    );
+    let found = problems(&yaml);
+    let problem = found
+        .iter()
+        .find(|p| p.message.contains("credentials"))
+        .unwrap_or_else(|| panic!("{found:?}"));
+    assert!(!problem.message.contains("hunter2"), "{}", problem.message);
+}

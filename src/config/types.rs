@@ -1144,6 +1144,13 @@ impl<'de> Deserialize<'de> for Backend {
         let uri: http::Uri = text
             .parse()
             .map_err(|e| de::Error::custom(format!("'{text}' is not a URL: {e}")))?;
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            // Not echoed: the part before '@' would be a password in the error and the logs.
+            return Err(de::Error::custom(
+                "a backend URL must not carry credentials (user:password@): erpgate signs \
+                 requests with the service account's token",
+            ));
+        }
         let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
         let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
         if !scheme_ok || uri.authority().is_none() || !path_ok {
