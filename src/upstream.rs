@@ -70,6 +70,9 @@ const MAX_IDLE_PER_BACKEND: usize = 256;
 /// 20 s ping timeout, and the next request connects anew instead of waiting on a dead one.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
+/// The HTTP/2 connection-level receive window: 16 streams' default windows.
+const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// Request headers HTTP/2 forbids (RFC 9113 §8.2.2), besides `TE` other than `trailers`.
 const CONNECTION_SPECIFIC: [HeaderName; 5] = [
     header::CONNECTION,
@@ -95,6 +98,8 @@ pub enum UpstreamBuildError {
     NoCertificates(String),
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("backend {0}: its host is not a name a TLS certificate can carry")]
+    TlsName(String),
 }
 
 /// How a site's backends are reached.
@@ -351,28 +356,31 @@ impl Upstream {
             UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
             UpstreamProtocol::Http2 => b"h2".to_vec(),
         }];
-        let backends: Vec<Arc<Backend>> = backends
+        // Every configured backend is kept or the site fails to build: one silently skipped
+        // would shift round-robin, and with none left there would be nothing to pick.
+        let backends = backends
             .iter()
-            .filter_map(|uri| {
-                let authority = uri.authority()?.clone();
+            .map(|uri| {
+                let unusable = || UpstreamBuildError::TlsName(uri.to_string());
+                let authority = uri.authority().ok_or_else(unusable)?.clone();
                 let https = uri.scheme() == Some(&Scheme::HTTPS);
                 let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
                 let host = authority.host();
-                Some(Arc::new(Backend {
+                Ok(Arc::new(Backend {
                     scheme: if https { Scheme::HTTPS } else { Scheme::HTTP },
                     address: format!("{host}:{port}"),
                     tls_name: if https {
                         let bare = host.trim_start_matches('[').trim_end_matches(']');
-                        Some(ServerName::try_from(bare.to_owned()).ok()?)
+                        Some(ServerName::try_from(bare.to_owned()).map_err(|_| unusable())?)
                     } else {
                         None
                     },
-                    host: HeaderValue::from_str(authority.as_str()).ok()?,
+                    host: HeaderValue::from_str(authority.as_str()).map_err(|_| unusable())?,
                     authority,
                     down_until_ms: AtomicU64::new(0),
                 }))
             })
-            .collect();
+            .collect::<Result<Vec<_>, UpstreamBuildError>>()?;
         let workers = (0..workers.max(1))
             .map(|_| WorkerConnections {
                 next: AtomicUsize::new(0),
@@ -481,9 +489,11 @@ impl Upstream {
                 parts.headers.clone()
             };
             let started = Instant::now();
-            let result =
-                tokio::time::timeout(self.request_timeout, self.exchange(worker, index, request))
-                    .await;
+            let result = tokio::time::timeout(
+                self.request_timeout,
+                self.exchange(worker, index, request, &sent),
+            )
+            .await;
             self.duration.observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(Ok(response)) => return Ok(response),
@@ -536,6 +546,7 @@ impl Upstream {
         worker: &WorkerConnections,
         index: usize,
         mut request: Request<Body>,
+        sent: &Arc<AtomicBool>,
     ) -> Result<Response<Body>, AttemptError> {
         let backend = &self.backends[index];
         match &worker.connections {
@@ -545,7 +556,8 @@ impl Upstream {
                         .headers_mut()
                         .insert(header::HOST, backend.host.clone());
                 }
-                self.exchange_http1(backend, &idle[index], request).await
+                self.exchange_http1(backend, &idle[index], request, sent)
+                    .await
             }
             Connections::Http2(shared) => {
                 address_http2(&mut request, backend)
@@ -565,6 +577,7 @@ impl Upstream {
         backend: &Backend,
         idle: &Arc<IdleConnections>,
         mut request: Request<Body>,
+        sent: &Arc<AtomicBool>,
     ) -> Result<Response<Body>, AttemptError> {
         loop {
             let (mut sender, reused) = match idle.take() {
@@ -585,20 +598,24 @@ impl Upstream {
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let (head, incoming) = response.into_parts();
-                    let body = if incoming.is_end_stream() {
-                        idle.give_back(sender);
-                        Body::new(incoming)
-                    } else {
-                        Body::new(GiveBackOnEnd {
-                            inner: incoming,
-                            connection: Some((sender, idle.clone())),
-                        })
+                    let mut body = GiveBackOnEnd {
+                        inner: incoming,
+                        connection: Some((sender, idle.clone())),
+                        request_sent: sent.clone(),
                     };
+                    if body.inner.is_end_stream() {
+                        body.give_back();
+                    }
+                    let body = Body::new(body);
                     return Ok(Response::from_parts(head, body));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(AttemptError::Exchange(e.into_error().into())),
+                    // A new connection that closed before taking the request: the backend
+                    // accepted and hung up, and the request provably never left, so it counts
+                    // as a refused connection (cool-down, the next backend if replayable).
+                    Some(_) => return Err(AttemptError::Connect(e.into_error().into())),
+                    None => return Err(AttemptError::Exchange(e.into_error().into())),
                 },
             }
         }
@@ -636,7 +653,13 @@ impl Upstream {
                         shared.discard(generation);
                         request = unsent;
                     }
-                    _ => return Err(AttemptError::Exchange(e.into_error().into())),
+                    // The connection this request opened closed before taking it: as for
+                    // HTTP/1.1, a refused connection.
+                    Some(_) => {
+                        shared.discard(generation);
+                        return Err(AttemptError::Connect(e.into_error().into()));
+                    }
+                    None => return Err(AttemptError::Exchange(e.into_error().into())),
                 },
             }
         }
@@ -777,6 +800,10 @@ where
     let handshake = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        // Every request of the worker shares this connection, and window is given back only
+        // as each client reads its answer: with hyper's 5 MB connection window, three slow
+        // clients with large answers would stall everyone's. Streams keep the 2 MB default.
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .keep_alive_while_idle(true)
         .handshake(io);
     let (sender, connection) = tokio::time::timeout_at(deadline, handshake)
@@ -847,12 +874,19 @@ fn remove_connection_specific(headers: &mut HeaderMap) {
 struct GiveBackOnEnd {
     inner: Incoming,
     connection: Option<(http1::SendRequest<Body>, Arc<IdleConnections>)>,
+    /// Whether the request body has been sent whole.
+    request_sent: Arc<AtomicBool>,
 }
 
 impl GiveBackOnEnd {
     fn give_back(&mut self) {
         if let Some((sender, idle)) = self.connection.take() {
-            idle.give_back(sender);
+            // An answer that came before the upload ended (a refusal, say) leaves the
+            // connection busy sending the rest for as long as the client takes: the next
+            // request must not wait on it. Dropped, it closes once the upload is done.
+            if self.request_sent.load(Ordering::Acquire) {
+                idle.give_back(sender);
+            }
         }
     }
 }
@@ -1022,6 +1056,32 @@ pub(crate) fn root_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options() -> UpstreamOptions<'static> {
+        UpstreamOptions {
+            protocol: UpstreamProtocol::Http1,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            ca_file: None,
+        }
+    }
+
+    #[test]
+    fn a_backend_whose_host_no_certificate_can_name_fails_the_site_instead_of_vanishing() {
+        let histogram = Histogram::with_opts(prometheus::HistogramOpts::new("h", "h"))
+            .expect("valid histogram");
+        let backends: Vec<Uri> = vec![
+            "https://erp.example.com".parse().expect("valid uri"),
+            "https://bad-.example.com".parse().expect("valid uri"),
+        ];
+        let built = Upstream::new(2, "erp".into(), &backends, &options(), histogram.clone());
+        assert!(
+            matches!(built, Err(UpstreamBuildError::TlsName(ref b)) if b.contains("bad-")),
+            "{built:?}"
+        );
+        let fine = Upstream::new(2, "erp".into(), &backends[..1], &options(), histogram);
+        assert_eq!(fine.expect("a good backend builds").backends.len(), 1);
+    }
 
     fn backend(url: &str) -> Backend {
         let uri: Uri = url.parse().expect("valid uri");

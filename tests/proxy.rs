@@ -1237,3 +1237,49 @@ async fn a_response_broken_mid_body_does_not_leave_its_connection_to_the_next_re
     );
     assert_eq!(up.connections(), 2);
 }
+
+/// An answer that comes before the client's upload is done (a refusal, say) leaves that
+/// connection busy sending the rest of the upload: the next request must not queue behind it.
+#[tokio::test]
+async fn a_request_never_waits_behind_an_upload_still_going_on_an_answered_connection() {
+    let up = upstream().await;
+    let config = format!(
+        "workers: 1\n{}routes:\n  - {{ path_prefix: /api/method/upload_file, site: erp, streaming: true }}\n",
+        base_config(&up)
+    );
+    let gw = Gateway::start(&config).await;
+    up.set_behaviour(Behaviour::AnswerBeforeBody(417));
+    let (parts, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    parts
+        .send(Bytes::from_static(b"the first part"))
+        .await
+        .unwrap();
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        let part = rx.recv().await?;
+        Some((Ok::<_, Infallible>(http_body::Frame::data(part)), rx))
+    });
+    let auth = token(FULL);
+    let refused = send_body(
+        Method::POST,
+        &gw.url("/api/method/upload_file"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/octet-stream"),
+        ],
+        BodyExt::boxed(StreamBody::new(body)),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::EXPECTATION_FAILED);
+
+    // The upload is still going on (its sender is open); the next request gets its answer.
+    up.set_behaviour(Behaviour::Normal);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(2),
+        get(&gw.url("/api/resource/ToDo"), FULL),
+    )
+    .await
+    .expect("the next request waited behind the upload");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(up.connections(), 2);
+    drop(parts);
+}

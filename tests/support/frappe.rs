@@ -37,6 +37,9 @@ pub enum Behaviour {
     Throttle(u64),
     /// Send the status line, headers and half the body, then break the connection.
     BreakBody,
+    /// Answer this status at once and read the request body only afterwards, keeping the
+    /// connection: a refusal sent before an upload is done.
+    AnswerBeforeBody(u16),
 }
 
 /// One request as the upstream received it.
@@ -344,6 +347,19 @@ impl FrappeUpstream {
         request: Request<Incoming>,
     ) -> Result<Response<BoxBody<Bytes, std::io::Error>>, std::io::Error> {
         let (parts, mut body) = request.into_parts();
+        let early = match *self.state.behaviour.lock().unwrap() {
+            Behaviour::AnswerBeforeBody(code) => Some(code),
+            _ => None,
+        };
+        if let Some(code) = early {
+            tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+            let refusal = frappe_error(
+                StatusCode::from_u16(code).unwrap(),
+                "ServerError",
+                "refused before the body",
+            );
+            return Ok(refusal.map(|b| b.map_err(|e| match e {}).boxed()));
+        }
         // Stream the body so a 50 MB upload is hashed, not held.
         let mut hasher = Sha256::new();
         let mut len = 0usize;
@@ -393,7 +409,7 @@ impl FrappeUpstream {
         };
         let boxed = |r: Response<Full<Bytes>>| r.map(|b| b.map_err(|e| match e {}).boxed());
         match behaviour {
-            Behaviour::Normal | Behaviour::FailNext(0, _) => {}
+            Behaviour::Normal | Behaviour::FailNext(0, _) | Behaviour::AnswerBeforeBody(_) => {}
             Behaviour::Fail(code) | Behaviour::FailNext(_, code) => {
                 let status = StatusCode::from_u16(code).unwrap();
                 return Ok(boxed(frappe_error(
