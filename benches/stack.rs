@@ -142,8 +142,10 @@ fn allocations<S>(
         }
     });
     let stats = region.change();
+    // What the service's own future holds (what a layer above it that boxes it copies).
+    let future_bytes = std::mem::size_of_val(&service.clone().call(request(extensions)));
     println!(
-        "{name}: {:.1} allocations, {:.0} bytes allocated per request",
+        "{name}: {:.1} allocations, {:.0} bytes allocated per request; its future {future_bytes} bytes",
         (stats.allocations + stats.reallocations) as f64 / REQUESTS as f64,
         stats.bytes_allocated as f64 / REQUESTS as f64,
     );
