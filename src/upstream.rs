@@ -406,6 +406,11 @@ impl Upstream {
         })
     }
 
+    /// How long one attempt may wait on the site (`timeouts.request`).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// This worker's connections.
     fn worker(&self) -> &WorkerConnections {
         let index = crate::worker::index();

@@ -230,6 +230,36 @@ async fn per_try_timeouts_are_retried_within_the_overall_deadline() {
     );
 }
 
+/// On a streaming route the answer's body is passed on as it comes: a site that stops sending
+/// midway is cut off once it has sent nothing for `timeouts.request`, not waited on for ever.
+#[tokio::test]
+async fn a_site_that_stalls_mid_body_on_a_streaming_route_is_cut_off_after_the_request_timeout() {
+    let up = upstream().await;
+    let streaming =
+        "routes:\n  - { path_prefix: /api/resource/ToDo, site: erp, streaming: true }\n";
+    let config = base_config(&up).replace("request: 3s", "request: 1s") + streaming;
+    let gw = Gateway::start(&config).await;
+    up.set_behaviour(Behaviour::StallBody);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::get(gw.url("/api/resource/ToDo"))
+        .header("authorization", token(FULL))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the stalled body was never cut off");
+    assert!(body.is_err(), "a stalled body was passed off as whole");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "cut off after {waited:?}"
+    );
+    assert_eq!(up.count(), 1);
+}
+
 #[tokio::test]
 async fn a_connection_broken_mid_response_reaches_the_client_as_an_error() {
     let up = upstream().await;

@@ -37,6 +37,9 @@ pub enum Behaviour {
     Throttle(u64),
     /// Send the status line, headers and half the body, then break the connection.
     BreakBody,
+    /// Send the status line, headers and half the body, then nothing more (the connection
+    /// stays open).
+    StallBody,
     /// Answer this status at once and read the request body only afterwards, keeping the
     /// connection: a refusal sent before an upload is done.
     AnswerBeforeBody(u16),
@@ -430,6 +433,21 @@ impl FrappeUpstream {
             Behaviour::Drop => return Err(std::io::Error::other("dropping the connection")),
             Behaviour::Stall => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            Behaviour::StallBody => {
+                use futures_util::StreamExt as _;
+                let first: Result<http_body::Frame<Bytes>, std::io::Error> =
+                    Ok(http_body::Frame::data(Bytes::from(vec![b' '; 500])));
+                let chunks =
+                    futures_util::stream::iter([first]).chain(futures_util::stream::once(async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        Err(std::io::Error::other("an hour later"))
+                    }));
+                let mut r = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
+                r.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                r.headers_mut().insert("content-length", 1000.into());
+                return Ok(r);
             }
             Behaviour::BreakBody => {
                 // Headers promise 1000 bytes; 500 arrive, then the connection breaks.
