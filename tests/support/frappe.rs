@@ -97,6 +97,27 @@ pub struct OAuthToken {
     pub scopes: String,
 }
 
+/// An answer whose headers promise 1000 bytes, of which 500 are sent; then, after `pause`,
+/// the body fails with `error` (the connection breaks).
+fn half_body_then(
+    pause: Duration,
+    error: &'static str,
+) -> Response<BoxBody<Bytes, std::io::Error>> {
+    use futures_util::StreamExt as _;
+    let first: Result<http_body::Frame<Bytes>, std::io::Error> =
+        Ok(http_body::Frame::data(Bytes::from(vec![b' '; 500])));
+    let chunks =
+        futures_util::stream::iter([first]).chain(futures_util::stream::once(async move {
+            tokio::time::sleep(pause).await;
+            Err(std::io::Error::other(error))
+        }));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("content-length", 1000.into());
+    r
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -434,38 +455,16 @@ impl FrappeUpstream {
             Behaviour::Stall => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
+            // Headers promise 1000 bytes; 500 arrive, then nothing more (the connection stays
+            // open) or, after a pause that lets the head and first half go out, a break.
             Behaviour::StallBody => {
-                use futures_util::StreamExt as _;
-                let first: Result<http_body::Frame<Bytes>, std::io::Error> =
-                    Ok(http_body::Frame::data(Bytes::from(vec![b' '; 500])));
-                let chunks =
-                    futures_util::stream::iter([first]).chain(futures_util::stream::once(async {
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                        Err(std::io::Error::other("an hour later"))
-                    }));
-                let mut r = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
-                r.headers_mut()
-                    .insert("content-type", "application/json".parse().unwrap());
-                r.headers_mut().insert("content-length", 1000.into());
-                return Ok(r);
+                return Ok(half_body_then(Duration::from_secs(3600), "an hour later"));
             }
             Behaviour::BreakBody => {
-                // Headers promise 1000 bytes; 500 arrive, then the connection breaks.
-                // The pause lets the head and first half go out before the break.
-                use futures_util::StreamExt as _;
-                let first: Result<http_body::Frame<Bytes>, std::io::Error> =
-                    Ok(http_body::Frame::data(Bytes::from(vec![b' '; 500])));
-                let chunks =
-                    futures_util::stream::iter([first]).chain(futures_util::stream::once(async {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        Err(std::io::Error::other("connection broken mid-response"))
-                    }));
-                let body = StreamBody::new(chunks);
-                let mut r = Response::new(BodyExt::boxed(body));
-                r.headers_mut()
-                    .insert("content-type", "application/json".parse().unwrap());
-                r.headers_mut().insert("content-length", 1000.into());
-                return Ok(r);
+                return Ok(half_body_then(
+                    Duration::from_millis(200),
+                    "connection broken mid-response",
+                ));
             }
         }
         Ok(boxed(
