@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{FutureExt as _, Shared};
-use http::header::{self, HeaderMap, HeaderName};
+use http::header;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -53,6 +53,7 @@ use tokio::net::TcpStream;
 
 use crate::config::UpstreamProtocol;
 use crate::error::{find_cause, GatewayError};
+use crate::frappe::headers::remove_hop_by_hop;
 use crate::{full_body, Body, BoxError};
 
 /// How long a backend that refused a connection is skipped.
@@ -72,15 +73,6 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 
 /// The HTTP/2 connection-level receive window: 16 streams' default windows.
 const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
-
-/// Request headers HTTP/2 forbids (RFC 9113 §8.2.2), besides `TE` other than `trailers`.
-const CONNECTION_SPECIFIC: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 /// A request extension: the request body, already read whole, so it can be sent again.
 #[derive(Debug, Clone)]
@@ -451,16 +443,16 @@ impl Upstream {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // A body streamed from the client (a `streaming: true` route) reports when it has all
         // been sent: a timeout before then is the client's slowness, not the site's. A body the
-        // gateway holds (in memory or spooled to a file) is never the client's doing.
+        // gateway holds (in memory or spooled to a file) is never the client's doing, and
+        // needs no flag (nor its allocation).
         let held = replay.is_some() || parts.extensions.get::<HeldBody>().is_some();
-        let sent = Arc::new(AtomicBool::new(held));
-        let mut body = Some(if held {
-            body
-        } else {
-            Body::new(Sent {
+        let sent = (!held).then(|| Arc::new(AtomicBool::new(false)));
+        let mut body = Some(match &sent {
+            None => body,
+            Some(sent) => Body::new(Sent {
                 inner: body,
                 sent: sent.clone(),
-            })
+            }),
         });
         let attempts = if replay.is_some() {
             self.backends.len()
@@ -496,7 +488,7 @@ impl Upstream {
             let started = Instant::now();
             let result = tokio::time::timeout(
                 self.request_timeout,
-                self.exchange(worker, index, request, &sent),
+                self.exchange(worker, index, request, sent.as_ref()),
             )
             .await;
             self.duration.observe(started.elapsed().as_secs_f64());
@@ -524,7 +516,7 @@ impl Upstream {
                     }
                     .into());
                 }
-                Err(_) if !sent.load(Ordering::Acquire) => {
+                Err(_) if sent.as_ref().is_some_and(|s| !s.load(Ordering::Acquire)) => {
                     return Err(GatewayError::ClientTimeout {
                         timeout: self.request_timeout,
                     }
@@ -551,7 +543,7 @@ impl Upstream {
         worker: &WorkerConnections,
         index: usize,
         mut request: Request<Body>,
-        sent: &Arc<AtomicBool>,
+        sent: Option<&Arc<AtomicBool>>,
     ) -> Result<Response<Body>, AttemptError> {
         let backend = &self.backends[index];
         match &worker.connections {
@@ -582,7 +574,7 @@ impl Upstream {
         backend: &Backend,
         idle: &Arc<IdleConnections>,
         mut request: Request<Body>,
-        sent: &Arc<AtomicBool>,
+        sent: Option<&Arc<AtomicBool>>,
     ) -> Result<Response<Body>, AttemptError> {
         loop {
             let (mut sender, reused) = match idle.take() {
@@ -606,7 +598,7 @@ impl Upstream {
                     let mut body = GiveBackOnEnd {
                         inner: incoming,
                         connection: Some((sender, idle.clone())),
-                        request_sent: sent.clone(),
+                        request_sent: sent.cloned(),
                     };
                     if body.inner.is_end_stream() {
                         body.give_back();
@@ -833,7 +825,10 @@ fn address_http2(request: &mut Request<Body>, backend: &Backend) -> Result<(), h
         .remove(header::HOST)
         .and_then(|host| Authority::try_from(host.as_bytes()).ok())
         .unwrap_or_else(|| backend.authority.clone());
-    remove_connection_specific(headers);
+    // The hop-by-hop set the credential swap already removed, again here because HTTP/2
+    // forbids them outright; and `Transfer-Encoding`, which HTTP/1.1 framing kept till now.
+    remove_hop_by_hop(headers);
+    headers.remove(header::TRANSFER_ENCODING);
     let path = request
         .uri()
         .path_and_query()
@@ -848,39 +843,14 @@ fn address_http2(request: &mut Request<Body>, backend: &Backend) -> Result<(), h
     Ok(())
 }
 
-/// Removes the headers HTTP/2 forbids in a request, and those `Connection` names.
-fn remove_connection_specific(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in &listed {
-            headers.remove(name);
-        }
-    }
-    for name in &CONNECTION_SPECIFIC {
-        headers.remove(name);
-    }
-    if headers
-        .get(header::TE)
-        .is_some_and(|te| te.as_bytes() != b"trailers")
-    {
-        headers.remove(header::TE);
-    }
-}
-
 /// A response body that gives its connection back to the worker's idle list once read to the
 /// end. Dropped before then, the connection is dropped too: hyper closes it, as the rest of
 /// the response would otherwise be read as the next one.
 struct GiveBackOnEnd {
     inner: Incoming,
     connection: Option<(http1::SendRequest<Body>, Arc<IdleConnections>)>,
-    /// Whether the request body has been sent whole.
-    request_sent: Arc<AtomicBool>,
+    /// Whether a streamed request body has been sent whole (`None`: the body was held whole).
+    request_sent: Option<Arc<AtomicBool>>,
 }
 
 impl GiveBackOnEnd {
@@ -889,7 +859,11 @@ impl GiveBackOnEnd {
             // An answer that came before the upload ended (a refusal, say) leaves the
             // connection busy sending the rest for as long as the client takes: the next
             // request must not wait on it. Dropped, it closes once the upload is done.
-            if self.request_sent.load(Ordering::Acquire) {
+            if self
+                .request_sent
+                .as_ref()
+                .is_none_or(|sent| sent.load(Ordering::Acquire))
+            {
                 idle.give_back(sender);
             }
         }
@@ -1126,7 +1100,8 @@ mod tests {
         let names: Vec<&str> = request.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["authorization"]);
 
-        // `TE: trailers` is the one TE HTTP/2 allows; without a Host, the backend's authority.
+        // Even `TE: trailers`, which HTTP/2 allows, is hop-by-hop to the gateway (the credential
+        // swap drops every TE before this); without a Host, the backend's authority.
         let mut request = Request::builder()
             .uri("/")
             .header("te", "trailers")
@@ -1134,6 +1109,6 @@ mod tests {
             .expect("a valid request");
         address_http2(&mut request, &backend("http://127.0.0.1:8000")).expect("addressed");
         assert_eq!(request.uri().to_string(), "http://127.0.0.1:8000/");
-        assert_eq!(request.headers()["te"], "trailers");
+        assert!(request.headers().is_empty(), "{:?}", request.headers());
     }
 }
