@@ -51,6 +51,16 @@ impl TrustedProxies {
             .find(|ip| !self.contains(*ip))
             .unwrap_or(peer)
     }
+
+    /// The block (see [`source_block`]) of the client that sent `request`, as per-source bounds
+    /// count it; a request without a [`PeerAddr`] counts as from the unspecified address.
+    pub fn source_of<B>(&self, request: &http::Request<B>) -> IpAddr {
+        let peer = request
+            .extensions()
+            .get::<PeerAddr>()
+            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+        source_block(self.client_ip(peer, request.headers()))
+    }
 }
 
 /// The block one source is limited as: an IPv4 address, or an IPv6 /64 (one host's share; a

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,7 +38,7 @@ use tower_http::cors::{AllowOrigin, Cors as PreflightCors, CorsLayer as Prefligh
 
 use crate::config::CorsConfig;
 use crate::error::{error_response, GatewayError};
-use crate::forwarding::{PeerAddr, TrustedProxies};
+use crate::forwarding::TrustedProxies;
 use crate::tags::RequestTags;
 use crate::{Body, BoxError};
 
@@ -215,13 +215,8 @@ where
                 let _ = tags.kind.set("preflight");
             }
             let policy = &self.policy;
-            let peer = request
-                .extensions()
-                .get::<PeerAddr>()
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
             // Per IPv4 address or IPv6 /64, as failed authentications are.
-            let ip =
-                crate::forwarding::source_block(policy.trusted.client_ip(peer, request.headers()));
+            let ip = policy.trusted.source_of(&request);
             // Forget idle addresses now and then, so strangers cannot grow the table forever.
             if policy.since_sweep.fetch_add(1, Ordering::Relaxed) >= 10_000 {
                 policy.since_sweep.store(0, Ordering::Relaxed);

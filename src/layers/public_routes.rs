@@ -16,7 +16,7 @@
 //! carrying a configured client's key is never public: it goes the keyed way.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -30,7 +30,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::config::PublicRoutesConfig;
 use crate::error::GatewayError;
-use crate::forwarding::{source_block, PeerAddr, TrustedProxies};
+use crate::forwarding::TrustedProxies;
 use crate::frappe::auth_header::parse_credential;
 use crate::frappe::headers::repeated_singleton;
 use crate::frappe::headers::{remove_hop_by_hop, remove_overrides, remove_wsgi_specials};
@@ -202,11 +202,7 @@ where
                 "the {name} header must appear once"
             ))));
         }
-        let peer = request
-            .extensions()
-            .get::<PeerAddr>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-        let source = source_block(routes.trusted.client_ip(peer, request.headers()));
+        let source = routes.trusted.source_of(&request);
         if public.since_sweep.fetch_add(1, Ordering::Relaxed) >= 10_000 {
             public.since_sweep.store(0, Ordering::Relaxed);
             public.per_address.retain_recent();

@@ -21,7 +21,7 @@
 //! strangers therefore holds at most `MAX_CONCURRENT × MAX_WEBHOOK_BYTES`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use dashmap::DashMap;
 use std::num::NonZeroU32;
@@ -39,7 +39,7 @@ use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::events::EventRelay;
-use crate::forwarding::{source_block, PeerAddr, TrustedProxies};
+use crate::forwarding::TrustedProxies;
 use crate::frappe::webhook::{target, SignatureCheck, SIGNATURE_HEADER};
 use crate::layers::cache::Cache;
 use crate::layers::BoxResponseFuture;
@@ -172,11 +172,7 @@ impl WebhookLayer {
             tracing::warn!(site, "webhook without a signature refused");
             return Err(GatewayError::Unauthenticated("bad webhook signature").into());
         };
-        let peer = request
-            .extensions()
-            .get::<PeerAddr>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-        let source = source_block(self.trusted.client_ip(peer, request.headers()));
+        let source = self.trusted.source_of(&request);
         let busy = || -> BoxError {
             GatewayError::TooManyRequests {
                 message: "too many webhooks are being received; retry later",
