@@ -38,6 +38,9 @@ pub enum GatewayError {
     /// The request body is over a configured limit.
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    /// werkzeug's `max_form_parts`: a multipart body with more parts than Frappe would read.
+    #[error("a multipart body may have at most {0} parts")]
+    TooManyParts(usize),
     /// No backend of the site accepted a connection.
     #[error("site {site} is unreachable")]
     UpstreamUnreachable { site: String },
@@ -90,7 +93,7 @@ impl GatewayError {
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "ValidationError"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "DoesNotExistError"),
-            Self::PayloadTooLarge { .. } => {
+            Self::PayloadTooLarge { .. } | Self::TooManyParts(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge")
             }
             Self::UpstreamUnreachable { .. } | Self::BadGateway { .. } => {

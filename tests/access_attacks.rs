@@ -46,6 +46,35 @@ fn multipart(parts: &[Part<'_>]) -> (String, Vec<u8>) {
     (format!("multipart/form-data; boundary={BOUNDARY}"), body)
 }
 
+/// The boundary erpgate wrote a multipart body under, as werkzeug reads it from the
+/// Content-Type the site received (erpgate's own, never the client's).
+fn own_boundary(seen: &support::frappe::Received) -> String {
+    let content_type = seen.headers["content-type"].to_str().unwrap();
+    let (mime, options) = support::werkzeug::parse_options_header(content_type);
+    assert_eq!((mime.as_str(), options.len()), ("multipart/form-data", 1));
+    let own = options["boundary"].clone();
+    assert!(
+        own.starts_with("erpgate-") && own != BOUNDARY,
+        "{content_type}"
+    );
+    own
+}
+
+/// `sent` (written with [`BOUNDARY`]) as the site must have received it from erpgate.
+fn under_own_boundary(sent: &[u8], seen: &support::frappe::Received) -> Vec<u8> {
+    let own = format!("--{}", own_boundary(seen));
+    let ours = format!("--{BOUNDARY}");
+    let mut out = Vec::with_capacity(sent.len());
+    let mut rest = sent;
+    while let Some(i) = memchr::memmem::find(rest, ours.as_bytes()) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(own.as_bytes());
+        rest = &rest[i + ours.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
 async fn send_multipart(
     gw: &Gateway,
     method: Method,
@@ -241,9 +270,10 @@ async fn sid_is_removed_from_every_carrier_for_every_client() {
         Some(&br#"{"doctype": "ToDo","limit": NaN}"#[..])
     );
     assert_eq!(received[2].body.as_deref(), Some(&b"doctype=ToDo"[..]));
+    let sent = multipart(&[("doctype", None, b"ToDo")]).1;
     assert_eq!(
         received[3].body.as_deref(),
-        Some(&multipart(&[("doctype", None, b"ToDo")]).1[..])
+        Some(&under_own_boundary(&sent, &received[3])[..])
     );
 }
 
@@ -625,9 +655,11 @@ async fn multipart_uploads_keep_working_and_cannot_call_other_methods() {
         let reply = send_multipart(&gw, Method::POST, path, TODO_READER, &parts).await;
         assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
     }
-    // The plain form erpgate writes is what was sent: it arrives byte for byte.
+    // The plain form erpgate writes is what was sent: it arrives byte for byte, but under
+    // erpgate's own boundary, named by the Content-Type erpgate wrote.
     let sent = multipart(&parts).1;
     for seen in up.received() {
+        let sent = under_own_boundary(&sent, &seen);
         assert_eq!(seen.body.as_deref(), Some(&sent[..]));
         // Buffered whole, so sent with its length.
         assert_eq!(
@@ -686,21 +718,26 @@ async fn a_50_mb_multipart_upload_streams_through_intact() {
     const CHUNK: usize = 1 << 20;
     const CHUNKS: usize = 50;
     let chunk = |i: usize| Bytes::from(vec![(i % 251) as u8; CHUNK]);
-    let head = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"is_private\"\r\n\r\n0\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-    );
-    let tail = format!("\r\n--{BOUNDARY}--\r\n");
-    let mut expected = Sha256::new();
-    expected.update(head.as_bytes());
-    for i in 0..CHUNKS {
-        expected.update(chunk(i));
-    }
-    expected.update(tail.as_bytes());
-    let expected = hex::encode(expected.finalize());
-    let total = head.len() + CHUNK * CHUNKS + tail.len();
+    let head = |b: &str| {
+        format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"is_private\"\r\n\r\n0\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    };
+    let tail = |b: &str| format!("\r\n--{b}--\r\n");
+    // What the site must get: the same bytes under erpgate's own boundary.
+    let expected = |b: &str| {
+        let mut expected = Sha256::new();
+        expected.update(head(b).as_bytes());
+        for i in 0..CHUNKS {
+            expected.update(chunk(i));
+        }
+        expected.update(tail(b).as_bytes());
+        let total = head(b).len() + CHUNK * CHUNKS + tail(b).len();
+        (hex::encode(expected.finalize()), total)
+    };
 
     let progress = up.clone();
-    let (head, tail) = (Bytes::from(head), Bytes::from(tail));
+    let (head, tail) = (Bytes::from(head(BOUNDARY)), Bytes::from(tail(BOUNDARY)));
     let stream = futures_util::stream::unfold(0usize, move |i| {
         let progress = progress.clone();
         let (head, tail) = (head.clone(), tail.clone());
@@ -736,6 +773,7 @@ async fn a_50_mb_multipart_upload_streams_through_intact() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let seen = &up.received()[0];
+    let (expected, total) = expected(&own_boundary(seen));
     assert_eq!(seen.body_len, total);
     assert_eq!(seen.body_sha256, expected);
 }

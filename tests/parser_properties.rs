@@ -128,14 +128,69 @@ fn multipart_body() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
-async fn relay(body: Vec<u8>) -> Result<(FormDict, Vec<u8>), erpgate::BoxError> {
-    let mut relay = MultipartRelay::new(erpgate::full_body(body), BOUNDARY.into(), 1 << 16);
+/// A body relayed as erpgate forwards it: the fields judged, the bytes written and the boundary
+/// werkzeug reads from the Content-Type written with them.
+async fn relay_with(
+    body: Vec<u8>,
+    boundary: &str,
+) -> Result<(FormDict, Vec<u8>, String), erpgate::BoxError> {
+    let mut relay = MultipartRelay::new(erpgate::full_body(body), boundary.into(), 1 << 16);
+    let content_type = relay.content_type().to_str().unwrap().to_owned();
+    let (mime, options) = support::werkzeug::parse_options_header(&content_type);
+    assert_eq!(mime, "multipart/form-data");
     relay.read_fields_before_files().await?;
     let mut out = Vec::new();
     while let Some(chunk) = relay.next().await {
         out.extend_from_slice(&chunk?);
     }
-    Ok((relay.form().clone(), out))
+    Ok((relay.form().clone(), out, options["boundary"].clone()))
+}
+
+async fn relay(body: Vec<u8>) -> Result<(FormDict, Vec<u8>, String), erpgate::BoxError> {
+    relay_with(body, BOUNDARY).await
+}
+
+/// Content-Type parameter lists as an attacker would vary them: RFC 2231 names, continuations,
+/// repeats in any case, spaces around `=`, escapes, unquoted characters werkzeug stops at.
+fn content_type_header() -> impl Strategy<Value = String> {
+    let name = prop::sample::select(vec![
+        "boundary",
+        "BOUNDARY",
+        "Boundary",
+        "boundary*",
+        "boundary*0",
+        "boundary*1",
+        "boundary*0*",
+        "charset",
+        "charset*",
+        "x",
+    ]);
+    let value = prop::sample::select(vec![
+        "good",
+        "evil",
+        "\"good\"",
+        "\"evil\"",
+        "utf-8''evil",
+        "UTF-8'en'ev%69l",
+        "koi8''evil",
+        "''evil",
+        "\"a\\\"b\"",
+        "\"ab",
+        "a/b",
+        "good junk",
+        "\"g%22d\"",
+        "",
+        "g'd",
+    ]);
+    let equals = prop::sample::select(vec!["=", " =", "= "]);
+    let separator = prop::sample::select(vec!["; ", ";", " ; ", ";; ", ";\t"]);
+    prop::collection::vec((separator, name, equals, value), 0..4).prop_map(|params| {
+        let mut header = "multipart/form-data".to_owned();
+        for (separator, name, equals, value) in params {
+            header.push_str(&format!("{separator}{name}{equals}{value}"));
+        }
+        header
+    })
 }
 
 proptest! {
@@ -190,17 +245,67 @@ proptest! {
     #[test]
     fn a_relayed_multipart_body_holds_exactly_the_judged_fields(body in multipart_body()) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        if let Ok((form, out)) = runtime.block_on(relay(body)) {
-            let seen = support::werkzeug::multipart_fields(&out, BOUNDARY);
+        if let Ok((form, out, written)) = runtime.block_on(relay(body)) {
+            prop_assert_ne!(&written, BOUNDARY);
+            let seen = support::werkzeug::multipart_fields(&out, &written);
             // No sid survives; every cmd werkzeug finds was judged; nothing else is invented.
             prop_assert!(seen.iter().all(|(name, _)| name != "sid"));
             let judged: Vec<String> = form.values(FormKey::Cmd).map(|v| v.text().into_owned()).collect();
             let found: Vec<String> = seen.iter().filter(|(n, _)| n == "cmd").map(|(_, v)| v.clone()).collect();
             prop_assert_eq!(judged, found);
-            // Read again, the forwarded body gives the same fields.
-            let (again, out2) = runtime.block_on(relay(out.clone())).unwrap();
+            // Read again, the forwarded body gives the same fields, byte for byte but for the
+            // boundary.
+            let (again, out2, written2) = runtime.block_on(relay_with(out.clone(), &written)).unwrap();
             prop_assert_eq!(again, form);
-            prop_assert_eq!(out2, out);
+            prop_assert_eq!(String::from_utf8_lossy(&out2).replace(&written2, &written), String::from_utf8_lossy(&out));
         }
     }
+
+    #[test]
+    fn a_content_type_erpgate_accepts_is_read_alike_by_werkzeug(header in content_type_header()) {
+        use erpgate::frappe::multipart::boundary;
+        let (_, options) = support::werkzeug::parse_options_header(&header);
+        if let Ok(read) = boundary(&header) {
+            // No parameter set splits the client's body one way for erpgate and another for
+            // werkzeug (and erpgate forwards its own Content-Type anyway).
+            prop_assert_eq!(Some(&read), options.get("boundary"), "{}", header);
+            prop_assert!(!header.contains('*'), "{}", header);
+        }
+    }
+}
+
+/// The model reads the attacks the way werkzeug 3.0.6 does (checked against its source).
+#[test]
+fn the_werkzeug_model_reads_rfc_2231_repeats_and_stops_as_werkzeug_does() {
+    let read = |h: &str| {
+        support::werkzeug::parse_options_header(h)
+            .1
+            .get("boundary")
+            .cloned()
+    };
+    assert_eq!(
+        read("multipart/form-data; boundary=good; boundary*=utf-8''evil").as_deref(),
+        Some("evil")
+    );
+    assert_eq!(
+        read("multipart/form-data; boundary*0=ev; boundary*1=il").as_deref(),
+        Some("evil")
+    );
+    assert_eq!(
+        read("multipart/form-data; boundary=a; BOUNDARY=b").as_deref(),
+        Some("b")
+    );
+    assert_eq!(read("multipart/form-data; boundary = a"), None);
+    assert_eq!(
+        read("multipart/form-data; boundary=a/b").as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        read("multipart/form-data; boundary=\"a\\\"b\"").as_deref(),
+        Some("a\"b")
+    );
+    assert_eq!(
+        read("multipart/form-data; boundary=\"g%22d\"").as_deref(),
+        Some("g\"d")
+    );
 }

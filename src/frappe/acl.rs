@@ -6,9 +6,9 @@
 
 use std::collections::HashSet;
 
-use super::classify::{FrappeRequest, MethodName, Operation, RequestKind};
+use super::classify::{method_kind, FrappeRequest, MethodName, Operation, RequestKind};
 use super::doctype_methods;
-use super::form_dict::FormKey;
+use super::form_dict::{FormDict, FormKey, FormValue};
 use super::query_args::{self, RefusedArgument};
 
 /// `frappe.client.get_value` reads the columns named by `fieldname` (`frappe/client.py`); other
@@ -148,6 +148,38 @@ impl AccessRules {
             }
         }
         Ok(())
+    }
+
+    /// What one `form_dict` entry is refused for whatever else the request carries: a `cmd`
+    /// naming a method the rules refuse (every `cmd` in any carrier must be allowed, see
+    /// [`Self::check`]), or a list argument outside the query grammar (judged on every entry).
+    /// A multipart field after a file part is judged by this once, when it completes; the
+    /// whole request is judged by [`Self::check`] once the body is complete, before Frappe
+    /// could read any of it. Nothing refused here would be allowed there.
+    pub fn check_entry(&self, key: FormKey, value: &FormValue) -> Result<(), Denied> {
+        match key {
+            FormKey::Cmd => match method_kind(&value.text()) {
+                RequestKind::Login => Err(Denied::Login),
+                // Standing for the path it needs `files`; embedded, the method rule.
+                RequestKind::FileUpload => self
+                    .check_kind(&RequestKind::FileUpload)
+                    .or_else(|_| self.check_method(&MethodName::new("upload_file"))),
+                kind => self.check_kind(&kind),
+            },
+            FormKey::Fields
+            | FormKey::Filters
+            | FormKey::OrFilters
+            | FormKey::OrderBy
+            | FormKey::GroupBy
+                if !self.unchecked_query_arguments =>
+            {
+                let mut one = FormDict::default();
+                one.push(key.as_str(), || value.clone());
+                query_args::check(&one, &|doctype: &str| self.may_read(doctype))?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A generic method (`frappe.client.get_list`, `insert`, ...) also needs the resource rule

@@ -233,7 +233,7 @@ impl FrappeRequest {
 }
 
 /// The kind of a call to method `raw`.
-fn method_kind(raw: &str) -> RequestKind {
+pub(crate) fn method_kind(raw: &str) -> RequestKind {
     let name = MethodName::new(raw);
     match name.as_str() {
         "login" => RequestKind::Login,

@@ -48,6 +48,23 @@ pub enum BodyFormat {
     Opaque,
 }
 
+impl BodyFormat {
+    /// The `Content-Type` erpgate forwards a body of this format with, once it has read it:
+    /// the plain spelling of the mimetype werkzeug derived from the client's header, with no
+    /// parameter (werkzeug 3 decodes JSON and form bodies as UTF-8 whatever `charset` says,
+    /// `Request.get_data` / `sansio.utils`), so no parameter the client chose reaches werkzeug.
+    /// A multipart body gets its relay's own ([`super::multipart::MultipartRelay::content_type`]);
+    /// an opaque one is not read and keeps the client's.
+    pub fn content_type(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Self::Form => "application/x-www-form-urlencoded",
+            Self::Json => "application/json",
+            Self::Multipart => "multipart/form-data",
+            Self::Opaque => "application/octet-stream",
+        })
+    }
+}
+
 /// A `Content-Type` erpgate cannot read exactly as werkzeug would.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the Content-Type header must be printable ASCII")]
@@ -257,13 +274,21 @@ impl FormDict {
         &self.entries
     }
 
-    /// Reads an urlencoded query string or form body as werkzeug does (`parse_qsl` with
-    /// `keep_blank_values`: split on `&` only, `+` is a space, percent-decoding, invalid UTF-8
-    /// replaced).
+    /// Reads an urlencoded query string or form body as werkzeug 3 does: `parse_qsl(text,
+    /// keep_blank_values=True, errors="werkzeug.url_quote")` (`sansio/request.py` `args`,
+    /// `formparser._parse_urlencoded`): split on `&` only, a pair without `=` has an empty
+    /// value, `+` is a space, percent-decoding, and bytes that are not UTF-8 once decoded are
+    /// quoted back as `%XX` (werkzeug's error handler), not replaced: `filters=%FF` is the
+    /// text `%FF` to Frappe, and so to the rules.
     pub fn from_urlencoded(input: &[u8]) -> Self {
         let mut form = Self::default();
-        for (key, value) in form_urlencoded::parse(input) {
-            form.push(&key, || FormValue::Text(value.into_owned()));
+        for pair in input.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+            let (key, value) = match pair.iter().position(|b| *b == b'=') {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, &b""[..]),
+            };
+            let key = unquote_plus(key);
+            form.push(&key, || FormValue::Text(unquote_plus(value).into_owned()));
         }
         form
     }
@@ -283,6 +308,30 @@ impl FormDict {
     }
 }
 
+/// Python's `unquote_plus(text, errors="werkzeug.url_quote")`: `+` is a space, `%XX` a byte,
+/// and a byte sequence that is not UTF-8 is written back as `%XX` per byte (Python's decoder
+/// and Rust's `utf8_chunks` cut invalid sequences alike: the maximal invalid subpart).
+fn unquote_plus(raw: &[u8]) -> Cow<'_, str> {
+    if !raw.iter().any(|b| matches!(b, b'+' | b'%')) {
+        if let Ok(text) = std::str::from_utf8(raw) {
+            return Cow::Borrowed(text);
+        }
+    }
+    let spaced: Vec<u8> = raw
+        .iter()
+        .map(|b| if *b == b'+' { b' ' } else { *b })
+        .collect();
+    let bytes: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
+    let mut text = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            text.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Cow::Owned(text)
+}
+
 /// The first value of `name` in a query string, decoded.
 pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
@@ -296,10 +345,7 @@ pub fn strip_sid_urlencoded(input: &str) -> String {
         .split('&')
         .filter(|pair| {
             let key = pair.split('=').next().unwrap_or_default();
-            let decoded: String = form_urlencoded::parse(key.as_bytes())
-                .map(|(k, _)| k.into_owned())
-                .collect();
-            decoded != "sid"
+            unquote_plus(key.as_bytes()) != "sid"
         })
         .collect::<Vec<_>>()
         .join("&")
@@ -353,6 +399,18 @@ mod tests {
         );
         assert!(form.has(FormKey::Sid) && form.has(FormKey::RunMethod));
         assert_eq!(form.entries().len(), 4);
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_stay_quoted_as_werkzeug_keeps_them() {
+        // parse_qsl(..., errors="werkzeug.url_quote"): "%FF" stays "%FF", a truncated sequence
+        // is quoted byte by byte, valid sequences decode.
+        let form = FormDict::from_urlencoded(b"filters=%FF%5B&fields=a%E2%82&cmd=%E2%82%AC&sid");
+        assert_eq!(texts(&form, FormKey::Filters), vec!["%FF["]);
+        assert_eq!(texts(&form, FormKey::Fields), vec!["a%E2%82"]);
+        assert_eq!(texts(&form, FormKey::Cmd), vec!["\u{20ac}"]);
+        assert_eq!(texts(&form, FormKey::Sid), vec![""]);
+        assert!(!FormDict::from_urlencoded(b"s%69d%FF=1").has(FormKey::Sid));
     }
 
     #[test]

@@ -42,6 +42,12 @@ use crate::{Body, BoxError};
 /// Longest boundary RFC 2046 allows.
 const MAX_BOUNDARY: usize = 70;
 
+/// Most parts a body may have: werkzeug's `Request.max_form_parts` (`sansio/request.py`), past
+/// which `MultipartDecoder` raises `RequestEntityTooLarge` (`sansio/multipart.py`). Frappe
+/// would refuse such a body anyway; erpgate refuses it at the first part over, before reading
+/// on, so no body makes it judge more than this many fields.
+pub const MAX_PARTS: usize = 1000;
+
 /// Why a multipart body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MultipartError {
@@ -57,26 +63,54 @@ pub enum MultipartError {
     DelimiterInContent,
     #[error("the multipart form fields are larger than {0} bytes")]
     FieldsTooLarge(u64),
+    #[error("a multipart body may have at most {MAX_PARTS} parts")]
+    TooManyParts,
+}
+
+/// werkzeug's token characters for parameter names and unquoted values (`http._parameter_re`,
+/// `[\w!#$%&'*+\-.^`|~]` under `re.ASCII`), less `*`: a name ending in `*` is RFC 2231
+/// (`boundary*=utf-8''evil` replaces `boundary`) and `name*0`, `name*1` are continuations that
+/// werkzeug joins, so erpgate refuses every name holding one rather than model them.
+fn token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_!#$%&'+-.^`|~".contains(c)
 }
 
 /// Reads the boundary from a `multipart/form-data` Content-Type (already checked to be
-/// printable ASCII). One `boundary` parameter, quoted or not, of RFC 2046 `bchars` without
-/// the space: the one form every parser reads alike.
+/// printable ASCII), refusing every header that werkzeug could read differently.
+///
+/// werkzeug 3.0 `http.parse_options_header` scans the parameters with `_parameter_re`:
+/// `\s*;\s*` then `token=` (no space around `=`) then a token or a quoted string with `\`
+/// escapes; parts that do not match are skipped without a word, names are lower-cased, a
+/// repeated name's last value wins, `name*` takes an RFC 2231 `charset'lang'%XX` value and
+/// `name*N` continues one. `formparser.FormDataParser._parse_multipart` then takes
+/// `options["boundary"]`. So the one form read alike by every parser is accepted: each
+/// parameter exactly `token=token` or `token="text"` (no `\`, no `"` inside), no `*`, optional
+/// whitespace around `;` only, and exactly one `boundary` of 1 to 70 RFC 2046 `bchars`
+/// without the space. Anything else — `boundary*`, a repeated `boundary`, `boundary = x`,
+/// `boundary=a/b` unquoted (werkzeug reads `a`), escapes — is refused for every client. erpgate
+/// forwards its own Content-Type anyway ([`MultipartRelay::content_type`]), so this reading
+/// only decides how the client's body is split, and refuses what would be ambiguous.
 pub fn boundary(content_type: &str) -> Result<String, MultipartError> {
     let mut found = None;
     for param in content_type.split(';').skip(1) {
-        let Some((name, value)) = param.split_once('=') else {
-            continue;
-        };
-        if !name.trim().eq_ignore_ascii_case("boundary") {
+        let param = param.trim_matches([' ', '\t']);
+        // An empty part (`;;`, a trailing `;`) is skipped by werkzeug too.
+        if param.is_empty() {
             continue;
         }
-        let value = value.trim();
-        let value = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value);
-        if found.replace(value).is_some() {
+        let (name, value) = param.split_once('=').ok_or(MultipartError::Boundary)?;
+        if name.is_empty() || !name.chars().all(token_char) {
+            return Err(MultipartError::Boundary);
+        }
+        let value = match value.strip_prefix('"') {
+            Some(quoted) => quoted
+                .strip_suffix('"')
+                .filter(|inner| !inner.contains(['"', '\\']))
+                .ok_or(MultipartError::Boundary)?,
+            None if !value.is_empty() && value.chars().all(token_char) => value,
+            None => return Err(MultipartError::Boundary),
+        };
+        if name.eq_ignore_ascii_case("boundary") && found.replace(value).is_some() {
             return Err(MultipartError::Boundary);
         }
     }
@@ -88,11 +122,28 @@ pub fn boundary(content_type: &str) -> Result<String, MultipartError> {
     Ok(value.to_owned())
 }
 
-/// Decides the fields that arrive after a file part: called with every field so far after each
-/// one completes (`false`), and once more when the body is complete (`true`), before the
-/// closing delimiter is sent — what a later field may still supply (a generic method's
-/// doctype) is only missing once the body is complete.
-pub type LateFieldJudge = Box<dyn Fn(&FormDict, bool) -> Result<(), BoxError> + Send + Sync>;
+/// A fresh boundary for a body erpgate writes: random, so no content a client chose can hold
+/// it (the content is still checked, see [`DelimiterGuard`]).
+fn own_boundary() -> String {
+    format!("erpgate-{:032x}", rand::random::<u128>())
+}
+
+/// What the judge of the fields after a file part is asked.
+#[derive(Debug, Clone, Copy)]
+pub enum LateField<'a> {
+    /// One field erpgate acts on has just completed: judged alone, once, before its bytes are
+    /// queued — what no other field can make allowed (a `cmd` naming a refused method, a
+    /// `filters` outside the grammar) is refused here.
+    Entry(FormKey, &'a FormValue),
+    /// The body is complete, with every field read: the whole request is judged once more,
+    /// before the closing delimiter is sent (what a later field may still supply, a generic
+    /// method's doctype, is only missing now).
+    Complete(&'a FormDict),
+}
+
+/// Decides the fields that arrive after a file part. Each field is judged once and the whole
+/// form once at the end, so the work is linear in the body, never quadratic.
+pub type LateFieldJudge = Box<dyn Fn(LateField<'_>) -> Result<(), BoxError> + Send + Sync>;
 
 /// Finds `--B` after a line break (or at the very start) in content streamed in chunks.
 struct DelimiterGuard {
@@ -146,12 +197,15 @@ enum Part {
 /// A multipart body being read, judged and re-encoded: a [`Stream`] of the bytes to forward.
 pub struct MultipartRelay {
     parts: multer::Multipart<'static>,
+    /// The boundary of the body written, erpgate's own.
     boundary: String,
     part: Part,
     queue: VecDeque<Bytes>,
     form: FormDict,
     inspected: u64,
     max_inspected: u64,
+    /// Parts begun so far, bounded by [`MAX_PARTS`].
+    parts_seen: usize,
     judge: Option<LateFieldJudge>,
 }
 
@@ -179,17 +233,24 @@ fn plain(s: &str, allow_percent: bool) -> bool {
 }
 
 impl MultipartRelay {
-    /// Reads `body` with `boundary`; field values may total `max_inspected` bytes.
+    /// Reads `body`, split at the client's `boundary`, and writes it again with a boundary of
+    /// its own; field values may total `max_inspected` bytes.
     pub fn new(body: Body, boundary: String, max_inspected: u64) -> Self {
-        let parts = multer::Multipart::new(BodyDataStream::new(body), boundary.clone());
+        Self::writing(body, boundary, own_boundary(), max_inspected)
+    }
+
+    /// [`Self::new`], writing with `own` as the boundary.
+    fn writing(body: Body, client: String, own: String, max_inspected: u64) -> Self {
+        let parts = multer::Multipart::new(BodyDataStream::new(body), client);
         Self {
             parts,
-            boundary,
+            boundary: own,
             part: Part::Between,
             queue: VecDeque::new(),
             form: FormDict::default(),
             inspected: 0,
             max_inspected,
+            parts_seen: 0,
             judge: None,
         }
     }
@@ -202,6 +263,14 @@ impl MultipartRelay {
             std::future::poll_fn(|cx| self.advance(cx)).await?;
         }
         Ok(())
+    }
+
+    /// The `Content-Type` of the body this relay writes: the only one to forward with it, so
+    /// that what werkzeug reads is what was judged, whatever parameters the client's had.
+    pub fn content_type(&self) -> http::HeaderValue {
+        let value = format!("multipart/form-data; boundary={}", self.boundary);
+        http::HeaderValue::from_str(&value)
+            .unwrap_or_else(|_| http::HeaderValue::from_static("multipart/form-data"))
     }
 
     /// Whether the whole body has been read (no file part made the reading stop early).
@@ -236,6 +305,10 @@ impl MultipartRelay {
     }
 
     fn start_part(&mut self, field: multer::Field<'static>) -> Result<Part, MultipartError> {
+        self.parts_seen += 1;
+        if self.parts_seen > MAX_PARTS {
+            return Err(MultipartError::TooManyParts);
+        }
         let name = field.name().ok_or(MultipartError::NoName)?.to_owned();
         if !plain(&name, false) {
             return Err(MultipartError::Name);
@@ -270,12 +343,15 @@ impl MultipartRelay {
     fn finish_field(&mut self, name: &str, head: Bytes, value: &[u8]) -> Result<(), BoxError> {
         DelimiterGuard::new(&self.boundary).check(value)?;
         let text = String::from_utf8_lossy(value).into_owned();
-        if FormKey::of(name) == Some(FormKey::Sid) {
+        let key = FormKey::of(name);
+        if key == Some(FormKey::Sid) {
             return Ok(());
         }
-        self.form.push(name, || FormValue::Text(text.clone()));
-        if let Some(judge) = &self.judge {
-            judge(&self.form, false)?;
+        if let Some(key) = key {
+            self.form.push(name, || FormValue::Text(text.clone()));
+            if let (Some(judge), Some((_, value))) = (&self.judge, self.form.entries().last()) {
+                judge(LateField::Entry(key, value))?;
+            }
         }
         self.queue.push_back(head);
         self.queue.push_back(Bytes::from(text));
@@ -294,7 +370,7 @@ impl MultipartRelay {
                 Poll::Ready(Err(e)) => Err(malformed(e)),
                 Poll::Ready(Ok(None)) => {
                     if let Some(judge) = &self.judge {
-                        judge(&self.form, true)?;
+                        judge(LateField::Complete(&self.form))?;
                     }
                     let end = format!("--{}--\r\n", self.boundary);
                     self.queue.push_back(Bytes::from(end));
@@ -390,7 +466,12 @@ mod tests {
     use futures_util::StreamExt;
 
     fn relay(body: &str, max: u64) -> MultipartRelay {
-        MultipartRelay::new(crate::full_body(body.to_owned()), "XyZ".into(), max)
+        MultipartRelay::writing(
+            crate::full_body(body.to_owned()),
+            "XyZ".into(),
+            "XyZ".into(),
+            max,
+        )
     }
 
     async fn forwarded(mut relay: MultipartRelay) -> Result<String, BoxError> {
@@ -418,10 +499,49 @@ mod tests {
             "multipart/form-data; boundary=a b",
             "multipart/form-data; boundary=a; boundary=b",
             "multipart/form-data; boundary=a\"b",
+            // What werkzeug reads another way (RFC 2231, continuations, last-wins, skipped
+            // parts, escapes).
+            "multipart/form-data; boundary=good; boundary*=utf-8''evil",
+            "multipart/form-data; boundary*=utf-8''evil",
+            "multipart/form-data; boundary*0=ev; boundary*1=il",
+            "multipart/form-data; boundary=good; charset*=utf-8''x",
+            "multipart/form-data; boundary=a; BOUNDARY=b",
+            "multipart/form-data; boundary = a",
+            "multipart/form-data; boundary=a/b",
+            "multipart/form-data; boundary=\"a\\\"b\"",
+            "multipart/form-data; boundary=\"ab",
+            "multipart/form-data; boundary=a; junk",
+            "multipart/form-data; boundary=a b=c",
         ] {
             assert!(boundary(bad).is_err(), "{bad}");
         }
         assert!(boundary(&format!("multipart/form-data; boundary={}", "a".repeat(71))).is_err());
+        for good in [
+            "multipart/form-data; boundary=abc; charset=utf-8",
+            "multipart/form-data;boundary=abc;",
+            "multipart/form-data; boundary=\"abc\"",
+        ] {
+            assert_eq!(boundary(good).unwrap(), "abc", "{good}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_body_is_written_under_a_boundary_of_its_own() {
+        let body =
+            "--client\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--client--\r\n";
+        let relay = MultipartRelay::new(crate::full_body(body), "client".into(), 100);
+        let content_type = relay.content_type();
+        let own = boundary(content_type.to_str().unwrap()).unwrap();
+        assert!(own.starts_with("erpgate-") && own.len() == 40, "{own}");
+        let other = MultipartRelay::new(crate::full_body(body), "client".into(), 100);
+        assert_ne!(other.content_type(), content_type);
+        let written = forwarded(relay).await.unwrap();
+        assert_eq!(
+            written,
+            format!(
+                "--{own}\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--{own}--\r\n"
+            )
+        );
     }
 
     #[tokio::test]
@@ -454,12 +574,9 @@ mod tests {
              --XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nfrappe.client.insert\r\n--XyZ--\r\n";
         let mut relay = relay(body, 100);
         relay.read_fields_before_files().await.unwrap();
-        relay.judge_later_fields(Box::new(|form: &FormDict, _complete| {
-            if form.has(FormKey::Cmd) {
-                Err("refused".into())
-            } else {
-                Ok(())
-            }
+        relay.judge_later_fields(Box::new(|late: LateField<'_>| match late {
+            LateField::Entry(FormKey::Cmd, _) => Err("refused".into()),
+            _ => Ok(()),
         }));
         let mut sent = Vec::new();
         let mut failed = false;
@@ -513,6 +630,56 @@ mod tests {
             "--XyZ\r\nContent-Disposition: form-data; name=\"a\"; filename=\"f\"\r\n\r\n{big}\r\n--XyZ--\r\n"
         );
         assert!(forwarded(relay(&file, 100)).await.unwrap().contains(&big));
+    }
+
+    #[tokio::test]
+    async fn parts_are_capped_as_werkzeug_caps_them() {
+        let part = "--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nv\r\n";
+        let body = |n: usize| format!("{}--XyZ--\r\n", part.repeat(n));
+        assert!(forwarded(relay(&body(MAX_PARTS), 1 << 20)).await.is_ok());
+        let e = forwarded(relay(&body(MAX_PARTS + 1), 1 << 20))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<MultipartError>(),
+            Some(&MultipartError::TooManyParts)
+        );
+    }
+
+    #[tokio::test]
+    async fn each_late_field_is_judged_once_and_the_whole_form_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let file =
+            "--XyZ\r\nContent-Disposition: form-data; name=\"f\"; filename=\"x\"\r\n\r\nd\r\n";
+        let field = |name: &str| {
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\nv\r\n")
+        };
+        let body = format!(
+            "{file}{}{}--XyZ--\r\n",
+            field("fields").repeat(300),
+            field("other").repeat(300)
+        );
+        let mut relay = relay(&body, 1 << 20);
+        relay.read_fields_before_files().await.unwrap();
+        let (entries, wholes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (e, w) = (entries.clone(), wholes.clone());
+        relay.judge_later_fields(Box::new(move |late: LateField<'_>| {
+            match late {
+                LateField::Entry(..) => e.fetch_add(1, Ordering::Relaxed),
+                LateField::Complete(form) => {
+                    assert_eq!(form.values(FormKey::Fields).count(), 300);
+                    w.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+            Ok(())
+        }));
+        while let Some(chunk) = relay.next().await {
+            chunk.unwrap();
+        }
+        // Fields erpgate does not act on are not judged at all.
+        assert_eq!(entries.load(Ordering::Relaxed), 300);
+        assert_eq!(wholes.load(Ordering::Relaxed), 1);
     }
 
     #[test]

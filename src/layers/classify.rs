@@ -29,7 +29,7 @@ use crate::error::{find_cause, GatewayError};
 use crate::frappe::form_dict::{
     strip_sid_json, strip_sid_urlencoded, BodyFormat, FormDict, FormKey,
 };
-use crate::frappe::multipart::{self, MultipartRelay};
+use crate::frappe::multipart::{self, LateField, MultipartRelay};
 use crate::frappe::{CanonicalPath, FrappeRequest};
 use crate::layers::auth::Client;
 use crate::layers::{BoxResponseFuture, EarlyReturn};
@@ -160,23 +160,28 @@ async fn read_form(
     }
 }
 
-/// What a late multipart field is judged with: the request as classified with every field so
-/// far, under the client's rules.
+/// What a late multipart field is judged with, under the client's rules: each field alone when
+/// it completes, and the request as classified with the query and every field once the body is
+/// complete (so a body of n fields costs n small judgements and one whole one).
 fn late_field_judge(
     method: Method,
     path: CanonicalPath,
     query: FormDict,
     client: Arc<Client>,
 ) -> multipart::LateFieldJudge {
-    Box::new(move |fields: &FormDict, complete: bool| {
+    Box::new(move |late: LateField<'_>| {
         let Some(rules) = &client.rules else {
             return Ok(());
         };
-        let mut form = query.clone();
-        form.merge(fields.clone());
-        let mut classified = FrappeRequest::classify(&method, &path, &form);
-        classified.form_incomplete = !complete;
-        rules.check(&classified).map_err(|denied| {
+        let verdict = match late {
+            LateField::Entry(key, value) => rules.check_entry(key, value),
+            LateField::Complete(fields) => {
+                let mut form = query.clone();
+                form.merge(fields.clone());
+                rules.check(&FrappeRequest::classify(&method, &path, &form))
+            }
+        };
+        verdict.map_err(|denied| {
             tracing::info!(client = %client.name, reason = %denied, "multipart field refused by access rules");
             GatewayError::Forbidden(denied).into()
         })
@@ -190,6 +195,9 @@ fn multipart_refusal(e: BoxError) -> BoxError {
         Ok(refusal) => match *refusal {
             multipart::MultipartError::FieldsTooLarge(limit) => {
                 GatewayError::PayloadTooLarge { limit }.into()
+            }
+            multipart::MultipartError::TooManyParts => {
+                GatewayError::TooManyParts(multipart::MAX_PARTS).into()
             }
             other => GatewayError::BadRequest(other.to_string()).into(),
         },
@@ -253,9 +261,9 @@ where
                     }
                     query.merge(body_form);
                     let mut request = Request::from_parts(parts, full_body(bytes.clone()));
-                    request
-                        .headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                    let headers = request.headers_mut();
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                    headers.insert(header::CONTENT_TYPE, format.content_type());
                     request.extensions_mut().insert(ReplayableBody(bytes));
                     attach(&mut request, &path, &query);
                     let future: BoxResponseFuture = Box::pin(inner.call(request));
@@ -293,7 +301,12 @@ where
                             ));
                         }
                     }
-                    // Re-encoded: a new length, sent chunked (said explicitly: hyper sends a GET
+                    // Re-encoded under erpgate's own boundary, with the Content-Type that names
+                    // it: the client's parameters (`boundary*=`, ...) never reach werkzeug.
+                    parts
+                        .headers
+                        .insert(header::CONTENT_TYPE, relay.content_type());
+                    // A new length, sent chunked (said explicitly: hyper sends a GET
                     // body of unknown length as no body at all).
                     parts.headers.remove(header::CONTENT_LENGTH);
                     parts.headers.insert(
