@@ -79,6 +79,17 @@ pub struct PyJsonError {
     pub at: usize,
 }
 
+impl PyJsonError {
+    /// Whether the text was refused only for its depth: CPython might still read it (its limit
+    /// is the interpreter's recursion limit, not a fixed depth), so erpgate cannot say what
+    /// Frappe would make of it and must refuse, never treat it as "not JSON".
+    pub fn too_deep(&self) -> bool {
+        self.what == TOO_DEEP
+    }
+}
+
+const TOO_DEEP: &str = "nested too deeply";
+
 /// Parses `text` as `json.loads(text)` would.
 pub fn loads(text: &str) -> Result<PyJson, PyJsonError> {
     if text.starts_with('\u{feff}') {
@@ -154,7 +165,7 @@ impl Parser<'_> {
         inner: fn(&mut Self) -> Result<PyJson, PyJsonError>,
     ) -> Result<PyJson, PyJsonError> {
         if self.depth >= MAX_DEPTH {
-            return Err(self.err("nested too deeply"));
+            return Err(self.err(TOO_DEEP));
         }
         self.depth += 1;
         let value = inner(self);

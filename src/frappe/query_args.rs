@@ -83,6 +83,10 @@ const NILADIC: &[&str] = &[
 
 const AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max"];
 
+/// Why an argument that looks like JSON but cannot be read exactly as CPython would is refused.
+const NOT_READ: &str = "it cannot be read exactly as Frappe would read it (JSON nested deeper \
+     than erpgate reads, or malformed); refused rather than guessed";
+
 /// Checks every list argument in `form` (`fieldname` aside: see [`check_fieldname`]);
 /// `readable` says whether the client may read a doctype.
 pub fn check(form: &FormDict, readable: &dyn Fn(&str) -> bool) -> Result<(), RefusedArgument> {
@@ -128,6 +132,8 @@ fn fields(value: &FormValue, readable: &dyn Fn(&str) -> bool) -> Result<(), Stri
     match python_json::loads(text) {
         Ok(PyJson::Array(items)) => field_items(&items, readable),
         Ok(_) => Err("must be a list of field names".into()),
+        Err(e) if e.too_deep() => Err(NOT_READ.into()),
+        // `parse_args` splits what `json.loads` refuses (a `ValueError`) at commas.
         Err(_) => text
             .split(',')
             .filter(|f| !f.trim().is_empty())
@@ -199,10 +205,16 @@ fn filters(value: &FormValue, readable: &dyn Fn(&str) -> bool) -> Result<(), Str
             // Text that is not JSON is a document name to `frappe.client.get_value`
             // (`get_safe_filters` falls back to `{"name": text}`, an escaped literal) and an
             // error to `DatabaseQuery.parse_args` (`json.loads`): nothing reaches SQL unescaped.
+            // Fail closed: only text that cannot be meant as JSON passes unparsed; a list,
+            // object or string that erpgate cannot read (too deep, malformed) is refused.
             match python_json::loads(s) {
                 Ok(value) => {
                     parsed = value;
                     &parsed
+                }
+                Err(e) if e.too_deep() => return Err(NOT_READ.into()),
+                Err(_) if s.trim_start().starts_with(['[', '{', '"']) => {
+                    return Err(NOT_READ.into())
                 }
                 Err(_) => return Ok(()),
             }
@@ -524,6 +536,36 @@ mod tests {
             ok("fieldname", r#"["(select 1)"]"#),
             "only get_value's is judged"
         );
+    }
+
+    #[test]
+    fn what_cannot_be_read_as_cpython_would_is_refused_never_passed() {
+        let depth = python_json::MAX_DEPTH + 1;
+        // The attack shape: a subquery at the bottom of a filter nested past the parser's cap,
+        // which CPython (recursion limit ~1000) still reads.
+        let deep_filter = format!(
+            "{}[\"ifnull((select api_secret from tabUser limit 1),1)\", \"=\", 1]{}",
+            "[".repeat(depth - 1),
+            "]".repeat(depth - 1)
+        );
+        let deep_fields = format!("{}\"name\"{}", "[".repeat(depth), "]".repeat(depth));
+        let deep_object = format!("{}1{}", "{\"a\": ".repeat(depth), "}".repeat(depth));
+        for (key, value) in [
+            ("filters", deep_filter.as_str()),
+            ("or_filters", deep_filter.as_str()),
+            ("filters", deep_object.as_str()),
+            ("fields", deep_fields.as_str()),
+            ("filters", r#"[["name", "=", "x"]"#),
+            ("filters", r#"{"name": "x""#),
+            ("filters", r#""(select 1)"#),
+            ("filters", " [1,]"),
+        ] {
+            let refused = check(&form(&[(key, value)]), &readable).unwrap_err();
+            assert_eq!(refused.argument, key);
+            assert!(refused.reason.contains("cannot be read"), "{refused}");
+        }
+        // A document name, which get_value takes as `{"name": text}`, is still fine.
+        assert!(ok("filters", "TODO-0001"));
     }
 
     #[test]
