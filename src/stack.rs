@@ -194,6 +194,18 @@ where
         _ => build_oauth_apps(config, &router, metrics, prefix)?,
     };
     let oauth_kept = oauth_apps.clone().map(|apps| (oauth_fingerprint, apps));
+    // One buffering layer, shared by keyed requests and public routes.
+    let buffer = BufferLayer::new(BufferSettings {
+        requests: config.buffering.requests,
+        responses: config.buffering.responses,
+        memory: usize::try_from(config.buffering.memory.0).unwrap_or(usize::MAX),
+        directory: config
+            .buffering
+            .directory
+            .clone()
+            .unwrap_or_else(std::env::temp_dir),
+        client_body_timeout: config.buffering.client_body_timeout,
+    });
     let public_routes = PublicRoutes::new(
         config
             .sites
@@ -203,6 +215,7 @@ where
         clients.clone(),
         trusted.clone(),
         config.limits.max_inspected_body_bytes.0,
+        buffer.clone(),
     );
     let failures = reuse(
         kept.map(|k| &k.failures),
@@ -374,17 +387,7 @@ where
         // Whole bodies both ways before and after the site (as nginx in front of gunicorn): a
         // slow client never holds a Frappe worker, and the site's deadline starts once the
         // request is whole.
-        .layer(BufferLayer::new(BufferSettings {
-            requests: config.buffering.requests,
-            responses: config.buffering.responses,
-            memory: usize::try_from(config.buffering.memory.0).unwrap_or(usize::MAX),
-            directory: config
-                .buffering
-                .directory
-                .clone()
-                .unwrap_or_else(std::env::temp_dir),
-            client_body_timeout: config.buffering.client_body_timeout,
-        }))
+        .layer(buffer)
         // One deadline over all attempts and backoffs.
         .layer(DeadlineLayer)
         // Outside the breaker: each attempt is counted by it, and an open breaker stops retries.

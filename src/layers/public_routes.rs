@@ -12,6 +12,15 @@
 //! headers and tracebacks like any other. Bounded per source address; through the site's
 //! breaker and under its `timeouts.total`.
 //!
+//! A door with no key is judged at least as strictly as a keyed one, by the same parts: the
+//! same classification (the whole `form_dict` from every carrier, multipart re-encoded under
+//! erpgate's own boundary and Content-Type, `sid` removed from the query and every body, the
+//! same body bounds and part cap) and the same buffering (`buffering.requests`: the body is
+//! read whole before the site sees a byte, with `client_body_timeout` between reads, so
+//! clients trickling bodies into `get_token` hold no gunicorn worker). Only the allow-list is
+//! its own and fixed: the listed method and nothing else — a `cmd` in any carrier (`login`
+//! included), a multipart field not yet read, or any other method makes it keyed.
+//!
 //! Before authentication (these requests carry no gateway key), after the body limit. A request
 //! carrying a configured client's key is never public: it goes the keyed way.
 
@@ -37,8 +46,10 @@ use crate::frappe::headers::{remove_hop_by_hop, remove_overrides, remove_wsgi_sp
 use crate::frappe::{CanonicalPath, FrappeRequest, MethodName, RequestKind};
 use crate::layers::auth::ClientTable;
 use crate::layers::breaker::BreakerLayer;
+use crate::layers::buffer::BufferLayer;
 use crate::layers::classify::ClassifyLayer;
 use crate::layers::credential_swap::{address_to_site, clean_response};
+use crate::layers::deadline::DeadlineLayer;
 use crate::layers::forward::Forward;
 use crate::layers::route::RouteTarget;
 use crate::layers::{BoxResponseFuture, EarlyReturn};
@@ -63,6 +74,7 @@ pub struct PublicRoutes {
     clients: Arc<ClientTable>,
     trusted: TrustedProxies,
     max_inspected: u64,
+    buffer: BufferLayer,
 }
 
 impl PublicRoutes {
@@ -73,6 +85,7 @@ impl PublicRoutes {
         clients: Arc<ClientTable>,
         trusted: TrustedProxies,
         max_inspected: u64,
+        buffer: BufferLayer,
     ) -> Option<Self> {
         let one = NonZeroU32::MIN;
         let sites: HashMap<String, PublicSite> = sites
@@ -105,6 +118,7 @@ impl PublicRoutes {
             clients,
             trusted,
             max_inspected,
+            buffer,
         })
     }
 
@@ -234,6 +248,7 @@ where
             methods: Arc::new(public.methods.clone()),
             paths: Arc::new(public.paths.clone()),
             trusted: routes.trusted.clone(),
+            buffer: routes.buffer.clone(),
         });
         request.extensions_mut().insert(path);
         Either::Right(EarlyReturn::inner(Box::pin(forward.oneshot(request))))
@@ -248,6 +263,7 @@ struct PublicForward {
     methods: Arc<HashSet<String>>,
     paths: Arc<HashSet<String>>,
     trusted: TrustedProxies,
+    buffer: BufferLayer,
 }
 
 impl Service<Request<Body>> for PublicForward {
@@ -294,14 +310,14 @@ impl Service<Request<Body>> for PublicForward {
             },
         });
         let expose = site.expose_tracebacks;
+        // As keyed requests go: the body whole first, then the site's deadline, its breaker.
+        let forward = tower::ServiceBuilder::new()
+            .layer(self.buffer.clone())
+            .layer(DeadlineLayer)
+            .layer(BreakerLayer)
+            .service(Forward);
         Box::pin(async move {
-            let call = BreakerLayer.layer(Forward).oneshot(request);
-            let response = tokio::time::timeout(site.total_timeout, call)
-                .await
-                .map_err(|_| GatewayError::UpstreamTimeout {
-                    site: site.name.to_string(),
-                    timeout: site.total_timeout,
-                })??;
+            let response = forward.oneshot(request).await?;
             clean_response(response, expose, true).await
         })
     }
