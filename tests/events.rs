@@ -2,7 +2,9 @@
 //! subscriptions under their rules, retried until the subscriber is back, kept across a
 //! SIGKILL, signed in the Standard Webhooks format (checked with the scheme's own Python
 //! library), dead letters listed and replayed, two replicas on one Redis delivering each event
-//! once, and the pull feed with its cursor and long-poll. Subscribers are real HTTP servers.
+//! once, the pull feed with its cursor and long-poll, and events bound to the doctype their
+//! Webhook URL names (a signed body naming another is refused). Subscribers are real HTTP
+//! servers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
