@@ -94,6 +94,10 @@ pub struct EventMetrics {
     /// `erpgate_events_repeated_total{site}`: webhook bodies seen again within minutes (a
     /// Frappe retry, or a replay), acknowledged and not stored again.
     pub repeats: IntCounterVec,
+    /// `erpgate_events_refused_total{site,reason}`: signed webhooks sent to a doctype's intake
+    /// URL whose body is not an event of that doctype (`other_doctype`, `repeated_key`,
+    /// `no_doctype`): refused, nothing stored or purged.
+    pub refused: IntCounterVec,
     /// `erpgate_event_deliveries_total{client,subscription,outcome}`: `delivered`, `failed` (an
     /// attempt, retried later), `dead_lettered`, `gone` (ended by a 410), `dropped` (over the
     /// subscription's cap), `forbidden` (the client's rules no longer let it read the doctype).
@@ -122,6 +126,14 @@ impl EventMetrics {
                 "Webhook bodies received again within minutes, acknowledged and not stored again.",
             ),
             &["site"],
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "erpgate_events_refused_total",
+                "Signed webhooks refused because their body is not an event of the doctype their \
+                 URL names, by site and reason.",
+            ),
+            &["site", "reason"],
         )?;
         let deliveries = IntCounterVec::new(
             Opts::new(
@@ -155,6 +167,7 @@ impl EventMetrics {
         for collector in [
             Box::new(received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(repeats.clone()),
+            Box::new(refused.clone()),
             Box::new(deliveries.clone()),
             Box::new(backlog.clone()),
             Box::new(oldest_undelivered.clone()),
@@ -165,6 +178,7 @@ impl EventMetrics {
         Ok(Self {
             received,
             repeats,
+            refused,
             deliveries,
             backlog,
             oldest_undelivered,

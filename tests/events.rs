@@ -2,7 +2,9 @@
 //! subscriptions under their rules, retried until the subscriber is back, kept across a
 //! SIGKILL, signed in the Standard Webhooks format (checked with the scheme's own Python
 //! library), dead letters listed and replayed, two replicas on one Redis delivering each event
-//! once, and the pull feed with its cursor and long-poll. Subscribers are real HTTP servers.
+//! once, the pull feed with its cursor and long-poll, and events bound to the doctype their
+//! Webhook URL names (a signed body naming another is refused). Subscribers are real HTTP
+//! servers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -287,17 +289,35 @@ async fn accepted(base: &str, doctype: &str, name: &str, event: &str) {
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
 
-/// Sends what Frappe sends: the body signed with the site's webhook secret.
+/// Sends what Frappe sends: the body signed with the site's webhook secret, to the doctype's
+/// intake URL.
 async fn frappe_webhook(base: &str, doctype: &str, name: &str, event: &str) -> Reply {
-    let body = frappe_body(doctype, name, event);
+    signed_webhook(
+        base,
+        &intake("erp", doctype),
+        &frappe_body(doctype, name, event),
+    )
+    .await
+}
+
+/// The path of `site`'s intake URL for `doctype`.
+fn intake(site: &str, doctype: &str) -> String {
+    format!(
+        "/_erpgate/webhooks/frappe/{site}/{}",
+        doctype.replace(' ', "%20")
+    )
+}
+
+/// Posts `body` to `path`, signed with the site's webhook secret as Frappe signs what it sends.
+async fn signed_webhook(base: &str, path: &str, body: &str) -> Reply {
     send(
         Method::POST,
-        &format!("{base}/_erpgate/webhooks/frappe/erp"),
+        &format!("{base}{path}"),
         &[
             ("content-type", "application/json"),
-            ("x-frappe-webhook-signature", &sign(&body)),
+            ("x-frappe-webhook-signature", &sign(body)),
         ],
-        body,
+        body.to_owned(),
     )
     .await
 }
@@ -403,7 +423,7 @@ async fn an_unsigned_or_wrongly_signed_webhook_is_neither_stored_nor_delivered()
         }
         let reply = send(
             Method::POST,
-            &gw.url("/_erpgate/webhooks/frappe/erp"),
+            &gw.url("/_erpgate/webhooks/frappe/erp/ToDo"),
             &headers,
             body.clone(),
         )
@@ -1121,16 +1141,7 @@ async fn a_client_gets_no_event_of_a_site_it_has_no_account_on() {
     );
     let gw = Gateway::start(&yaml).await;
     let body = frappe_body("ToDo", "elsewhere", "on_update");
-    let reply = send(
-        Method::POST,
-        &gw.url("/_erpgate/webhooks/frappe/other"),
-        &[
-            ("content-type", "application/json"),
-            ("x-frappe-webhook-signature", &sign(&body)),
-        ],
-        body,
-    )
-    .await;
+    let reply = signed_webhook(&gw.base, &intake("other", "ToDo"), &body).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     accepted(&gw.base, "ToDo", "here", "on_update").await;
     let got = sub
@@ -1190,16 +1201,7 @@ async fn a_burst_over_the_purge_rate_keeps_every_event_and_a_repeat_is_kept_once
     // A body without `modified` may be the same for two saves: each is kept.
     for _ in 0..2 {
         let body = r#"{"doctype": "ToDo", "name": "M1", "event": "on_update"}"#;
-        let reply = send(
-            Method::POST,
-            &gw.url("/_erpgate/webhooks/frappe/erp"),
-            &[
-                ("content-type", "application/json"),
-                ("x-frappe-webhook-signature", &sign(body)),
-            ],
-            body,
-        )
-        .await;
+        let reply = signed_webhook(&gw.base, &intake("erp", "ToDo"), body).await;
         assert_eq!(reply.status, 200);
     }
     let m = gw.metrics().await;
@@ -1221,7 +1223,7 @@ async fn one_source_trickling_webhook_bodies_cannot_take_every_slot() {
         let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
         stream
             .write_all(
-                b"POST /_erpgate/webhooks/frappe/erp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-frappe-webhook-signature: AAAA\r\ncontent-length: 100\r\n\r\n{",
+                b"POST /_erpgate/webhooks/frappe/erp/ToDo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-frappe-webhook-signature: AAAA\r\ncontent-length: 100\r\n\r\n{",
             )
             .await
             .unwrap();
@@ -1234,4 +1236,255 @@ async fn one_source_trickling_webhook_bodies_cannot_take_every_slot() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
     accepted(&gw.base, "ToDo", "T1", "on_update").await;
+}
+
+/// `yaml` with a ToDo cache rule, the full client allowed to create ToDos too (to have one
+/// cached).
+fn with_todo_cache(yaml: &str) -> String {
+    yaml.replace(
+        r#"allow: { resources: { "*": [read] } }"#,
+        r#"allow: { resources: { "*": [read], ToDo: [read, create] } }"#,
+    ) + "cache: { rules: [{ doctype: ToDo, ttl: 60s }] }
+"
+}
+
+/// Creates a ToDo through the gateway and reads it twice, so its answer is cached; its name.
+async fn cached_todo(gw: &Gateway) -> String {
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        FULL,
+        r#"{"description": "cached"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let name = reply.json()["data"]["name"].as_str().unwrap().to_owned();
+    let path = format!("/api/resource/ToDo/{name}");
+    assert_eq!(
+        get(&gw.url(&path), FULL).await.header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(
+        get(&gw.url(&path), FULL).await.header("x-cache"),
+        Some("HIT")
+    );
+    name
+}
+
+/// The `X-Cache` of the full client's read of ToDo `name`.
+async fn todo_x_cache(gw: &Gateway, name: &str) -> String {
+    let reply = get(&gw.url(&format!("/api/resource/ToDo/{name}")), FULL).await;
+    reply.header("x-cache").unwrap_or("none").to_owned()
+}
+
+/// Names of the events in a client's feed.
+async fn feed_names(gw: &Gateway, credential: Credential) -> Vec<String> {
+    let feed = get(&gw.url("/_erpgate/events"), credential).await;
+    assert_eq!(feed.status, 200, "{}", feed.text());
+    feed.json()["message"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"]["name"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// A Frappe Webhook on Note whose template writes `"title": "{{ doc.title }}"` (no `tojson`),
+/// and a Note titled `x", "doctype": "ToDo`: Frappe renders, `json.loads` (the last `doctype`
+/// wins), `json.dumps` and signs. Sent to the Note URL, neither that body nor the raw render
+/// (with both keys), nor a repeat whose last copy says Note, nor a Note body sent to the ToDo
+/// URL, nor a doctype spelt in another case, reaches a subscriber, a feed or the cache.
+#[tokio::test]
+async fn a_signed_body_naming_another_doctype_than_its_url_is_refused_and_reaches_no_one() {
+    let up = upstream().await;
+    let (todos, everything) = (Subscriber::start().await, Subscriber::start().await);
+    let yaml = with_todo_cache(&config(
+        &up,
+        &fast_events(&scratch_dir("bound")),
+        &subscription("todos", &todos.url(), "[ToDo]", "", 1),
+        &subscription("everything", &everything.url(), "[\"*\"]", "", 2),
+    ));
+    let gw = Gateway::start(&yaml).await;
+    let todo = cached_todo(&gw).await;
+    let upstream_before = up.count();
+
+    let note = intake("erp", "Note");
+    let to_do = intake("erp", "ToDo");
+    let attacks = [
+        // What Frappe signs and sends: json.dumps(json.loads(render)), one doctype, ToDo.
+        (
+            &note,
+            format!(
+                r#"{{"doctype": "ToDo", "name": "{todo}", "event": "on_update", "title": "x"}}"#
+            ),
+            "other_doctype",
+        ),
+        // The render itself, both keys (the last, ToDo, is what Python keeps).
+        (
+            &note,
+            format!(
+                r#"{{"doctype": "Note", "name": "{todo}", "event": "on_update", "title": "x", "doctype": "ToDo"}}"#
+            ),
+            "repeated_key",
+        ),
+        // A repeat whose last copy is the URL's doctype: a parser keeping the first reads ToDo.
+        (
+            &note,
+            format!(
+                r#"{{"doctype": "ToDo", "name": "{todo}", "event": "on_update", "doctype": "Note"}}"#
+            ),
+            "repeated_key",
+        ),
+        // The ToDo Webhook's URL, a body naming Note.
+        (
+            &to_do,
+            r#"{"doctype": "Note", "name": "N1", "event": "on_update"}"#.to_owned(),
+            "other_doctype",
+        ),
+        // Exact names only.
+        (
+            &intake("erp", "todo"),
+            format!(r#"{{"doctype": "ToDo", "name": "{todo}", "event": "on_update"}}"#),
+            "other_doctype",
+        ),
+    ];
+    for (path, body, _) in &attacks {
+        let reply = signed_webhook(&gw.base, path, body).await;
+        assert_eq!(reply.status, 400, "{path} {body}: {}", reply.text());
+        assert!(
+            reply.text().contains("doctype"),
+            "the refusal says why: {}",
+            reply.text()
+        );
+    }
+
+    // Nothing was purged, stored, relayed or forwarded.
+    assert_eq!(todo_x_cache(&gw, &todo).await, "HIT");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(todos.received().is_empty(), "{:?}", todos.received());
+    assert!(everything.received().is_empty());
+    assert_eq!(feed_names(&gw, FULL).await, Vec::<String>::new());
+    assert_eq!(feed_names(&gw, TODO_READER).await, Vec::<String>::new());
+    assert_eq!(up.count(), upstream_before, "nothing reaches the upstream");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
+        0.0
+    );
+    for reason in ["other_doctype", "repeated_key"] {
+        let expected = attacks.iter().filter(|(_, _, r)| *r == reason).count();
+        assert_eq!(
+            metric_value(
+                &m,
+                "erpgate_events_refused_total",
+                &[("site", "erp"), ("reason", reason)]
+            ),
+            expected as f64,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &m,
+            "erpgate_cache_invalidations_total",
+            &[("site", "erp"), ("reason", "webhook")]
+        ),
+        0.0
+    );
+
+    // The ToDo Webhook's own body at its own URL is relayed and purges.
+    let body = format!(r#"{{"doctype": "ToDo", "name": "{todo}", "event": "on_update"}}"#);
+    let reply = signed_webhook(&gw.base, &to_do, &body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = todos
+        .until("the genuine ToDo event", |r| !r.is_empty())
+        .await;
+    assert_eq!(got[0].what(), format!("ToDo/{todo}/on_update"));
+    everything
+        .until("the genuine ToDo event", |r| !r.is_empty())
+        .await;
+    assert_eq!(feed_names(&gw, TODO_READER).await, [todo.as_str()]);
+    assert_eq!(todo_x_cache(&gw, &todo).await, "MISS");
+}
+
+/// The per-doctype URL of a doctype with a space in its name: the event carries the URL's
+/// doctype and Frappe's body as sent.
+#[tokio::test]
+async fn a_doctypes_own_url_relays_its_events() {
+    let up = upstream().await;
+    let orders = Subscriber::start().await;
+    let yaml = one_subscription(&up, "orders", &orders.url(), "[Sales Order]", 1);
+    let gw = Gateway::start(&yaml).await;
+    let reply = frappe_webhook(&gw.base, "Sales Order", "SO-0001", "on_submit").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json(), serde_json::json!({"message": "ok"}));
+    // A trailing slash is the same URL.
+    let body = frappe_body("Sales Order", "SO-0002", "on_submit");
+    let path = format!("{}/", intake("erp", "Sales Order"));
+    assert_eq!(signed_webhook(&gw.base, &path, &body).await.status, 200);
+    let got = orders.until("both orders", |r| r.len() >= 2).await;
+    let whats: Vec<String> = got.iter().map(Received::what).collect();
+    assert_eq!(
+        whats,
+        [
+            "Sales Order/SO-0001/on_submit",
+            "Sales Order/SO-0002/on_submit"
+        ]
+    );
+    let first = got[0].json();
+    assert_eq!(first["data"]["doctype"], "Sales Order");
+    assert_eq!(first["data"]["doc"]["description"], "changed SO-0001");
+    assert_eq!(feed_names(&gw, FULL).await, ["SO-0001", "SO-0002"]);
+    // More than one segment after the site names no doctype: refused before reading.
+    let reply = signed_webhook(&gw.base, &format!("{path}extra"), &body).await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert_eq!(up.count(), 0, "nothing reaches the upstream");
+}
+
+/// The site-only URL purges the cache as it always did, but feeds no event: only a doctype's
+/// URL binds a body to a doctype. Without a cache it does nothing, and says so.
+#[tokio::test]
+async fn the_purge_only_url_purges_the_cache_but_relays_no_event() {
+    let up = upstream().await;
+    let sub = Subscriber::start().await;
+    let yaml = with_todo_cache(&one_subscription(
+        &up,
+        "purge-only",
+        &sub.url(),
+        "[\"*\"]",
+        1,
+    ));
+    let gw = Gateway::start(&yaml).await;
+    let todo = cached_todo(&gw).await;
+    let body = format!(r#"{{"doctype": "ToDo", "name": "{todo}", "event": "on_update"}}"#);
+    let reply = signed_webhook(&gw.base, "/_erpgate/webhooks/frappe/erp", &body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(todo_x_cache(&gw, &todo).await, "MISS", "purged");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(sub.received().is_empty(), "{:?}", sub.received());
+    assert_eq!(feed_names(&gw, FULL).await, Vec::<String>::new());
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "erpgate_cache_invalidations_total",
+            &[("site", "erp"), ("reason", "webhook")]
+        ),
+        1.0
+    );
+
+    // Events without a cache: the site-only URL has nothing to do, and refuses.
+    let bare = Gateway::start(&one_subscription(&up, "no-cache", &sub.url(), "[\"*\"]", 1)).await;
+    let reply = signed_webhook(&bare.base, "/_erpgate/webhooks/frappe/erp", &body).await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert!(reply
+        .text()
+        .contains("/_erpgate/webhooks/frappe/erp/<doctype>"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sub.received().is_empty());
+    assert_eq!(feed_names(&bare, FULL).await, Vec::<String>::new());
 }

@@ -485,8 +485,11 @@ pub struct SiteConfig {
     /// Retries to this site.
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Frappe webhooks to `POST /_erpgate/webhooks/frappe/<site>` that purge the cache. Default:
-    /// off (the endpoint answers 404 for this site).
+    /// Frappe webhooks, signed with this secret:
+    /// `POST /_erpgate/webhooks/frappe/<site>/<doctype>` (the doctype percent-encoded) purges
+    /// the cache and feeds the event relay, refusing a body that names another doctype;
+    /// `POST /_erpgate/webhooks/frappe/<site>` only purges the cache. Default: off (the
+    /// endpoints answer 404 for this site).
     #[serde(default)]
     pub webhook: Option<WebhookConfig>,
     /// Routes forwarded without a gateway key, with the caller's own cookies and

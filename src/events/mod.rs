@@ -1,8 +1,10 @@
 //! The event relay: one Frappe webhook in, a signed delivery to every subscription that wants
 //! it out, and the same events on a pull feed (README "Events").
 //!
-//! An event received on the signed webhook endpoint is persisted ([`store`]) with one delivery
-//! per matching subscription *before* Frappe hears 200 — at-least-once from then on. A worker
+//! An event received on a doctype's signed webhook URL (the doctype is the URL's; a body naming
+//! another is refused: [`crate::frappe::webhook::bound_target`]) is persisted ([`store`]) with
+//! one delivery per matching subscription *before* Frappe hears 200 — at-least-once from then
+//! on. A worker
 //! per subscription ([`delivery`]) sends each with Standard Webhooks headers ([`signature`]),
 //! retries failures with exponential backoff and jitter for `retry_for`, then buries them as
 //! dead letters the admin listener lists and replays.
@@ -307,6 +309,14 @@ impl EventRelay {
             shared.broadcast(Message::EventsAppended);
         }
         Ok(true)
+    }
+
+    /// Counts a signed webhook refused at a doctype's intake URL.
+    pub fn refused(&self, site: &str, reason: &str) {
+        self.metrics
+            .refused
+            .with_label_values(&[site, reason])
+            .inc();
     }
 
     /// Wakes workers and feed readers here.

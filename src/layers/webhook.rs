@@ -1,14 +1,24 @@
-//! Frappe webhooks: `POST /_erpgate/webhooks/frappe/<site>` on the public listener (a prefix no
-//! Frappe route uses), so edits made in the ERPNext desk, by scheduled jobs or by other
-//! integrations reach the cache, and the event relay's subscribers.
+//! Frappe webhooks on the public listener (a prefix no Frappe route uses), so edits made in the
+//! ERPNext desk, by scheduled jobs or by other integrations reach the cache, and the event
+//! relay's subscribers:
+//!
+//! - `POST /_erpgate/webhooks/frappe/<site>/<doctype>` (the doctype percent-encoded, e.g.
+//!   `Sales%20Order`): one Webhook's intake. The signed body must name exactly that doctype
+//!   (its last `doctype` key, as Python reads it) and repeat no key, else 400 and nothing is
+//!   purged or relayed ([`bound_target`]): a Webhook whose template renders a field unescaped
+//!   cannot be made by a document's text to speak for another doctype. The event relayed
+//!   carries the URL's doctype.
+//! - `POST /_erpgate/webhooks/frappe/<site>`: cache purge only, as it always was; it never feeds
+//!   the event relay, since nothing but the body names its doctype there.
 //!
 //! The body must carry a valid `X-Frappe-Webhook-Signature` under the site's webhook secret,
 //! compared in constant time; otherwise 401 and nothing is invalidated or relayed. The document
 //! named in the signed payload (`doctype`, `name`) is dropped from the cache with its doctype's
 //! lists; without a name, the whole doctype. Nothing unsigned chooses the target (Frappe signs
-//! only the body). With the event relay on, the event is persisted with its deliveries before
-//! the answer: 200 `{"message": "ok"}` means it is kept; a store failure is 503, which Frappe
-//! retries (its webhook job tries three times).
+//! only the body; the URL's doctype only refuses, it never widens what a body names). With the
+//! event relay on, the event is persisted with its deliveries before the answer: 200
+//! `{"message": "ok"}` means it is kept; a store failure is 503, which Frappe retries (its
+//! webhook job tries three times).
 //!
 //! Before authentication: Frappe holds no gateway key, the signature is the credential, so the
 //! endpoint is open to strangers and bounded accordingly: at most [`MAX_CONCURRENT`] bodies are
@@ -40,7 +50,7 @@ use tower::{Layer, Service};
 use crate::error::GatewayError;
 use crate::events::EventRelay;
 use crate::forwarding::TrustedProxies;
-use crate::frappe::webhook::{target, SignatureCheck, SIGNATURE_HEADER};
+use crate::frappe::webhook::{bound_target, target, SignatureCheck, SIGNATURE_HEADER};
 use crate::layers::cache::Cache;
 use crate::layers::BoxResponseFuture;
 use crate::{full_body, Body, BoxError};
@@ -146,6 +156,38 @@ impl<S> Layer<S> for WebhookLayer {
     }
 }
 
+/// Which intake a webhook URL names, after the site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Intake {
+    /// `<site>`: cache purge only.
+    PurgeOnly,
+    /// `<site>/<doctype>`: the events of one doctype (decoded), and their purges.
+    Doctype(String),
+    /// `<site>/<something>` that is not one doctype name.
+    Unusable,
+}
+
+impl Intake {
+    /// Splits what follows [`WEBHOOK_PREFIX`] into the site and its intake.
+    fn parse(rest: &str) -> (String, Self) {
+        let rest = rest.trim_end_matches('/');
+        let Some((site, doctype)) = rest.split_once('/') else {
+            return (rest.to_owned(), Self::PurgeOnly);
+        };
+        // One segment, decoded once: a doctype name never holds a `/` (Frappe's DocType names
+        // are letters, digits, spaces, `-` and `_`), so neither a second segment nor `%2F` is
+        // guessed at.
+        let decoded = percent_encoding::percent_decode_str(doctype).decode_utf8();
+        let intake = match decoded {
+            Ok(name) if !doctype.contains('/') && !name.is_empty() && !name.contains('/') => {
+                Self::Doctype(name.into_owned())
+            }
+            _ => Self::Unusable,
+        };
+        (site.to_owned(), intake)
+    }
+}
+
 /// The service of [`WebhookLayer`].
 #[derive(Debug, Clone)]
 pub struct Webhook<S> {
@@ -157,6 +199,7 @@ impl WebhookLayer {
     async fn receive(
         self,
         site: String,
+        intake: Intake,
         request: Request<Body>,
     ) -> Result<Response<Body>, BoxError> {
         if request.method() != Method::POST {
@@ -168,6 +211,25 @@ impl WebhookLayer {
             ))
             .into());
         };
+        match intake {
+            Intake::Unusable => {
+                return Err(GatewayError::NotFound(format!(
+                    "webhook URLs are /_erpgate/webhooks/frappe/{site}/<doctype>, the doctype \
+                     percent-encoded as one path segment"
+                ))
+                .into())
+            }
+            // Without a cache the purge-only URL does nothing; a 200 would hide that events
+            // sent there are not relayed.
+            Intake::PurgeOnly if self.cache.is_none() => {
+                return Err(GatewayError::NotFound(format!(
+                    "/_erpgate/webhooks/frappe/{site} purges the cache only, and no cache is \
+                     configured; events are received at /_erpgate/webhooks/frappe/{site}/<doctype>"
+                ))
+                .into())
+            }
+            _ => {}
+        }
         let Some(signature) = request.headers().get(SIGNATURE_HEADER).cloned() else {
             tracing::warn!(site, "webhook without a signature refused");
             return Err(GatewayError::Unauthenticated("bad webhook signature").into());
@@ -202,16 +264,54 @@ impl WebhookLayer {
             tracing::warn!(site, "webhook with a wrong signature refused");
             return Err(GatewayError::Unauthenticated("bad webhook signature").into());
         }
-        let Some(target) = target(&body) else {
-            return Err(GatewayError::BadRequest(
-                "webhook payload names no doctype (a JSON object with \"doctype\" and \"name\")"
-                    .into(),
-            )
-            .into());
+        let target = match &intake {
+            Intake::Doctype(doctype) => match bound_target(&body, doctype) {
+                Ok(target) => target,
+                Err(unbound) => {
+                    // Signed, so sent by the site's Webhook (or with its secret): a template
+                    // rendering a value unescaped, or a misspelt URL. Worth an operator's look.
+                    tracing::warn!(
+                        site,
+                        doctype,
+                        reason = unbound.reason(),
+                        error = %unbound,
+                        "signed webhook refused: not an event of its URL's doctype"
+                    );
+                    if let Some(events) = &self.events {
+                        events.refused(&site, unbound.reason());
+                    }
+                    return Err(GatewayError::BadRequest(unbound.to_string()).into());
+                }
+            },
+            _ => match target(&body) {
+                Some(target) => target,
+                None => {
+                    return Err(GatewayError::BadRequest(
+                        "webhook payload names no doctype (a JSON object with \"doctype\" and \
+                         \"name\")"
+                            .into(),
+                    )
+                    .into())
+                }
+            },
         };
         // The event first: it is kept whatever the purge limit says (Frappe retries a webhook
-        // only a few times, so a refused one in a burst would be an event lost).
-        let stored = match &self.events {
+        // only a few times, so a refused one in a burst would be an event lost). Only a
+        // doctype's URL feeds the relay: on the purge-only URL the body alone names the doctype.
+        let relay = match (&self.events, &intake) {
+            (Some(events), Intake::Doctype(_)) => Some(events),
+            (Some(_), _) => {
+                tracing::info!(
+                    site,
+                    doctype = target.doctype,
+                    "webhook on the purge-only URL: purged, not relayed (events are received at \
+                     /_erpgate/webhooks/frappe/<site>/<doctype>)"
+                );
+                None
+            }
+            (None, _) => None,
+        };
+        let stored = match relay {
             None => false,
             Some(events) => match events.accept(&site, &target, &body).await {
                 Ok(true) => true,
@@ -300,14 +400,40 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let site = request
+        let intake = request
             .uri()
             .path()
             .strip_prefix(WEBHOOK_PREFIX)
-            .map(|rest| rest.trim_end_matches('/').to_owned());
-        match site {
-            Some(site) => Either::Right(Box::pin(self.layer.clone().receive(site, request))),
+            .map(Intake::parse);
+        match intake {
+            Some((site, intake)) => {
+                Either::Right(Box::pin(self.layer.clone().receive(site, intake, request)))
+            }
             None => Either::Left(self.inner.call(request)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intake_urls() {
+        let doctype = |name: &str| Intake::Doctype(name.to_owned());
+        for (rest, site, intake) in [
+            ("erp", "erp", Intake::PurgeOnly),
+            ("erp/", "erp", Intake::PurgeOnly),
+            ("erp/Note", "erp", doctype("Note")),
+            ("erp/Sales%20Order/", "erp", doctype("Sales Order")),
+            ("erp/Sales Order", "erp", doctype("Sales Order")),
+            ("erp/Note/extra", "erp", Intake::Unusable),
+            ("erp/a%2Fb", "erp", Intake::Unusable),
+            ("erp/%FF", "erp", Intake::Unusable),
+            ("erp//", "erp", Intake::PurgeOnly),
+            ("erp//Note", "erp", Intake::Unusable),
+        ] {
+            assert_eq!(Intake::parse(rest), (site.to_owned(), intake), "{rest}");
         }
     }
 }
