@@ -327,6 +327,18 @@ impl FrappeUpstream {
         self.state.introspections.load(Ordering::SeqCst)
     }
 
+    /// The `OAuth Bearer Token` named `token`, found as MariaDB's `utf8mb4_unicode_ci`
+    /// collation finds a name (any case, trailing spaces ignored): what `validate_oauth` and
+    /// `introspect_token` get from `frappe.get_doc` / `frappe.db.get_value`.
+    fn oauth_token(&self, token: &str) -> Option<OAuthToken> {
+        let wanted = token.trim_end_matches(' ').to_lowercase();
+        let tokens = self.state.oauth_tokens.lock().unwrap();
+        tokens
+            .iter()
+            .find(|(name, _)| name.trim_end_matches(' ').to_lowercase() == wanted)
+            .map(|(_, t)| t.clone())
+    }
+
     /// Changes a ToDo behind the gateway's back, as an edit in the ERPNext desk would.
     pub fn edit_todo(&self, name: &str, field: &str, value: &str) {
         let mut todos = self.state.todos.lock().unwrap();
@@ -573,7 +585,7 @@ impl FrappeUpstream {
             let form: BTreeMap<String, String> =
                 form_urlencoded::parse(body).into_owned().collect();
             let token = form.get("token").cloned().unwrap_or_default();
-            let found = self.state.oauth_tokens.lock().unwrap().get(&token).cloned();
+            let found = self.oauth_token(&token);
             let answer = match found {
                 None => json!({"active": false}),
                 Some(t) => {
@@ -677,8 +689,7 @@ impl FrappeUpstream {
         // auth.py validate_oauth: a Bearer token acts as its user while Active and unexpired
         // (oauthlib's validate_bearer_token), else the request is Guest's.
         if parts.len() == 2 && parts[0].eq_ignore_ascii_case("bearer") {
-            let tokens = self.state.oauth_tokens.lock().unwrap();
-            return Ok(match tokens.get(parts[1]) {
+            return Ok(match self.oauth_token(parts[1]) {
                 Some(t) if t.active && t.exp > unix_now() => t.user.clone(),
                 _ => "Guest".into(),
             });
