@@ -293,7 +293,7 @@ impl Service<Request<Body>> for PublicForward {
                 identity: [0; 32],
             },
         });
-        let expose = site.expose_tracebacks;
+        let expose = crate::layers::credential_swap::Audience::of(&request);
         Box::pin(async move {
             let call = BreakerLayer.layer(Forward).oneshot(request);
             let response = tokio::time::timeout(site.total_timeout, call)
