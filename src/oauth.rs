@@ -3,16 +3,19 @@
 //! unexpired token of a configured app, the request goes on as that app, with the user's own
 //! token sent to Frappe (so Frappe applies the user's permissions).
 //!
-//! - **Cheap**: answers are remembered, keyed by a SHA-256 of the token (never the token),
-//!   bounded in bytes, each for `min(exp, introspection_ttl)` (an inactive answer for the
-//!   longest ttl, so a stranger's garbage tokens do not each cost the site a call); concurrent
-//!   first uses of one token make one call (moka's `try_get_with`).
+//! - **Cheap**: answers are remembered, keyed by a SHA-256 of the token (never the token) in
+//!   the case-folded form Frappe's case-insensitive lookup finds it by
+//!   ([`crate::frappe::oauth::token_lookup_form`]), bounded in bytes, each for
+//!   `min(exp, introspection_ttl)` (an inactive answer for the longest ttl, so a stranger's
+//!   garbage tokens do not each cost the site a call); concurrent first uses of one token
+//!   make one call (moka's `try_get_with`).
 //! - **Prompt**: a revoked token stops working once its answer expires (30 s by default).
 //! - **Never a guess**: an introspection that fails (site down, breaker open, timeout, an answer
 //!   that is not one) is a 503 for that request, never an accepted token, and is not
 //!   remembered. Calls go through the site's circuit breaker, under its `timeouts.total`.
-//! - **Per user**: each token is one user (its `sub` with the `openid` scope, else the token's
-//!   hash); the user's key keys per-user quotas and the cache (see `layers::route`).
+//! - **Per user**: each token is one user (its `sub` with the `openid` scope, else the hash of
+//!   its case-folded form, so case variants are one user); the user's key keys per-user
+//!   quotas and the cache (see `layers::route`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -28,7 +31,9 @@ use tower::{Layer, ServiceExt};
 
 use crate::error::GatewayError;
 use crate::frappe::headers::X_FRAPPE_SITE_NAME;
-use crate::frappe::oauth::{introspection_body, parse_introspection, INTROSPECT_PATH};
+use crate::frappe::oauth::{
+    introspection_body, parse_introspection, token_lookup_form, INTROSPECT_PATH,
+};
 use crate::frappe::CanonicalPath;
 use crate::full_body;
 use crate::layers::auth::Client;
@@ -68,7 +73,7 @@ impl App {
 pub struct OAuthUser {
     /// The user's own `Authorization: Bearer <token>`, marked sensitive: what Frappe gets.
     pub authorization: HeaderValue,
-    /// Who the user is, as a hash: of the `sub` claim, else of the token.
+    /// Who the user is, as a hash: of the `sub` claim, else of the token's case-folded form.
     pub key: [u8; 32],
 }
 
@@ -239,7 +244,10 @@ impl OAuthApps {
         address_blocked: Option<Duration>,
     ) -> Result<(Arc<Client>, OAuthUser), Refusal> {
         let site = site.ok_or(Refusal::Invalid("oauth_no_site"))?;
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Keyed on the form Frappe looks the token up by, so every case variant of one token
+        // shares one introspection and (without `sub`) one per-user quota.
+        let folded = token_lookup_form(token).ok_or(Refusal::Invalid("malformed"))?;
+        let key: [u8; 32] = Sha256::digest(folded.as_bytes()).into();
         if let Some(retry_after) = address_blocked {
             if self.verdicts.get(&key).await.is_none() {
                 return Err(Refusal::Throttled(retry_after));

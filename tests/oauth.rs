@@ -825,3 +825,70 @@ async fn an_oauth_token_has_no_event_feed() {
         .collect();
     assert!(forwarded.is_empty(), "{forwarded:?}");
 }
+
+/// Frappe finds `OAuth Bearer Token` rows case-insensitively (MariaDB's `utf8mb4_unicode_ci`),
+/// so case variants of one token are one token: one introspection, one per-user quota, with or
+/// without the `openid` scope's `sub` to tell the user by.
+#[tokio::test]
+async fn case_variants_of_a_token_share_one_introspection_and_one_user_quota() {
+    const VARIANTS: usize = 12;
+    for scopes in ["all", "all openid"] {
+        let up = upstream().await;
+        up.issue_oauth_token("tok-alice", APP, "alice@example.com", 3600, scopes);
+        let yaml = oauth_config(
+            &up,
+            &format!(
+                "    rate_limit: {{ per_second: 1000, burst: 1000 }}\n    \
+                 per_user_rate_limit: {{ per_minute: 1, burst: {VARIANTS} }}\n"
+            ),
+        );
+        let gw = Gateway::start(&yaml).await;
+        // Each variant spells "tok-alice" with a different set of letters upper-cased.
+        let variants: Vec<String> = (1..=VARIANTS + 1)
+            .map(|mask| {
+                "tok-alice"
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if mask >> i & 1 == 1 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for token in &variants[..VARIANTS] {
+            let reply = bearer(&gw, token, WHO).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "{scopes} {token}: {}",
+                reply.text()
+            );
+            assert_eq!(reply.json()["message"], "alice@example.com");
+        }
+        let over = bearer(&gw, &variants[VARIANTS], WHO).await;
+        assert_eq!(
+            over.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{scopes}: {}",
+            over.text()
+        );
+        assert!(over.text().contains("this user"), "{}", over.text());
+        assert_eq!(up.introspections(), 1, "{scopes}");
+        // What reached Frappe: the one introspection and the variants within the quota, each
+        // with the token as the client spelled it.
+        let received = up.received();
+        let calls: Vec<_> = received
+            .iter()
+            .filter(|r| !r.path_and_query.contains("introspect_token"))
+            .collect();
+        assert_eq!(calls.len(), VARIANTS, "{scopes}");
+        for (call, token) in calls.iter().zip(&variants) {
+            assert_eq!(call.headers["authorization"], format!("Bearer {token}"));
+        }
+        assert_eq!(received.len(), VARIANTS + 1);
+    }
+}

@@ -476,7 +476,10 @@ pub struct SiteConfig {
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
     /// Pass Frappe's Python tracebacks through to clients. Default `false`: each is replaced
-    /// with its one-line summary.
+    /// with its one-line summary. It never gives restricted readers (clients with `allow`
+    /// rules, OAuth apps' users, public routes' callers) the text of a database error: for
+    /// them every summary, traceback or message holding one is replaced by a fixed line with
+    /// the request id (the original is logged at `debug`), since MariaDB's messages carry data.
     #[serde(default)]
     pub expose_tracebacks: bool,
     /// The circuit breaker of this site.

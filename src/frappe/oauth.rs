@@ -39,6 +39,30 @@ pub fn bearer_access_token(authorization: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && is_access_token(param)).then_some(param)
 }
 
+/// The form of an access token that Frappe's lookup cannot tell apart from it: its ASCII
+/// lower case; `None` (refused) for a token with any byte outside printable ASCII.
+///
+/// Frappe finds the token's `OAuth Bearer Token` row by name (`frappe/oauth.py`
+/// `validate_bearer_token`: `frappe.get_doc("OAuth Bearer Token", token)`; `frappe/auth.py`
+/// `validate_oauth`: `frappe.db.get_value("OAuth Bearer Token", token, ...)`; `oauth2.py`
+/// `introspect_token`), and MariaDB compares names under the site's `utf8mb4_unicode_ci`
+/// collation (`frappe/database/mariadb/database.py` creates tables with it): case-insensitively,
+/// trailing spaces ignored. So `AbC` and `abc` are one token at Frappe and must be one key in
+/// erpgate's introspection cache and per-user quotas, or each case variant would buy a fresh
+/// quota and a fresh introspection. For printable ASCII (which has no spaces) that collation's
+/// equality is exactly ASCII case folding. Beyond ASCII, `unicode_ci` also equates accents,
+/// ligatures and width variants, which no simple folding reproduces: such a token is refused
+/// rather than folded wrongly ([`is_access_token`] already keeps them from reaching here;
+/// Frappe's own tokens are `generate_hash` hex). Postgres sites compare names exactly: folding
+/// there only merges variants Frappe would treat as Guest, and the token as sent is what Frappe
+/// judges.
+pub fn token_lookup_form(token: &str) -> Option<String> {
+    token
+        .bytes()
+        .all(|b| b.is_ascii_graphic())
+        .then(|| token.to_ascii_lowercase())
+}
+
 /// The form body of an introspection request for `token`.
 pub fn introspection_body(token: &str) -> Bytes {
     let mut form = form_urlencoded::Serializer::new(String::new());
@@ -93,6 +117,19 @@ mod tests {
             bearer_access_token(&format!("Bearer {}", "a".repeat(513))),
             None
         );
+    }
+
+    #[test]
+    fn case_variants_of_a_token_share_one_lookup_form() {
+        assert_eq!(token_lookup_form("Tok-ALICE_9"), Some("tok-alice_9".into()));
+        assert_eq!(
+            token_lookup_form("tok-alice_9"),
+            token_lookup_form("TOK-ALICE_9")
+        );
+        // Beyond ASCII the collation's equality is not a case folding: refused, not guessed.
+        assert_eq!(token_lookup_form("tok-\u{e9}"), None);
+        assert_eq!(token_lookup_form("TOK-\u{212a}"), None);
+        assert_eq!(token_lookup_form("tok alice"), None);
     }
 
     #[test]

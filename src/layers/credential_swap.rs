@@ -7,26 +7,34 @@
 //! appended to the incoming list only when the peer is a trusted proxy) and `X-Forwarded-Proto`
 //! are set. Client-bound: `Set-Cookie` (Frappe sets Guest cookies on every answer) and hop-by-hop
 //! headers go, and unless the site sets `expose_tracebacks`, Python tracebacks in JSON error
-//! bodies are cut to one line.
+//! bodies are cut to one line. Restricted readers (clients with access rules, OAuth apps'
+//! users, public routes' callers) never get the text of Frappe's database errors (see
+//! [`Audience`]).
 //!
 //! Innermost before the client, so no layer above ever holds an ERPNext secret.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::forwarding::{ArrivedOverTls, PeerAddr, TrustedProxies};
-use crate::frappe::envelope::scrub_tracebacks;
+use crate::frappe::envelope::{scrub, Scrub};
 use crate::frappe::headers::{
     remove_client_identity, remove_hop_by_hop, remove_wsgi_specials, X_FORWARDED_FOR,
     X_FORWARDED_PROTO, X_FRAPPE_SITE_NAME,
 };
+use crate::layers::auth::Client;
+use crate::layers::request_id::X_REQUEST_ID;
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
+use crate::oauth::OAuthUser;
 use crate::site::Site;
 use crate::{full_body, Body, BoxError};
 
@@ -113,11 +121,56 @@ pub(crate) fn address_to_site(request: &mut Request<Body>, site: &Site, trusted:
     }
 }
 
-/// Cleans an upstream response for the client; `keep_cookies` only on a public route's answer
-/// (the OAuth sign-in flow needs its session).
+/// Who reads an upstream answer, as far as cleaning it goes.
+#[derive(Debug, Clone)]
+pub(crate) struct Audience {
+    /// The site passes Python tracebacks through (`sites.<name>.expose_tracebacks`).
+    expose_tracebacks: bool,
+    /// The route streams bodies: success answers are not held to be looked at.
+    streaming: bool,
+    /// For a restricted reader, the request id its withheld database error text is logged
+    /// under.
+    restricted: Option<String>,
+}
+
+impl Audience {
+    /// The reader of `request`'s answer, on its [`RouteTarget`]'s site. Restricted unless the
+    /// request's client is a gateway key without access rules: a client with `allow` rules, an
+    /// OAuth app's user and a public route's caller (no client at all) are restricted. For
+    /// those, Frappe's database error text is never passed on, `expose_tracebacks` or not: it
+    /// is MariaDB's message and carries data (an `extractvalue` XPATH error quotes the value
+    /// it was given, a duplicate key its value), a channel around the access rules.
+    pub(crate) fn of<B>(request: &Request<B>) -> Self {
+        let target = request.extensions().get::<RouteTarget>();
+        let full_access = request
+            .extensions()
+            .get::<Arc<Client>>()
+            .is_some_and(|c| c.rules.is_none())
+            && request.extensions().get::<OAuthUser>().is_none();
+        let request_id = request
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown");
+        Self {
+            expose_tracebacks: target.is_some_and(|t| t.site.expose_tracebacks),
+            streaming: target.is_some_and(|t| t.streaming),
+            restricted: (!full_access).then(|| request_id.to_owned()),
+        }
+    }
+}
+
+/// Cleans an upstream response for its `audience`; `keep_cookies` only on a public route's
+/// answer (the OAuth sign-in flow needs its session).
+///
+/// JSON error answers (4xx, 5xx) have their tracebacks cut to one line unless the site exposes
+/// them; for a restricted reader the text of a database error is replaced by a fixed line with
+/// the request id (the original is logged at `debug` under it), and JSON success answers up to
+/// [`MAX_ERROR_BODY`] are looked at too, for tracebacks in `message` (a larger or streamed
+/// one passes as it is).
 pub(crate) async fn clean_response(
     mut response: Response<Body>,
-    expose_tracebacks: bool,
+    audience: Audience,
     keep_cookies: bool,
 ) -> Result<Response<Body>, BoxError> {
     let headers = response.headers_mut();
@@ -131,25 +184,94 @@ pub(crate) async fn clean_response(
             .any(|w| w.eq_ignore_ascii_case(b"json"))
     });
     let status = response.status();
-    if expose_tracebacks || !is_json || !(status.is_client_error() || status.is_server_error()) {
+    let is_error = status.is_client_error() || status.is_server_error();
+    let restricted = audience.restricted.as_deref();
+    let look = match (is_error, restricted) {
+        _ if !is_json => false,
+        (true, None) => !audience.expose_tracebacks,
+        (true, Some(_)) => true,
+        (false, Some(_)) => status.is_success() && !audience.streaming,
+        (false, None) => false,
+    };
+    if !look {
         return Ok(response);
     }
     let (mut parts, body) = response.into_parts();
-    let bytes = match Limited::new(body, MAX_ERROR_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream error body unreadable or too large to clean");
-            return Err(GatewayError::BadGateway {
-                site: "upstream".into(),
+    let bytes = if is_error {
+        match Limited::new(body, MAX_ERROR_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream error body unreadable or too large to clean");
+                return Err(GatewayError::BadGateway {
+                    site: "upstream".into(),
+                }
+                .into());
             }
-            .into());
+        }
+    } else {
+        match read_up_to(body, MAX_ERROR_BODY).await? {
+            Ok(bytes) => bytes,
+            Err(whole) => return Ok(Response::from_parts(parts, whole)),
         }
     };
-    let bytes = scrub_tracebacks(&bytes).unwrap_or(bytes);
+    // A success answer is parsed only when it holds a traceback at all.
+    if !is_error && !contains(&bytes, b"Traceback (most recent call last)") {
+        return Ok(Response::from_parts(parts, full_body(bytes)));
+    }
+    let how = Scrub {
+        tracebacks: !audience.expose_tracebacks,
+        database_text: restricted,
+    };
+    let bytes = match scrub(&bytes, how) {
+        Some(scrubbed) => {
+            for original in &scrubbed.withheld {
+                tracing::debug!(
+                    request_id = restricted.unwrap_or_default(),
+                    original = %original,
+                    "database error text withheld from a restricted client"
+                );
+            }
+            scrubbed.body
+        }
+        None => bytes,
+    };
     parts
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     Ok(Response::from_parts(parts, full_body(bytes)))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The whole of `body` when it is at most `limit` bytes (`Ok(Ok)`); else a body that gives
+/// what was read and then the rest (`Ok(Err)`), nothing lost.
+async fn read_up_to(mut body: Body, limit: usize) -> Result<Result<Bytes, Body>, BoxError> {
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(data) => read.extend_from_slice(&data),
+            // Trailers: a body Frappe does not send; pass it on as it is.
+            Err(frame) => {
+                let head = futures_util::stream::iter([
+                    Ok::<_, BoxError>(http_body::Frame::data(read.freeze())),
+                    Ok(frame),
+                ]);
+                let rest = head.chain(http_body_util::BodyStream::new(body));
+                return Ok(Err(Body::new(http_body_util::StreamBody::new(rest))));
+            }
+        }
+        if read.len() > limit {
+            let head = futures_util::stream::iter([Ok::<_, BoxError>(http_body::Frame::data(
+                read.freeze(),
+            ))]);
+            let rest = head.chain(http_body_util::BodyStream::new(body));
+            return Ok(Err(Body::new(http_body_util::StreamBody::new(rest))));
+        }
+    }
+    Ok(Ok(read.freeze()))
 }
 
 impl<S> Service<Request<Body>> for CredentialSwap<S>
@@ -169,9 +291,9 @@ where
         let Some(target) = request.extensions().get::<RouteTarget>().cloned() else {
             return Box::pin(async { Err("request reached the credential swap unrouted".into()) });
         };
+        let audience = Audience::of(&request);
         self.sign(&mut request, &target);
-        let expose = target.site.expose_tracebacks;
         let future = self.inner.call(request);
-        Box::pin(async move { clean_response(future.await?, expose, false).await })
+        Box::pin(async move { clean_response(future.await?, audience, false).await })
     }
 }

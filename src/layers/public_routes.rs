@@ -309,7 +309,7 @@ impl Service<Request<Body>> for PublicForward {
                 identity: [0; 32],
             },
         });
-        let expose = site.expose_tracebacks;
+        let expose = crate::layers::credential_swap::Audience::of(&request);
         // As keyed requests go: the body whole first, then the site's deadline, its breaker.
         let forward = tower::ServiceBuilder::new()
             .layer(self.buffer.clone())

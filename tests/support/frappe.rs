@@ -327,6 +327,18 @@ impl FrappeUpstream {
         self.state.introspections.load(Ordering::SeqCst)
     }
 
+    /// The `OAuth Bearer Token` named `token`, found as MariaDB's `utf8mb4_unicode_ci`
+    /// collation finds a name (any case, trailing spaces ignored): what `validate_oauth` and
+    /// `introspect_token` get from `frappe.get_doc` / `frappe.db.get_value`.
+    fn oauth_token(&self, token: &str) -> Option<OAuthToken> {
+        let wanted = token.trim_end_matches(' ').to_lowercase();
+        let tokens = self.state.oauth_tokens.lock().unwrap();
+        tokens
+            .iter()
+            .find(|(name, _)| name.trim_end_matches(' ').to_lowercase() == wanted)
+            .map(|(_, t)| t.clone())
+    }
+
     /// Changes a ToDo behind the gateway's back, as an edit in the ERPNext desk would.
     pub fn edit_todo(&self, name: &str, field: &str, value: &str) {
         let mut todos = self.state.todos.lock().unwrap();
@@ -573,7 +585,7 @@ impl FrappeUpstream {
             let form: BTreeMap<String, String> =
                 form_urlencoded::parse(body).into_owned().collect();
             let token = form.get("token").cloned().unwrap_or_default();
-            let found = self.state.oauth_tokens.lock().unwrap().get(&token).cloned();
+            let found = self.oauth_token(&token);
             let answer = match found {
                 None => json!({"active": false}),
                 Some(t) => {
@@ -642,6 +654,26 @@ impl FrappeUpstream {
         if path == "/api/method/test.echo" {
             return ok(json!({"message": {"query": query, "body": String::from_utf8_lossy(body)}}));
         }
+        if path == "/api/method/test.db_error" || path == "/api/v2/method/test.db_error" {
+            let duplicate = query.get("kind").map(String::as_str) == Some("duplicate");
+            let messages = query.contains_key("messages");
+            return database_error(path.starts_with("/api/v2/"), duplicate, messages);
+        }
+        if path == "/api/method/test.console" {
+            // `system_console.execute_code` answers 200 with the document, the traceback of
+            // the code that failed in `output` (`SystemConsole.run`: `frappe.get_traceback()`).
+            let last = match query.get("kind").map(String::as_str) {
+                Some("plain") => "NameError: name 'x' is not defined",
+                _ => XPATH_ERROR,
+            };
+            return ok(json!({"message": {
+                "doctype": "System Console",
+                "name": "System Console",
+                "type": "Python",
+                "console": "frappe.db.sql(\"select extractvalue(1, concat('~', ...))\")",
+                "output": format!("{}{last}\n", database_traceback_head()),
+            }}));
+        }
         if path == "/api/method/test.traceback" {
             return frappe_error(
                 StatusCode::EXPECTATION_FAILED,
@@ -677,8 +709,7 @@ impl FrappeUpstream {
         // auth.py validate_oauth: a Bearer token acts as its user while Active and unexpired
         // (oauthlib's validate_bearer_token), else the request is Guest's.
         if parts.len() == 2 && parts[0].eq_ignore_ascii_case("bearer") {
-            let tokens = self.state.oauth_tokens.lock().unwrap();
-            return Ok(match tokens.get(parts[1]) {
+            return Ok(match self.oauth_token(parts[1]) {
                 Some(t) if t.active && t.exp > unix_now() => t.user.clone(),
                 _ => "Guest".into(),
             });
@@ -833,6 +864,61 @@ fn frappe_error(status: StatusCode, exc_type: &str, message: &str) -> Response<F
         "exc": json!([traceback]).to_string(),
         "_server_messages": json!([server_message]).to_string(),
     });
+    let mut r = ok(body);
+    *r.status_mut() = status;
+    r
+}
+
+/// The last line of a MariaDB `extractvalue` error as pymysql raises it: MariaDB's message
+/// quotes the value the XPATH was built from.
+pub const XPATH_ERROR: &str =
+    "pymysql.err.OperationalError: (1105, \"XPATH syntax error: '~secretapikey'\")";
+
+/// Where a database error's traceback goes: Frappe's `Database.sql` into pymysql.
+fn database_traceback_head() -> &'static str {
+    "Traceback (most recent call last):\n  File \"apps/frappe/frappe/app.py\", line 114, in application\n    response = frappe.api.handle(request)\n  File \"apps/frappe/frappe/database/database.py\", line 247, in sql\n    self._cursor.execute(query, values)\n  File \"env/lib/python3.11/site-packages/pymysql/err.py\", line 150, in raise_mysql_exception\n    raise errorclass(errno, errval)\n"
+}
+
+/// A database error as Frappe 15 answers it (`frappe/utils/response.py` `report_error`, with
+/// tracebacks allowed): v1 `exc_type` the class's `__name__`, `exception` the traceback's last
+/// line, `exc` the traceback list; v2 `errors: [{type, exception}]`. `duplicate`: a document
+/// insert's `DuplicateEntryError` (409) wrapping pymysql's `IntegrityError`; `messages`: a
+/// `msgprint` of the driver's message in `_server_messages` (v2 `messages`).
+fn database_error(v2: bool, duplicate: bool, messages: bool) -> Response<Full<Bytes>> {
+    let (status, exc_type, last) = if duplicate {
+        (
+            StatusCode::CONFLICT,
+            "DuplicateEntryError",
+            "frappe.exceptions.DuplicateEntryError: ('ToDo', 'secretname', IntegrityError(1062, \"Duplicate entry 'secretname' for key 'PRIMARY'\"))".to_owned(),
+        )
+    } else {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "OperationalError",
+            XPATH_ERROR.to_owned(),
+        )
+    };
+    let traceback = format!("{}{last}\n", database_traceback_head());
+    let detail = last.split_once(": ").map(|(_, d)| d).unwrap_or_default();
+    let message = json!({"message": detail, "title": "Message", "indicator": "red"});
+    let mut body = if v2 {
+        json!({"errors": [{"type": exc_type, "exception": traceback}]})
+    } else {
+        json!({
+            "exception": last,
+            "exc_type": exc_type,
+            "exc": json!([traceback]).to_string(),
+        })
+    };
+    if messages {
+        if v2 {
+            body["messages"] = json!([message]);
+        } else {
+            let keep = json!({"message": "Saved earlier rows", "title": "Message"});
+            body["_server_messages"] =
+                json!(json!([keep.to_string(), message.to_string()]).to_string());
+        }
+    }
     let mut r = ok(body);
     *r.status_mut() = status;
     r
