@@ -31,6 +31,7 @@ use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::BreakerLayer;
 use crate::layers::buffer::{BufferLayer, BufferSettings};
+use crate::layers::buffer_budget::{BudgetLimits, BudgetMetrics, BufferBudget};
 use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
 use crate::layers::cache::{Cache, CacheLayer};
 use crate::layers::classify::ClassifyLayer;
@@ -140,6 +141,7 @@ struct Kept {
     telemetry: (String, Option<Arc<Telemetry>>),
     oauth: Option<(String, Arc<OAuthApps>)>,
     events: (String, Option<Arc<EventRelay>>),
+    buffer_budget: (String, Arc<BufferBudget>),
 }
 
 /// Builds the gateway from a validated config; on a reload, `previous` is the gateway being
@@ -295,6 +297,44 @@ where
         WebhookLayer::new(cache.1.clone(), events.1.clone(), secrets, trusted.clone())
     });
 
+    // One budget for every body held; a reload that leaves its limits alone keeps it, with the
+    // reservations of the requests still in flight.
+    let buffer_budget = reuse(
+        kept.map(|k| &k.buffer_budget),
+        format!(
+            "{:?} {:?} {}",
+            config.buffering.max_memory,
+            config.buffering.max_disk,
+            config.buffering.max_client_share
+        ),
+        || {
+            BufferBudget::new(
+                BudgetLimits {
+                    max_memory: config.buffering.max_memory.0,
+                    max_disk: config.buffering.max_disk.0,
+                    client_share: config.buffering.max_client_share,
+                },
+                &BudgetMetrics {
+                    held: metrics.buffered_bytes.clone(),
+                    refused: metrics.buffer_refusals.clone(),
+                },
+            )
+        },
+    );
+    // Every buffering layer gets a clone of these settings, and so draws on the same budget.
+    let buffering = BufferSettings {
+        requests: config.buffering.requests,
+        responses: config.buffering.responses,
+        memory: usize::try_from(config.buffering.memory.0).unwrap_or(usize::MAX),
+        directory: config
+            .buffering
+            .directory
+            .clone()
+            .unwrap_or_else(std::env::temp_dir),
+        client_body_timeout: config.buffering.client_body_timeout,
+        budget: buffer_budget.1.clone(),
+    };
+
     let service = ServiceBuilder::new()
         // Before anything reads a header: credentials are marked sensitive for every layer.
         .layer(crate::layers::sensitive_headers::layer())
@@ -374,17 +414,7 @@ where
         // Whole bodies both ways before and after the site (as nginx in front of gunicorn): a
         // slow client never holds a Frappe worker, and the site's deadline starts once the
         // request is whole.
-        .layer(BufferLayer::new(BufferSettings {
-            requests: config.buffering.requests,
-            responses: config.buffering.responses,
-            memory: usize::try_from(config.buffering.memory.0).unwrap_or(usize::MAX),
-            directory: config
-                .buffering
-                .directory
-                .clone()
-                .unwrap_or_else(std::env::temp_dir),
-            client_body_timeout: config.buffering.client_body_timeout,
-        }))
+        .layer(BufferLayer::new(buffering.clone()))
         // One deadline over all attempts and backoffs.
         .layer(DeadlineLayer)
         // Outside the breaker: each attempt is counted by it, and an open breaker stops retries.
@@ -428,6 +458,7 @@ where
             telemetry,
             oauth: oauth_kept,
             events,
+            buffer_budget,
         },
     })
 }
