@@ -29,6 +29,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tower::{Layer, Service};
 
@@ -94,10 +95,12 @@ pub struct Buffer<S> {
     settings: Arc<BufferSettings>,
 }
 
-/// A body read whole, holding its reservation until its bytes are dropped.
+/// A body read whole, with its reservation.
 enum Spooled {
-    /// The bytes own the reservation: it goes when the last copy of them does.
-    Memory(Bytes),
+    Memory {
+        bytes: Bytes,
+        reservation: Reservation,
+    },
     File {
         file: tokio::fs::File,
         len: u64,
@@ -275,7 +278,7 @@ async fn spool(
                     }
                     None => {
                         let bytes = single.take().unwrap_or_else(|| memory.split().freeze());
-                        Some(Spooled::Memory(held_bytes(bytes, reservation)))
+                        Some(Spooled::Memory { bytes, reservation })
                     }
                 };
                 return Ok(Spool::Partial {
@@ -306,7 +309,7 @@ async fn spool(
                         reservation.release(Store::Disk);
                         let bytes = single.take().unwrap_or_else(|| memory.split().freeze());
                         return Ok(Spool::Partial {
-                            held: Some(Spooled::Memory(held_bytes(bytes, reservation))),
+                            held: Some(Spooled::Memory { bytes, reservation }),
                             pending: data,
                             rest: body,
                         });
@@ -340,7 +343,7 @@ async fn spool(
     Ok(Spool::Whole(match file {
         None => {
             let bytes = single.unwrap_or_else(|| memory.freeze());
-            Spooled::Memory(held_bytes(bytes, reservation))
+            Spooled::Memory { bytes, reservation }
         }
         Some((spill, len)) => rewound(spill, len, reservation, settings, sender).await?,
     }))
@@ -368,13 +371,20 @@ async fn rewound(
     })
 }
 
-/// The frames of a spooled body; a file's reservation goes with the stream.
+/// The frames of a spooled body; its reservation goes with the stream.
 fn spooled_frames(
     spooled: Spooled,
 ) -> futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, BoxError>> {
     match spooled {
-        Spooled::Memory(bytes) => {
-            futures_util::stream::iter((!bytes.is_empty()).then(|| Ok(Frame::data(bytes)))).boxed()
+        Spooled::Memory { bytes, reservation } => {
+            let frame = (!bytes.is_empty()).then(|| Ok(Frame::data(bytes)));
+            futures_util::stream::iter(frame)
+                .map(move |frame| {
+                    // Held by the stream: given back when the body is dropped, sent or not.
+                    let _held = &reservation;
+                    frame
+                })
+                .boxed()
         }
         Spooled::File {
             file,
@@ -382,7 +392,6 @@ fn spooled_frames(
             reservation,
         } => tokio_util::io::ReaderStream::new(tokio::io::AsyncReadExt::take(file, len))
             .map_ok(move |chunk| {
-                // Held by the stream: given back when the body is dropped, sent or not.
                 let _held = &reservation;
                 Frame::data(chunk)
             })
@@ -391,13 +400,65 @@ fn spooled_frames(
     }
 }
 
-/// The body to send for a spooled one, its headers set to its exact length.
-fn spooled_body(spooled: Spooled, headers: &mut HeaderMap) -> (Body, Option<Bytes>) {
+pin_project! {
+    /// A body holding a reservation until it has been read to its end or dropped.
+    struct Reserved<B> {
+        #[pin]
+        body: B,
+        reservation: Option<Reservation>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Reserved<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.body.poll_frame(cx));
+        if frame.is_none() {
+            this.reservation.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The body to send for a spooled one, its headers set to its exact length; with `replayable`
+/// (a request's), a body in memory also comes back as bytes to send again.
+///
+/// Replayable bytes own their reservation (given back when the last copy goes: the retries
+/// hold copies). A response's does not: layers above (cache, idempotency) may keep its bytes
+/// for long under their own bounds, so the budget lets go once the body has been passed on.
+fn spooled_body(
+    spooled: Spooled,
+    headers: &mut HeaderMap,
+    replayable: bool,
+) -> (Body, Option<Bytes>) {
     headers.remove(header::TRANSFER_ENCODING);
     match spooled {
-        Spooled::Memory(bytes) => {
+        Spooled::Memory { bytes, reservation } => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            (full_body(bytes.clone()), Some(bytes))
+            if replayable {
+                let bytes = held_bytes(bytes, reservation);
+                (full_body(bytes.clone()), Some(bytes))
+            } else {
+                let body = Reserved {
+                    body: http_body_util::Full::new(bytes),
+                    reservation: Some(reservation),
+                };
+                (Body::new(body), None)
+            }
         }
         Spooled::File {
             file,
@@ -487,7 +548,7 @@ where
                 let sender = Sender::Client(settings.client_body_timeout);
                 let body = match spool(body, &settings, sender, reservation).await? {
                     Spool::Whole(spooled) => {
-                        let (body, bytes) = spooled_body(spooled, &mut parts.headers);
+                        let (body, bytes) = spooled_body(spooled, &mut parts.headers, true);
                         if let Some(bytes) = bytes {
                             parts.extensions.insert(ReplayableBody(bytes));
                         }
@@ -522,7 +583,7 @@ where
             }
             let body =
                 match spool(body, &settings, Sender::Site { site_timeout }, reservation).await? {
-                    Spool::Whole(spooled) => spooled_body(spooled, &mut parts.headers).0,
+                    Spool::Whole(spooled) => spooled_body(spooled, &mut parts.headers, false).0,
                     Spool::Partial {
                         held,
                         pending,
@@ -597,8 +658,8 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(matches!(spooled, Spooled::Memory(_)));
-        let (body, bytes) = spooled_body(spooled, &mut headers);
+        assert!(matches!(spooled, Spooled::Memory { .. }));
+        let (body, bytes) = spooled_body(spooled, &mut headers, true);
         assert_eq!(bytes.as_deref(), Some(&data[..]));
         assert_eq!(read(body).await, data);
 
@@ -610,7 +671,7 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(spooled, Spooled::File { len: 100_000, .. }));
-        let (body, bytes) = spooled_body(spooled, &mut headers);
+        let (body, bytes) = spooled_body(spooled, &mut headers, true);
         assert!(bytes.is_none());
         assert_eq!(headers[header::CONTENT_LENGTH], "100000");
         assert_eq!(read(body).await, data);
@@ -642,7 +703,7 @@ mod tests {
             )
             .await
             .unwrap();
-            let (body, _) = spooled_body(spooled, &mut HeaderMap::new());
+            let (body, _) = spooled_body(spooled, &mut HeaderMap::new(), true);
             assert_eq!(read(body).await, b"abcdef", "memory {memory}");
         }
     }
@@ -683,12 +744,29 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(settings.budget.held(Store::Memory), 20);
-        let (body, bytes) = spooled_body(spooled, &mut HeaderMap::new());
+        let (body, bytes) = spooled_body(spooled, &mut HeaderMap::new(), true);
         drop(body);
         // The replayable copy still holds the bytes, so they are still counted.
         assert_eq!(settings.budget.held(Store::Memory), 20);
         drop(bytes);
         assert_eq!(settings.budget.held(Store::Memory), 0);
+
+        // A response's bytes are let go once passed on, even if a layer above keeps them.
+        let spooled = spool_whole(
+            frames(&[b"0123456789"]),
+            &settings,
+            Sender::Site {
+                site_timeout: Duration::from_secs(1),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(settings.budget.held(Store::Memory), 10);
+        let (body, bytes) = spooled_body(spooled, &mut HeaderMap::new(), false);
+        assert!(bytes.is_none());
+        let kept = body.collect().await.unwrap().to_bytes();
+        assert_eq!(settings.budget.held(Store::Memory), 0);
+        assert_eq!(kept, "0123456789");
 
         // On disk: held by the file's stream until it is dropped.
         settings.memory = 4;
@@ -701,7 +779,7 @@ mod tests {
         .unwrap();
         assert_eq!(settings.budget.held(Store::Memory), 0);
         assert_eq!(settings.budget.held(Store::Disk), 20);
-        let (body, _) = spooled_body(spooled, &mut HeaderMap::new());
+        let (body, _) = spooled_body(spooled, &mut HeaderMap::new(), true);
         assert_eq!(read(body).await, b"0123456789abcdefghij");
         assert_eq!(settings.budget.held(Store::Disk), 0);
     }
