@@ -98,6 +98,25 @@ async fn upload(gw: &Gateway, who: Credential, len: usize) -> Reply {
     .await
 }
 
+/// An upload of `chunks` × 10 KiB, chunked (its length not declared).
+async fn chunked_upload(gw: &Gateway, who: Credential, chunks: usize) -> Reply {
+    let frames =
+        futures_util::stream::iter((0..chunks).map(|_| {
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'c'; 10 << 10])))
+        }));
+    let auth = token(who);
+    send_body(
+        Method::POST,
+        &gw.url(UPLOAD),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/octet-stream"),
+        ],
+        StreamBody::new(frames).boxed(),
+    )
+    .await
+}
+
 /// Sends only the head of an upload declaring `len` bytes, and reads the answer: an answer at
 /// all shows it was given before the body was read.
 async fn head_only_upload(gw: &Gateway, who: Credential, len: usize) -> String {
@@ -176,6 +195,15 @@ async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_the
     );
     assert_eq!(reply.header("retry-after"), Some("1"));
     assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    // Chunked, its length unknown: refused once what it sent would go over.
+    let reply = chunked_upload(&gw, OTHER, 10).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
     // A small one (held in memory, which has room) still passes.
     let reply = upload(&gw, OTHER, 4 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -184,7 +212,7 @@ async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_the
     assert_eq!(up.count(), 1);
     assert!(up.received().iter().all(|r| r.body_len == 4 << 10));
     let metrics = gw.metrics().await;
-    assert_eq!(refusals(&metrics, "request", "budget"), 2.0);
+    assert_eq!(refusals(&metrics, "request", "budget"), 3.0);
 
     // Once the slow upload is through, the budget is free again.
     go.notify_one();
@@ -242,21 +270,7 @@ async fn a_body_no_budget_could_hold_is_413_and_never_reaches_the_site() {
         "{answer}"
     );
     // Chunked: refused once it has sent more than its share could hold.
-    let chunks =
-        futures_util::stream::iter((0..20).map(|_| {
-            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'c'; 10 << 10])))
-        }));
-    let auth = token(FULL);
-    let reply = send_body(
-        Method::POST,
-        &gw.url(UPLOAD),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/octet-stream"),
-        ],
-        StreamBody::new(chunks).boxed(),
-    )
-    .await;
+    let reply = chunked_upload(&gw, FULL, 20).await;
     assert_eq!(
         reply.status,
         StatusCode::PAYLOAD_TOO_LARGE,

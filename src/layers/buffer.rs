@@ -11,6 +11,13 @@
 //! `streaming: true` opts out: its bodies flow through as they come (the documented trade-off:
 //! a slow client then holds a worker).
 //!
+//! What all bodies held together may take is bounded by a [`BufferBudget`] (in memory, on disk,
+//! and one client's share of each): a request's bytes are reserved before they are read — all
+//! at once when its length is declared, so a refusal (503 with `Retry-After`, or 413 when no
+//! budget could hold it) comes before its body is read — and nothing of a refused request is
+//! forwarded. A response over budget is passed on as it comes instead: the site has already
+//! acted. A temporary file that cannot be made or written is a 503, its cause logged.
+//!
 //! Below idempotency and above the deadline, retries and the breaker: the site's deadline
 //! starts once the request is whole, and what the breaker sees is the site, not the client.
 //!
