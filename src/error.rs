@@ -81,6 +81,18 @@ pub enum GatewayError {
     /// site's, so no breaker counts it.
     #[error("the request body was not received within {timeout:?}")]
     ClientTimeout { timeout: Duration },
+    /// Holding this body would go over the budget for buffered bodies (everyone's, or this
+    /// client's share of it): refused before the body is read, so nothing reached the site.
+    #[error("the gateway is holding too many request and response bodies right now; retry later")]
+    BufferBudgetExhausted { retry_after: Duration },
+    /// A body could not be held in the buffering directory (disk full, not writable, missing).
+    /// The cause is logged where it happened, not sent. `after_site`: it was the site's answer
+    /// that could not be held (the site did act); otherwise the request never reached it.
+    #[error("the gateway cannot hold this body right now; retry later")]
+    BufferStorageFailed {
+        retry_after: Duration,
+        after_site: bool,
+    },
 }
 
 impl GatewayError {
@@ -109,6 +121,9 @@ impl GatewayError {
             Self::EventsUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "EventsUnavailable")
             }
+            Self::BufferBudgetExhausted { .. } | Self::BufferStorageFailed { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "InsufficientStorage")
+            }
             Self::IdempotencyInFlight => (StatusCode::CONFLICT, "IdempotencyKeyInUse"),
             Self::IdempotencyMismatch => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "IdempotencyKeyMismatch")
@@ -122,7 +137,9 @@ impl GatewayError {
             | Self::TooManyRequests { retry_after, .. }
             | Self::BreakerOpen { retry_after, .. }
             | Self::SharedStateUnavailable { retry_after }
-            | Self::EventsUnavailable { retry_after } => Some(*retry_after),
+            | Self::EventsUnavailable { retry_after }
+            | Self::BufferBudgetExhausted { retry_after }
+            | Self::BufferStorageFailed { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -84,6 +84,12 @@ pub struct Metrics {
     pub events: EventMetrics,
     /// `erpgate_log_lines_dropped_total`: log lines the writer dropped, its buffer full.
     pub log_lines_dropped: IntCounter,
+    /// `erpgate_buffered_bytes{store}`: bytes of buffered bodies held now, `memory` or `disk`.
+    pub buffered_bytes: IntGaugeVec,
+    /// `erpgate_buffer_refusals_total{direction,reason}`: bodies the buffering budget could not
+    /// hold, `request` (refused) or `response` (passed on unheld); reason `budget` (everyone's
+    /// budget full), `client_share` (the client's share full) or `too_large`.
+    pub buffer_refusals: IntCounterVec,
 }
 
 /// The event relay's metrics.
@@ -422,6 +428,26 @@ impl Metrics {
             "Log lines dropped because the log writer's buffer was full (a slow log pipe).",
         )?;
         registry.register(Box::new(log_lines_dropped.clone()))?;
+        let buffered_bytes = IntGaugeVec::new(
+            Opts::new(
+                "erpgate_buffered_bytes",
+                "Bytes of request and response bodies held by buffering, by store (memory, disk).",
+            ),
+            &["store"],
+        )?;
+        let buffer_refusals = IntCounterVec::new(
+            Opts::new(
+                "erpgate_buffer_refusals_total",
+                "Bodies the buffering budget could not hold: requests refused, responses passed \
+                 on unheld; by reason (budget, client_share, too_large).",
+            ),
+            &["direction", "reason"],
+        )?;
+        for store in ["memory", "disk"] {
+            buffered_bytes.with_label_values(&[store]);
+        }
+        registry.register(Box::new(buffered_bytes.clone()))?;
+        registry.register(Box::new(buffer_refusals.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -454,6 +480,8 @@ impl Metrics {
             redis,
             events,
             log_lines_dropped,
+            buffered_bytes,
+            buffer_refusals,
         })
     }
 

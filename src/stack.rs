@@ -31,6 +31,7 @@ use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::BreakerLayer;
 use crate::layers::buffer::{BufferLayer, BufferSettings};
+use crate::layers::buffer_budget::{BudgetLimits, BudgetMetrics, BufferBudget};
 use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
 use crate::layers::cache::{Cache, CacheLayer};
 use crate::layers::classify::ClassifyLayer;
@@ -140,6 +141,7 @@ struct Kept {
     telemetry: (String, Option<Arc<Telemetry>>),
     oauth: Option<(String, Arc<OAuthApps>)>,
     events: (String, Option<Arc<EventRelay>>),
+    buffer_budget: (String, Arc<BufferBudget>),
 }
 
 /// Builds the gateway from a validated config; on a reload, `previous` is the gateway being
@@ -194,7 +196,31 @@ where
         _ => build_oauth_apps(config, &router, metrics, prefix)?,
     };
     let oauth_kept = oauth_apps.clone().map(|apps| (oauth_fingerprint, apps));
-    // One buffering layer, shared by keyed requests and public routes.
+    // One budget for every body held; a reload that leaves its limits alone keeps it, with the
+    // reservations of the requests still in flight.
+    let buffer_budget = reuse(
+        kept.map(|k| &k.buffer_budget),
+        format!(
+            "{:?} {:?} {}",
+            config.buffering.max_memory,
+            config.buffering.max_disk,
+            config.buffering.max_client_share
+        ),
+        || {
+            BufferBudget::new(
+                BudgetLimits {
+                    max_memory: config.buffering.max_memory.0,
+                    max_disk: config.buffering.max_disk.0,
+                    client_share: config.buffering.max_client_share,
+                },
+                &BudgetMetrics {
+                    held: metrics.buffered_bytes.clone(),
+                    refused: metrics.buffer_refusals.clone(),
+                },
+            )
+        },
+    );
+    // One buffering layer, for keyed requests and public routes: one budget.
     let buffer = BufferLayer::new(BufferSettings {
         requests: config.buffering.requests,
         responses: config.buffering.responses,
@@ -205,6 +231,7 @@ where
             .clone()
             .unwrap_or_else(std::env::temp_dir),
         client_body_timeout: config.buffering.client_body_timeout,
+        budget: buffer_budget.1.clone(),
     });
     let public_routes = PublicRoutes::new(
         config
@@ -431,6 +458,7 @@ where
             telemetry,
             oauth: oauth_kept,
             events,
+            buffer_budget,
         },
     })
 }

@@ -922,3 +922,37 @@ fn a_backend_url_with_credentials_is_refused_without_echoing_them() {
         .unwrap_or_else(|| panic!("{found:?}"));
     assert!(!problem.message.contains("hunter2"), "{}", problem.message);
 }
+
+#[test]
+fn the_buffering_budget_has_defaults_and_takes_sizes_and_a_share() {
+    let loaded = Config::from_yaml(&valid(), "t").unwrap();
+    let b = &loaded.config.buffering;
+    assert_eq!(b.max_memory, ByteSize(256 << 20));
+    assert_eq!(b.max_disk, ByteSize(4 << 30));
+    assert_eq!(b.max_client_share, 0.25);
+
+    let yaml = valid() + "buffering: { max_memory: 64KiB, max_disk: 1GB, max_client_share: 1 }\n";
+    let loaded = Config::from_yaml(&yaml, "t").unwrap();
+    let b = &loaded.config.buffering;
+    assert_eq!(b.max_memory, ByteSize(64 << 10));
+    assert_eq!(b.max_disk, ByteSize(1_000_000_000));
+    assert_eq!(b.max_client_share, 1.0);
+}
+
+#[test]
+fn a_buffering_share_outside_0_to_1_or_a_bad_size_is_refused() {
+    for share in ["0", "-0.5", "1.5", ".nan"] {
+        let p = problems(&(valid() + &format!("buffering: {{ max_client_share: {share} }}\n")));
+        assert_eq!(p.len(), 1, "{share}: {p:?}");
+        assert_eq!(p[0].path, "buffering.max_client_share", "{share}");
+        assert!(p[0].message.contains("at most 1"), "{}", p[0].message);
+    }
+    let p = problems(&(valid() + "buffering: { max_disk: lots }\n"));
+    assert!(p[0].message.contains("not a size"), "{}", p[0].message);
+    let p = problems(&(valid() + "buffering: { max_share: 0.5 }\n"));
+    assert!(
+        p[0].message.contains("unknown field `max_share`"),
+        "{}",
+        p[0].message
+    );
+}

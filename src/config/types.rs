@@ -420,6 +420,25 @@ pub struct BufferingConfig {
         deserialize_with = "parse_duration"
     )]
     pub client_body_timeout: Duration,
+    /// Bytes all buffered bodies together may hold in memory: requests and responses, of every
+    /// client and public route. A body that finds it full goes to a temporary file instead.
+    /// Default `256MiB`.
+    #[serde(default = "defaults::buffer_max_memory")]
+    pub max_memory: ByteSize,
+    /// Bytes all buffered bodies together may hold in temporary files. A request whose body
+    /// would go over it (or over its client's share) gets 503 `InsufficientStorage` with
+    /// `Retry-After` — before its body is read when its length is known, otherwise as soon as
+    /// it does, and nothing of it reaches the site; a body larger than any budget or share
+    /// could ever hold gets 413. A response over it is passed on as it comes instead of being
+    /// held (the site has already acted). Default `4GiB`.
+    #[serde(default = "defaults::buffer_max_disk")]
+    pub max_disk: ByteSize,
+    /// The part of `max_memory` and of `max_disk` one client's bodies may hold together, so
+    /// that one client's slow uploads cannot take the budget from everyone else; requests
+    /// without a client (public routes) share one such part. More than 0, at most 1.
+    /// Default `0.25`.
+    #[serde(default = "defaults::buffer_max_client_share")]
+    pub max_client_share: f64,
 }
 
 impl Default for BufferingConfig {
@@ -430,6 +449,9 @@ impl Default for BufferingConfig {
             memory: defaults::buffer_memory(),
             directory: None,
             client_body_timeout: defaults::client_body_timeout(),
+            max_memory: defaults::buffer_max_memory(),
+            max_disk: defaults::buffer_max_disk(),
+            max_client_share: defaults::buffer_max_client_share(),
         }
     }
 }
@@ -1438,6 +1460,18 @@ mod defaults {
 
     pub fn buffer_memory() -> ByteSize {
         ByteSize(1 << 20)
+    }
+
+    pub fn buffer_max_memory() -> ByteSize {
+        ByteSize(256 << 20)
+    }
+
+    pub fn buffer_max_disk() -> ByteSize {
+        ByteSize(4 << 30)
+    }
+
+    pub fn buffer_max_client_share() -> f64 {
+        0.25
     }
 
     pub fn client_body_timeout() -> Duration {

@@ -27,6 +27,15 @@ impl Config {
                 "per_minute and burst must be at least 1".into(),
             );
         }
+        let share = self.buffering.max_client_share;
+        if !(share > 0.0 && share <= 1.0) {
+            problem(
+                "buffering.max_client_share".into(),
+                format!(
+                    "must be more than 0 and at most 1 (a fraction of the budget), not {share}"
+                ),
+            );
+        }
         if self.limits.max_body_bytes.0 == 0 {
             problem("limits.max_body_bytes".into(), "must be more than 0".into());
         }

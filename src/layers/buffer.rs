@@ -11,6 +11,13 @@
 //! `streaming: true` opts out: its bodies flow through as they come (the documented trade-off:
 //! a slow client then holds a worker).
 //!
+//! What all bodies held together may take is bounded by a [`BufferBudget`] (in memory, on disk,
+//! and one client's share of each): a request's bytes are reserved before they are read — all
+//! at once when its length is declared, so a refusal (503 with `Retry-After`, or 413 when no
+//! budget could hold it) comes before its body is read — and nothing of a refused request is
+//! forwarded. A response over budget is passed on as it comes instead: the site has already
+//! acted. A temporary file that cannot be made or written is a 503, its cause logged.
+//!
 //! Below idempotency and above the deadline, retries and the breaker: the site's deadline
 //! starts once the request is whole, and what the breaker sees is the site, not the client.
 //!
@@ -19,23 +26,31 @@
 //! ```
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body as _, Frame};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tower::{Layer, Service};
 
 use crate::error::GatewayError;
+use crate::layers::auth::Client;
+use crate::layers::buffer_budget::{BufferBudget, Direction, Reservation, Store};
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::upstream::{HeldBody, ReplayableBody};
 use crate::{full_body, Body, BoxError};
+
+/// How long a client is asked to wait after the buffering directory failed: long enough for
+/// an operator's disk alarm, short enough not to lose the client.
+const STORAGE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// What is buffered, and how.
 #[derive(Debug, Clone)]
@@ -50,19 +65,22 @@ pub struct BufferSettings {
     pub directory: PathBuf,
     /// Longest pause between two reads of a client's body.
     pub client_body_timeout: Duration,
+    /// What all bodies held together may take, shared by every layer built from these settings
+    /// (clones share it too).
+    pub budget: Arc<BufferBudget>,
 }
 
 /// Buffers request and response bodies.
 #[derive(Debug, Clone)]
 pub struct BufferLayer {
-    settings: std::sync::Arc<BufferSettings>,
+    settings: Arc<BufferSettings>,
 }
 
 impl BufferLayer {
     /// Buffers as `settings` say.
     pub fn new(settings: BufferSettings) -> Self {
         Self {
-            settings: std::sync::Arc::new(settings),
+            settings: Arc::new(settings),
         }
     }
 }
@@ -81,13 +99,32 @@ impl<S> Layer<S> for BufferLayer {
 #[derive(Debug, Clone)]
 pub struct Buffer<S> {
     inner: S,
-    settings: std::sync::Arc<BufferSettings>,
+    settings: Arc<BufferSettings>,
 }
 
-/// A body read whole.
+/// A body read whole, with its reservation.
 enum Spooled {
-    Memory(Bytes),
-    File { file: tokio::fs::File, len: u64 },
+    Memory {
+        bytes: Bytes,
+        reservation: Reservation,
+    },
+    File {
+        file: tokio::fs::File,
+        len: u64,
+        reservation: Reservation,
+    },
+}
+
+/// What a spool ended with.
+enum Spool {
+    Whole(Spooled),
+    /// A response the budget could not hold whole: what was held, the frame in hand, and the
+    /// rest as it comes.
+    Partial {
+        held: Option<Spooled>,
+        pending: Bytes,
+        rest: Body,
+    },
 }
 
 /// Who is slow when a body stalls.
@@ -95,6 +132,18 @@ enum Spooled {
 enum Sender {
     Client(Duration),
     Site { site_timeout: Duration },
+}
+
+/// Bytes held in memory together with their reservation.
+struct HeldBytes {
+    bytes: Bytes,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for HeldBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// An unlinked temporary file, readable and writable, for this process only.
@@ -115,16 +164,71 @@ async fn temporary_file(directory: &std::path::Path) -> std::io::Result<tokio::f
     Ok(file)
 }
 
-/// Reads `body` whole: in memory up to `memory` bytes, the rest in a temporary file.
+/// The error for a failed temporary file, logged here with its cause (the client is told only
+/// that the gateway cannot hold its body).
+fn storage_failed(e: &std::io::Error, settings: &BufferSettings, sender: Sender) -> BoxError {
+    let after_site = matches!(sender, Sender::Site { .. });
+    tracing::error!(
+        error = %e,
+        directory = %settings.directory.display(),
+        response = after_site,
+        "cannot hold a body in the buffering directory"
+    );
+    GatewayError::BufferStorageFailed {
+        retry_after: STORAGE_RETRY_AFTER,
+        after_site,
+    }
+    .into()
+}
+
+/// Bytes in memory, owning `reservation`.
+fn held_bytes(bytes: Bytes, reservation: Reservation) -> Bytes {
+    if bytes.is_empty() {
+        return bytes;
+    }
+    Bytes::from_owner(HeldBytes {
+        bytes,
+        _reservation: reservation,
+    })
+}
+
+/// Reads `body` whole: in memory up to `memory` bytes, the rest in a temporary file, each byte
+/// reserved in the budget before it is kept. A reservation already made for the whole body (its
+/// length known) is used as made; on disk, the file is made before the first byte.
+///
+/// A client's body the budget refuses is an error (nothing of it is forwarded); a response is
+/// passed on as it comes instead ([`Spool::Partial`]), as it is when no temporary file can be
+/// made for it: the site has already acted, and its answer is not thrown away.
 async fn spool(
     mut body: Body,
     settings: &BufferSettings,
     sender: Sender,
-) -> Result<Spooled, BoxError> {
+    mut reservation: Reservation,
+) -> Result<Spool, BoxError> {
+    let per_body = settings.memory as u64;
+    let direction = match sender {
+        Sender::Client(_) => Direction::Request,
+        Sender::Site { .. } => Direction::Response,
+    };
     // A body that arrives as one frame (the usual small answer) is kept as it came, uncopied.
     let mut single: Option<Bytes> = None;
     let mut memory = BytesMut::new();
     let mut file: Option<(tokio::fs::File, u64)> = None;
+    if reservation.reserved(Store::Disk) > 0 {
+        match temporary_file(&settings.directory).await {
+            Ok(spill) => file = Some((spill, 0)),
+            Err(e) if direction == Direction::Response => {
+                tracing::warn!(error = %e, directory = %settings.directory.display(),
+                    "cannot hold a response in the buffering directory; passing it on as it comes");
+                return Ok(Spool::Partial {
+                    held: None,
+                    pending: Bytes::new(),
+                    rest: body,
+                });
+            }
+            Err(e) => return Err(storage_failed(&e, settings, sender)),
+        }
+    }
     loop {
         let pause = match sender {
             Sender::Client(timeout) => timeout,
@@ -160,56 +264,247 @@ async fn spool(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if file.is_none() && memory.is_empty() && single.is_none() && data.len() <= settings.memory
-        {
-            single = Some(data);
+        if data.is_empty() {
             continue;
         }
-        if let Some(first) = single.take() {
-            memory.extend_from_slice(&first);
+        let held = match &file {
+            Some((_, len)) => *len,
+            None => (memory.len() + single.as_ref().map_or(0, Bytes::len)) as u64,
+        };
+        let store = match reservation.reserve_body(held + data.len() as u64, per_body) {
+            Ok(store) => store,
+            Err(refusal) => {
+                settings.budget.count(refusal, direction);
+                if direction == Direction::Request {
+                    return Err(refusal.into_error().into());
+                }
+                // The response goes on as it comes, from what is held so far.
+                let held = match file {
+                    Some((spill, len)) => {
+                        Some(rewound(spill, len, reservation, settings, sender).await?)
+                    }
+                    None => {
+                        let bytes = single.take().unwrap_or_else(|| memory.split().freeze());
+                        Some(Spooled::Memory { bytes, reservation })
+                    }
+                };
+                return Ok(Spool::Partial {
+                    held,
+                    pending: data,
+                    rest: body,
+                });
+            }
+        };
+        if store == Store::Memory {
+            if single.is_none() && memory.is_empty() {
+                single = Some(data);
+            } else {
+                if let Some(first) = single.take() {
+                    memory.extend_from_slice(&first);
+                }
+                memory.extend_from_slice(&data);
+            }
+            continue;
         }
         match &mut file {
-            None if memory.len() + data.len() <= settings.memory => memory.extend_from_slice(&data),
             None => {
-                let mut spill = temporary_file(&settings.directory).await?;
-                spill.write_all(&memory).await?;
-                spill.write_all(&data).await?;
+                let mut spill = match temporary_file(&settings.directory).await {
+                    Ok(spill) => spill,
+                    Err(e) if direction == Direction::Response => {
+                        tracing::warn!(error = %e, directory = %settings.directory.display(),
+                            "cannot hold a response in the buffering directory; passing it on as it comes");
+                        reservation.release(Store::Disk);
+                        let bytes = single.take().unwrap_or_else(|| memory.split().freeze());
+                        return Ok(Spool::Partial {
+                            held: Some(Spooled::Memory { bytes, reservation }),
+                            pending: data,
+                            rest: body,
+                        });
+                    }
+                    Err(e) => return Err(storage_failed(&e, settings, sender)),
+                };
+                if let Some(first) = single.take() {
+                    memory.extend_from_slice(&first);
+                }
+                let written = async {
+                    spill.write_all(&memory).await?;
+                    spill.write_all(&data).await
+                };
+                written
+                    .await
+                    .map_err(|e| storage_failed(&e, settings, sender))?;
                 file = Some((spill, (memory.len() + data.len()) as u64));
                 memory = BytesMut::new();
+                // The bytes moved to disk, which holds their reservation now.
+                reservation.release(Store::Memory);
             }
             Some((spill, len)) => {
-                spill.write_all(&data).await?;
+                spill
+                    .write_all(&data)
+                    .await
+                    .map_err(|e| storage_failed(&e, settings, sender))?;
                 *len += data.len() as u64;
             }
         }
     }
-    Ok(match file {
-        None => Spooled::Memory(single.unwrap_or_else(|| memory.freeze())),
-        Some((mut spill, len)) => {
-            spill.flush().await?;
-            spill.seek(std::io::SeekFrom::Start(0)).await?;
-            Spooled::File { file: spill, len }
+    Ok(Spool::Whole(match file {
+        None => {
+            let bytes = single.unwrap_or_else(|| memory.freeze());
+            Spooled::Memory { bytes, reservation }
         }
+        Some((spill, len)) => rewound(spill, len, reservation, settings, sender).await?,
+    }))
+}
+
+/// A written temporary file, ready to be read from its start.
+async fn rewound(
+    mut spill: tokio::fs::File,
+    len: u64,
+    reservation: Reservation,
+    settings: &BufferSettings,
+    sender: Sender,
+) -> Result<Spooled, BoxError> {
+    let ready = async {
+        spill.flush().await?;
+        spill.seek(std::io::SeekFrom::Start(0)).await
+    };
+    if let Err(e) = ready.await {
+        return Err(storage_failed(&e, settings, sender));
+    }
+    Ok(Spooled::File {
+        file: spill,
+        len,
+        reservation,
     })
 }
 
-/// The body to send for a spooled one, its headers set to its exact length.
-fn spooled_body(spooled: Spooled, headers: &mut HeaderMap) -> (Body, Option<Bytes>) {
+/// The frames of a spooled body; its reservation goes with the stream.
+fn spooled_frames(
+    spooled: Spooled,
+) -> futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, BoxError>> {
+    match spooled {
+        Spooled::Memory { bytes, reservation } => {
+            let frame = (!bytes.is_empty()).then(|| Ok(Frame::data(bytes)));
+            futures_util::stream::iter(frame)
+                .map(move |frame| {
+                    // Held by the stream: given back when the body is dropped, sent or not.
+                    let _held = &reservation;
+                    frame
+                })
+                .boxed()
+        }
+        Spooled::File {
+            file,
+            len,
+            reservation,
+        } => tokio_util::io::ReaderStream::new(tokio::io::AsyncReadExt::take(file, len))
+            .map_ok(move |chunk| {
+                let _held = &reservation;
+                Frame::data(chunk)
+            })
+            .map_err(BoxError::from)
+            .boxed(),
+    }
+}
+
+pin_project! {
+    /// A body holding a reservation until it has been read to its end or dropped.
+    struct Reserved<B> {
+        #[pin]
+        body: B,
+        reservation: Option<Reservation>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Reserved<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.body.poll_frame(cx));
+        if frame.is_none() {
+            this.reservation.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The body to send for a spooled one, its headers set to its exact length; with `replayable`
+/// (a request's), a body in memory also comes back as bytes to send again.
+///
+/// Replayable bytes own their reservation (given back when the last copy goes: the retries
+/// hold copies). A response's does not: layers above (cache, idempotency) may keep its bytes
+/// for long under their own bounds, so the budget lets go once the body has been passed on.
+fn spooled_body(
+    spooled: Spooled,
+    headers: &mut HeaderMap,
+    replayable: bool,
+) -> (Body, Option<Bytes>) {
     headers.remove(header::TRANSFER_ENCODING);
     match spooled {
-        Spooled::Memory(bytes) => {
+        Spooled::Memory { bytes, reservation } => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            (full_body(bytes.clone()), Some(bytes))
+            if replayable {
+                let bytes = held_bytes(bytes, reservation);
+                (full_body(bytes.clone()), Some(bytes))
+            } else {
+                let body = Reserved {
+                    body: http_body_util::Full::new(bytes),
+                    reservation: Some(reservation),
+                };
+                (Body::new(body), None)
+            }
         }
-        Spooled::File { file, len } => {
+        Spooled::File {
+            file,
+            len,
+            reservation,
+        } => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            let stream =
-                tokio_util::io::ReaderStream::new(tokio::io::AsyncReadExt::take(file, len))
-                    .map_ok(Frame::data)
-                    .map_err(BoxError::from);
-            (Body::new(StreamBody::new(stream)), None)
+            let spooled = Spooled::File {
+                file,
+                len,
+                reservation,
+            };
+            (Body::new(StreamBody::new(spooled_frames(spooled))), None)
         }
     }
+}
+
+/// The body of a spool that stopped part-way: what was held, then the rest as it comes. Its
+/// headers are the sender's own, still true of it.
+fn partial_body(held: Option<Spooled>, pending: Bytes, rest: Body) -> Body {
+    let held = held.map(spooled_frames);
+    let pending = (!pending.is_empty()).then(|| Ok(Frame::data(pending)));
+    let stream = futures_util::stream::iter(held)
+        .flatten()
+        .chain(futures_util::stream::iter(pending))
+        .chain(BodyStream::new(rest));
+    Body::new(StreamBody::new(stream))
+}
+
+/// The length of a body, when its sender said.
+fn known_length(body: &Body, headers: &HeaderMap) -> Option<u64> {
+    body.size_hint().exact().or_else(|| {
+        headers
+            .get(header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()
+    })
 }
 
 /// Whether a body still has to be read: not empty, not already whole in memory.
@@ -239,18 +534,41 @@ where
             return Either::Left(self.inner.call(request));
         }
         let site_timeout = target.map_or(Duration::from_secs(60), |t| t.site.total_timeout);
+        // Whose share the bodies count against; none (a public route) is the anonymous share.
+        let client = request.extensions().get::<Arc<Client>>().cloned();
         // The ready service goes into the future; a fresh clone stays for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Either::Right(Box::pin(async move {
+            let per_body = settings.memory as u64;
             let request = if buffer_request {
                 let (mut parts, body) = request.into_parts();
-                let sender = Sender::Client(settings.client_body_timeout);
-                let spooled = spool(body, &settings, sender).await?;
-                let (body, bytes) = spooled_body(spooled, &mut parts.headers);
-                if let Some(bytes) = bytes {
-                    parts.extensions.insert(ReplayableBody(bytes));
+                let mut reservation = settings.budget.reservation(client.as_deref());
+                // A length known up front is reserved whole before a byte is read: a refusal
+                // then costs the client nothing but its request head.
+                if let Some(len) = known_length(&body, &parts.headers).filter(|n| *n > 0) {
+                    if let Err(refusal) = reservation.reserve_body(len, per_body) {
+                        settings.budget.count(refusal, Direction::Request);
+                        return Err(refusal.into_error().into());
+                    }
                 }
+                let sender = Sender::Client(settings.client_body_timeout);
+                let body = match spool(body, &settings, sender, reservation).await? {
+                    Spool::Whole(spooled) => {
+                        let (body, bytes) = spooled_body(spooled, &mut parts.headers, true);
+                        if let Some(bytes) = bytes {
+                            parts.extensions.insert(ReplayableBody(bytes));
+                        }
+                        body
+                    }
+                    // Never for a client's body (a refusal is an error); were it one, the body
+                    // would still go whole, only streamed.
+                    Spool::Partial {
+                        held,
+                        pending,
+                        rest,
+                    } => partial_body(held, pending, rest),
+                };
                 parts.extensions.insert(HeldBody);
                 Request::from_parts(parts, body)
             } else {
@@ -261,8 +579,24 @@ where
                 return Ok(response);
             }
             let (mut parts, body) = response.into_parts();
-            let spooled = spool(body, &settings, Sender::Site { site_timeout }).await?;
-            let (body, _) = spooled_body(spooled, &mut parts.headers);
+            let mut reservation = settings.budget.reservation(client.as_deref());
+            // A response over budget is passed on as it comes rather than refused: the site
+            // has acted (perhaps written), and its answer is worth a held worker.
+            if let Some(len) = known_length(&body, &parts.headers).filter(|n| *n > 0) {
+                if let Err(refusal) = reservation.reserve_body(len, per_body) {
+                    settings.budget.count(refusal, Direction::Response);
+                    return Ok(Response::from_parts(parts, body));
+                }
+            }
+            let body =
+                match spool(body, &settings, Sender::Site { site_timeout }, reservation).await? {
+                    Spool::Whole(spooled) => spooled_body(spooled, &mut parts.headers, false).0,
+                    Spool::Partial {
+                        held,
+                        pending,
+                        rest,
+                    } => partial_body(held, pending, rest),
+                };
             Ok(Response::from_parts(parts, body))
         }))
     }
@@ -279,6 +613,40 @@ mod tests {
             memory,
             directory: std::env::temp_dir(),
             client_body_timeout: Duration::from_secs(1),
+            budget: budget(1 << 30, 1 << 30),
+        }
+    }
+
+    fn budget(max_memory: u64, max_disk: u64) -> Arc<BufferBudget> {
+        let metrics = crate::layers::buffer_budget::BudgetMetrics {
+            held: prometheus::IntGaugeVec::new(prometheus::Opts::new("h", "h"), &["store"])
+                .unwrap(),
+            refused: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("r", "r"),
+                &["direction", "reason"],
+            )
+            .unwrap(),
+        };
+        BufferBudget::new(
+            crate::layers::buffer_budget::BudgetLimits {
+                max_memory,
+                max_disk,
+                client_share: 1.0,
+            },
+            &metrics,
+        )
+    }
+
+    /// Spools `body` as a client's, whole.
+    async fn spool_whole(
+        body: Body,
+        settings: &BufferSettings,
+        sender: Sender,
+    ) -> Result<Spooled, BoxError> {
+        let reservation = settings.budget.reservation(None);
+        match spool(body, settings, sender, reservation).await? {
+            Spool::Whole(spooled) => Ok(spooled),
+            Spool::Partial { .. } => panic!("stopped part-way"),
         }
     }
 
@@ -290,19 +658,19 @@ mod tests {
     async fn small_bodies_stay_in_memory_and_large_ones_go_to_an_unlinked_file() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut headers = HeaderMap::new();
-        let spooled = spool(
+        let spooled = spool_whole(
             full_body(data.clone()),
             &settings(1 << 20),
             Sender::Client(Duration::from_secs(1)),
         )
         .await
         .unwrap();
-        assert!(matches!(spooled, Spooled::Memory(_)));
-        let (body, bytes) = spooled_body(spooled, &mut headers);
+        assert!(matches!(spooled, Spooled::Memory { .. }));
+        let (body, bytes) = spooled_body(spooled, &mut headers, true);
         assert_eq!(bytes.as_deref(), Some(&data[..]));
         assert_eq!(read(body).await, data);
 
-        let spooled = spool(
+        let spooled = spool_whole(
             full_body(data.clone()),
             &settings(1000),
             Sender::Client(Duration::from_secs(1)),
@@ -310,7 +678,7 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(spooled, Spooled::File { len: 100_000, .. }));
-        let (body, bytes) = spooled_body(spooled, &mut headers);
+        let (body, bytes) = spooled_body(spooled, &mut headers, true);
         assert!(bytes.is_none());
         assert_eq!(headers[header::CONTENT_LENGTH], "100000");
         assert_eq!(read(body).await, data);
@@ -335,14 +703,14 @@ mod tests {
             )
         };
         for memory in [1 << 20, 4] {
-            let spooled = spool(
+            let spooled = spool_whole(
                 Body::new(StreamBody::new(frames())),
                 &settings(memory),
                 Sender::Client(Duration::from_secs(1)),
             )
             .await
             .unwrap();
-            let (body, _) = spooled_body(spooled, &mut HeaderMap::new());
+            let (body, _) = spooled_body(spooled, &mut HeaderMap::new(), true);
             assert_eq!(read(body).await, b"abcdef", "memory {memory}");
         }
     }
@@ -350,7 +718,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stalled_client_body_is_a_client_timeout() {
         let stalled = futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>();
-        let result = spool(
+        let result = spool_whole(
             Body::new(StreamBody::new(stalled)),
             &settings(1000),
             Sender::Client(Duration::from_secs(1)),
@@ -361,5 +729,119 @@ mod tests {
             crate::error::find_cause::<GatewayError>(e.as_ref()),
             Some(GatewayError::ClientTimeout { .. })
         ));
+    }
+
+    fn frames(parts: &'static [&'static [u8]]) -> Body {
+        Body::new(StreamBody::new(futures_util::stream::iter(
+            parts
+                .iter()
+                .map(|f| Ok::<_, BoxError>(Frame::data(Bytes::from_static(f)))),
+        )))
+    }
+
+    #[tokio::test]
+    async fn held_bytes_give_back_their_reservation_when_the_last_copy_goes() {
+        let mut settings = settings(1 << 20);
+        settings.budget = budget(1000, 1000);
+        let spooled = spool_whole(
+            frames(&[b"0123456789", b"abcdefghij"]),
+            &settings,
+            Sender::Client(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(settings.budget.held(Store::Memory), 20);
+        let (body, bytes) = spooled_body(spooled, &mut HeaderMap::new(), true);
+        drop(body);
+        // The replayable copy still holds the bytes, so they are still counted.
+        assert_eq!(settings.budget.held(Store::Memory), 20);
+        drop(bytes);
+        assert_eq!(settings.budget.held(Store::Memory), 0);
+
+        // A response's bytes are let go once passed on, even if a layer above keeps them.
+        let spooled = spool_whole(
+            frames(&[b"0123456789"]),
+            &settings,
+            Sender::Site {
+                site_timeout: Duration::from_secs(1),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(settings.budget.held(Store::Memory), 10);
+        let (body, bytes) = spooled_body(spooled, &mut HeaderMap::new(), false);
+        assert!(bytes.is_none());
+        let kept = body.collect().await.unwrap().to_bytes();
+        assert_eq!(settings.budget.held(Store::Memory), 0);
+        assert_eq!(kept, "0123456789");
+
+        // On disk: held by the file's stream until it is dropped.
+        settings.memory = 4;
+        let spooled = spool_whole(
+            frames(&[b"0123456789", b"abcdefghij"]),
+            &settings,
+            Sender::Client(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(settings.budget.held(Store::Memory), 0);
+        assert_eq!(settings.budget.held(Store::Disk), 20);
+        let (body, _) = spooled_body(spooled, &mut HeaderMap::new(), true);
+        assert_eq!(read(body).await, b"0123456789abcdefghij");
+        assert_eq!(settings.budget.held(Store::Disk), 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_body_over_the_budget_is_refused_and_a_response_passed_on() {
+        let mut settings = settings(8);
+        settings.budget = budget(8, 20);
+        let parts: &'static [&'static [u8]] = &[b"01234567", b"89abcdef", b"ghijklmn"];
+        // Someone else holds 10 of the 20 bytes of disk.
+        let mut other = settings.budget.reservation(None);
+        other.reserve_up_to(Store::Disk, 10).unwrap();
+        let refused = spool(
+            frames(parts),
+            &settings,
+            Sender::Client(Duration::from_secs(1)),
+            settings.budget.reservation(None),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(
+            crate::error::find_cause::<GatewayError>(refused.as_ref()),
+            Some(GatewayError::BufferBudgetExhausted { .. })
+        ));
+        assert_eq!(settings.budget.held(Store::Memory), 0);
+        assert_eq!(settings.budget.held(Store::Disk), 10);
+
+        let partial = spool(
+            frames(parts),
+            &settings,
+            Sender::Site {
+                site_timeout: Duration::from_secs(1),
+            },
+            settings.budget.reservation(None),
+        )
+        .await
+        .unwrap();
+        let Spool::Partial {
+            held,
+            pending,
+            rest,
+        } = partial
+        else {
+            panic!("a response over budget was held whole");
+        };
+        // What was held when the budget ran out (the first frame, in memory) stays reserved
+        // until it is sent.
+        assert_eq!(settings.budget.held(Store::Memory), 8);
+        assert_eq!(
+            read(partial_body(held, pending, rest)).await,
+            b"0123456789abcdefghijklmn"
+        );
+        drop(other);
+        assert_eq!(settings.budget.held(Store::Disk), 0);
+        assert_eq!(settings.budget.held(Store::Memory), 0);
     }
 }

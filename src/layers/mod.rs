@@ -6,6 +6,7 @@ pub mod authorize;
 pub mod body_limit;
 pub mod breaker;
 pub mod buffer;
+pub mod buffer_budget;
 pub mod cache;
 pub mod catch_panic;
 pub mod classify;

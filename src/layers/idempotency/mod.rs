@@ -195,7 +195,11 @@ async fn record(
                     GatewayError::UpstreamUnreachable { .. }
                     | GatewayError::BreakerOpen { .. }
                     | GatewayError::TooManyRequests { .. }
-                    | GatewayError::PayloadTooLarge { .. },
+                    | GatewayError::PayloadTooLarge { .. }
+                    | GatewayError::BufferBudgetExhausted { .. }
+                    | GatewayError::BufferStorageFailed {
+                        after_site: false, ..
+                    },
                 ) => kept(store.abandon(&key, fingerprint).await),
                 Some(other) => kept(
                     store

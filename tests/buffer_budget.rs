@@ -1,0 +1,336 @@
+//! The budget for buffered bodies, over real sockets: what all clients' bodies may hold in
+//! memory and on disk, and one client's share of it.
+//!
+//! Finding reproduced: one client's ten slow 100 MB uploads held 990 MB of temporary files; when
+//! the disk filled, another client's upload got a bare 500. Now a body that would go over the
+//! budget is refused with 503 and `Retry-After` before it is read, one client cannot take the
+//! whole budget, and a failing buffering directory is a 503 envelope.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+/// A third unrestricted client, so two can compete for the budget.
+const OTHER: Credential = ("ek_other", "other-client-secret");
+
+const UPLOAD: &str = "/api/method/upload_file";
+
+/// `base_config` with a small budget, `share` of it per client, 16 KiB of a body in memory.
+fn config(up: &FrappeUpstream, share: f64) -> String {
+    base_config(up).replace(
+        "clients:\n",
+        &format!(
+            "clients:\n  other:\n    key_id: {}\n    secret_sha256: \"{}\"\n    site: erp\n    service_account: sync\n",
+            OTHER.0,
+            sha256_hex(OTHER.1)
+        ),
+    ) + &format!(
+        "buffering: {{ memory: 16KiB, max_memory: 64KiB, max_disk: 256KiB, max_client_share: {share} }}\n"
+    )
+}
+
+/// An upload of `len` bytes with its length declared: the first KiB at once, the rest when
+/// `go` is notified, so the request holds its reservation until then.
+fn held_upload(
+    gw: &Arc<Gateway>,
+    who: Credential,
+    len: usize,
+    go: Arc<Notify>,
+) -> tokio::task::JoinHandle<Reply> {
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        let stream = futures_util::stream::unfold(0u8, move |step| {
+            let go = go.clone();
+            async move {
+                let chunk = match step {
+                    0 => vec![b'a'; 1024],
+                    1 => {
+                        go.notified().await;
+                        vec![b'b'; len - 1024]
+                    }
+                    _ => return None,
+                };
+                Some((
+                    Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(chunk))),
+                    step + 1,
+                ))
+            }
+        });
+        let auth = token(who);
+        let length = len.to_string();
+        send_body(
+            Method::POST,
+            &gw.url(UPLOAD),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/octet-stream"),
+                ("content-length", &length),
+            ],
+            StreamBody::new(stream).boxed(),
+        )
+        .await
+    })
+}
+
+/// A whole upload of `len` bytes.
+async fn upload(gw: &Gateway, who: Credential, len: usize) -> Reply {
+    let auth = token(who);
+    send(
+        Method::POST,
+        &gw.url(UPLOAD),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/octet-stream"),
+        ],
+        vec![b'z'; len],
+    )
+    .await
+}
+
+/// An upload of `chunks` × 10 KiB, chunked (its length not declared).
+async fn chunked_upload(gw: &Gateway, who: Credential, chunks: usize) -> Reply {
+    let frames =
+        futures_util::stream::iter((0..chunks).map(|_| {
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'c'; 10 << 10])))
+        }));
+    let auth = token(who);
+    send_body(
+        Method::POST,
+        &gw.url(UPLOAD),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/octet-stream"),
+        ],
+        StreamBody::new(frames).boxed(),
+    )
+    .await
+}
+
+/// Sends only the head of an upload declaring `len` bytes, and reads the answer: an answer at
+/// all shows it was given before the body was read.
+async fn head_only_upload(gw: &Gateway, who: Credential, len: usize) -> String {
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {UPLOAD} HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n",
+        token(who)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("no answer before the body was sent")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+/// Waits (briefly) until the gateway has reserved what the held uploads declared.
+async fn wait_for_held(gw: &Gateway, store: &str, bytes: f64) {
+    for _ in 0..100 {
+        let held = metric_value(
+            &gw.metrics().await,
+            "erpgate_buffered_bytes",
+            &[("store", store)],
+        );
+        if held == bytes {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{store} never held {bytes} bytes");
+}
+
+/// Bodies are let go when they are dropped, after the answer is sent: wait for both gauges.
+async fn assert_nothing_held(gw: &Gateway) {
+    wait_for_held(gw, "memory", 0.0).await;
+    wait_for_held(gw, "disk", 0.0).await;
+}
+
+fn refusals(metrics: &str, direction: &str, reason: &str) -> f64 {
+    metric_value(
+        metrics,
+        "erpgate_buffer_refusals_total",
+        &[("direction", direction), ("reason", reason)],
+    )
+}
+
+#[tokio::test]
+async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_they_are_read() {
+    let up = upstream().await;
+    let gw = Arc::new(Gateway::start(&config(&up, 0.75)).await);
+    // One client's slow upload holds 192 KiB of the 256 KiB of disk (its whole share).
+    let go = Arc::new(Notify::new());
+    let slow = held_upload(&gw, FULL, 192 << 10, go.clone());
+    wait_for_held(&gw, "disk", f64::from(192 << 10)).await;
+
+    // Another client's 100 KiB upload: refused from its head alone, with Retry-After.
+    let answer = head_only_upload(&gw, OTHER, 100 << 10).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(r#""exc_type":"InsufficientStorage""#),
+        "{answer}"
+    );
+    // The same with the body sent whole.
+    let reply = upload(&gw, OTHER, 100 << 10).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    // Chunked, its length unknown: refused once what it sent would go over.
+    let reply = chunked_upload(&gw, OTHER, 10).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    // A small one (held in memory, which has room) still passes.
+    let reply = upload(&gw, OTHER, 4 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"]["size"], 4 << 10);
+    // Nothing of the refused uploads reached the site (nor of the slow one, still held).
+    assert_eq!(up.count(), 1);
+    assert!(up.received().iter().all(|r| r.body_len == 4 << 10));
+    let metrics = gw.metrics().await;
+    assert_eq!(refusals(&metrics, "request", "budget"), 3.0);
+
+    // Once the slow upload is through, the budget is free again.
+    go.notify_one();
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"]["size"], 192 << 10);
+    assert_nothing_held(&gw).await;
+    let reply = upload(&gw, OTHER, 100 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(up.received().last().unwrap().body_len, 100 << 10);
+    assert_nothing_held(&gw).await;
+}
+
+#[tokio::test]
+async fn one_client_cannot_take_the_whole_budget() {
+    let up = upstream().await;
+    let gw = Arc::new(Gateway::start(&config(&up, 0.5)).await);
+    // Half the disk budget (128 KiB) is one client's share; two of its uploads fill it.
+    let go = Arc::new(Notify::new());
+    let first = held_upload(&gw, FULL, 64 << 10, go.clone());
+    let second = held_upload(&gw, FULL, 64 << 10, go.clone());
+    wait_for_held(&gw, "disk", f64::from(128 << 10)).await;
+    // Its third is refused, though the budget itself has room...
+    let answer = head_only_upload(&gw, FULL, 20 << 10).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // ...which another client still gets.
+    let reply = upload(&gw, OTHER, 100 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.received()[0].body_len, 100 << 10);
+    let metrics = gw.metrics().await;
+    assert_eq!(refusals(&metrics, "request", "client_share"), 1.0);
+
+    go.notify_waiters();
+    for held in [first, second] {
+        let reply = held.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_nothing_held(&gw).await;
+    // Its share is its own again.
+    let reply = upload(&gw, FULL, 120 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_nothing_held(&gw).await;
+}
+
+#[tokio::test]
+async fn a_body_no_budget_could_hold_is_413_and_never_reaches_the_site() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up, 0.5)).await;
+    // Declared: refused from its head.
+    let answer = head_only_upload(&gw, FULL, 200 << 10).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains(r#""exc_type":"RequestEntityTooLarge""#),
+        "{answer}"
+    );
+    // Chunked: refused once it has sent more than its share could hold.
+    let reply = chunked_upload(&gw, FULL, 20).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["exc_type"], "RequestEntityTooLarge");
+    assert_eq!(up.count(), 0);
+    assert_eq!(up.body_progress(), 0);
+    assert_eq!(refusals(&gw.metrics().await, "request", "too_large"), 2.0);
+    assert_nothing_held(&gw).await;
+}
+
+#[tokio::test]
+async fn a_response_over_the_budget_is_passed_on_unheld() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up, 0.5)).await;
+    let reply = get(&gw.url("/api/method/test.big?size=300000"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // Whole, as the site sent it (its filler is the size asked for, less the JSON around it).
+    assert_eq!(
+        reply.json()["message"]["filler"].as_str().unwrap().len(),
+        300_000 - 40
+    );
+    assert_eq!(refusals(&gw.metrics().await, "response", "too_large"), 1.0);
+    assert_nothing_held(&gw).await;
+}
+
+#[tokio::test]
+async fn a_buffering_directory_that_cannot_be_written_is_a_503_envelope_not_a_500() {
+    let up = upstream().await;
+    // A regular file where the directory should be (tests run as root: modes would not bite).
+    let not_a_directory = scratch_file("buffer-budget-not-a-dir", "x");
+    let yaml = config(&up, 0.5).replace(
+        "buffering: { memory: 16KiB,",
+        &format!(
+            "buffering: {{ directory: {}, memory: 16KiB,",
+            not_a_directory.display()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let reply = upload(&gw, FULL, 100 << 10).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(up.count(), 0);
+    // A body small enough for memory needs no file.
+    let reply = upload(&gw, FULL, 4 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // A response that needs a file goes on as it comes: the site has already answered.
+    let reply = get(&gw.url("/api/method/test.big?size=100000"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["message"]["filler"].as_str().unwrap().len(),
+        100_000 - 40
+    );
+    assert_nothing_held(&gw).await;
+}
