@@ -9,9 +9,9 @@
 //! a declared length is reserved before a byte is read (503 with `Retry-After` when the budget
 //! or the share is taken, 413 when no share could ever hold it), an undeclared one frame by frame.
 //! The bytes read become the forwarded body and its replayable copy, and own the reservation
-//! as the buffer layer's do ([`held_bytes`]): it is given back when the last copy is dropped, and
-//! the buffer layer does not read them again. Multipart field values (bounded by the same
-//! `max_inspected_body_bytes`) are not counted against the budget. Multipart bodies are
+//! as the buffer layer's do (`held_bytes`): it is given back when the last copy is dropped, and
+//! the buffer layer does not read them again. Multipart field values are not counted against
+//! the budget (yet): only `max_inspected_body_bytes` per request bounds them. Multipart bodies are
 //! re-encoded as they stream ([`MultipartRelay`]): the fields before the first file are read and
 //! judged before anything is sent; file content streams; a field after a file is judged by the
 //! client's rules when it completes and ends the upstream body if refused. `sid` is removed from
