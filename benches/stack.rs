@@ -266,7 +266,21 @@ fn benches(c: &mut Criterion) {
         "route",
         layers::route::RouteLayer::new(gateway.router.clone())
     );
-    layer!("classify", layers::classify::ClassifyLayer::new(1 << 20));
+    let budget = layers::buffer_budget::BufferBudget::new(
+        layers::buffer_budget::BudgetLimits {
+            max_memory: 1 << 30,
+            max_disk: 1 << 30,
+            client_share: 1.0,
+        },
+        &layers::buffer_budget::BudgetMetrics {
+            held: m.buffered_bytes.clone(),
+            refused: m.buffer_refusals.clone(),
+        },
+    );
+    layer!(
+        "classify",
+        layers::classify::ClassifyLayer::new(1 << 20, budget)
+    );
     layer!(
         "rate_limit",
         layers::rate_limit::RateLimitLayer::new(m.rate_limited.clone(), None)

@@ -390,7 +390,11 @@ where
         // so it is what the rules must judge.
         .layer(RouteLayer::new(router.clone()))
         // What the request does to Frappe: the limits, rules and retries below all ask.
-        .layer(ClassifyLayer::new(config.limits.max_inspected_body_bytes.0))
+        // Holds JSON and urlencoded bodies in memory: on the buffer layer's budget.
+        .layer(ClassifyLayer::new(
+            config.limits.max_inspected_body_bytes.0,
+            buffer_budget.1.clone(),
+        ))
         // Per-client quotas need the kind (writes have their own); before the rules, so probing
         // them costs quota too.
         .layer(RateLimitLayer::new(

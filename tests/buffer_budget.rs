@@ -4,7 +4,8 @@
 //! Finding reproduced: one client's ten slow 100 MB uploads held 990 MB of temporary files; when
 //! the disk filled, another client's upload got a bare 500. Now a body that would go over the
 //! budget is refused with 503 and `Retry-After` before it is read, one client cannot take the
-//! whole budget, and a failing buffering directory is a 503 envelope.
+//! whole budget, and a failing buffering directory is a 503 envelope. JSON bodies, read whole by
+//! classification before any buffering, count against the same memory budget.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -332,5 +333,168 @@ async fn a_buffering_directory_that_cannot_be_written_is_a_503_envelope_not_a_50
         reply.json()["message"]["filler"].as_str().unwrap().len(),
         100_000 - 40
     );
+    assert_nothing_held(&gw).await;
+}
+
+/// A JSON body of exactly `len` bytes (at least 11).
+fn json_of_len(len: usize) -> Vec<u8> {
+    let mut body = br#"{"data":""#.to_vec();
+    body.resize(len - 2, b'x');
+    body.extend_from_slice(br#""}"#);
+    body
+}
+
+/// A JSON POST of `len` bytes to `path` with its length declared (signed by `who`, or keyless):
+/// the first half at once, the rest when `go` is notified.
+fn held_json(
+    gw: &Arc<Gateway>,
+    who: Option<Credential>,
+    path: &'static str,
+    len: usize,
+    go: Arc<Notify>,
+) -> tokio::task::JoinHandle<Reply> {
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        let body = json_of_len(len);
+        let (first, rest) = body.split_at(len / 2);
+        let (first, rest) = (Bytes::copy_from_slice(first), Bytes::copy_from_slice(rest));
+        let stream = futures_util::stream::unfold(0u8, move |step| {
+            let (go, first, rest) = (go.clone(), first.clone(), rest.clone());
+            async move {
+                let chunk = match step {
+                    0 => first,
+                    1 => {
+                        go.notified().await;
+                        rest
+                    }
+                    _ => return None,
+                };
+                Some((Ok::<_, Infallible>(http_body::Frame::data(chunk)), step + 1))
+            }
+        });
+        let auth = who.map(token);
+        let length = len.to_string();
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("content-length", length.as_str()),
+        ];
+        if let Some(auth) = &auth {
+            headers.push(("authorization", auth));
+        }
+        send_body(
+            Method::POST,
+            &gw.url(path),
+            &headers,
+            StreamBody::new(stream).boxed(),
+        )
+        .await
+    })
+}
+
+/// A whole JSON POST of `len` bytes to `path`, signed by `who` or keyless.
+async fn post_json(gw: &Gateway, who: Option<Credential>, path: &str, len: usize) -> Reply {
+    let auth = who.map(token);
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth));
+    }
+    send(Method::POST, &gw.url(path), &headers, json_of_len(len)).await
+}
+
+#[tokio::test]
+async fn json_bodies_read_for_classification_draw_on_the_memory_budget() {
+    let up = upstream().await;
+    // 64 KiB of memory, 48 KiB of it one client's share.
+    let gw = Arc::new(Gateway::start(&config(&up, 0.75)).await);
+    // One client's slow JSON body (40 KiB declared, half of it sent) holds memory while
+    // classification reads it, before any buffering.
+    let go = Arc::new(Notify::new());
+    let slow = held_json(&gw, Some(FULL), UPLOAD, 40 << 10, go.clone());
+    wait_for_held(&gw, "memory", f64::from(40 << 10)).await;
+
+    // Another client's 30 KiB JSON fits its share but not what is left: 503 with Retry-After.
+    let reply = post_json(&gw, Some(OTHER), UPLOAD, 30 << 10).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    // A small one still passes.
+    let reply = post_json(&gw, Some(OTHER), UPLOAD, 4 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"]["size"], 4 << 10);
+    // Only the small one reached the site: nothing of the refused one, nor of the slow one.
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.received()[0].body_len, 4 << 10);
+    assert_eq!(refusals(&gw.metrics().await, "request", "budget"), 1.0);
+
+    // Once the slow one is through, its bytes are let go.
+    go.notify_one();
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"]["size"], 40 << 10);
+    assert_nothing_held(&gw).await;
+    let reply = post_json(&gw, Some(OTHER), UPLOAD, 30 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_nothing_held(&gw).await;
+}
+
+const GET_TOKEN: &str = "/api/method/frappe.integrations.oauth2.get_token";
+
+#[tokio::test]
+async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
+    let up = upstream().await;
+    let yaml = config(&up, 0.5).replace(
+        "    timeouts: { connect: 1s, request: 3s }\n",
+        "    timeouts: { connect: 1s, request: 3s }\n    public:\n      methods: \
+         [frappe.integrations.oauth2.get_token]\n      burst: 30\n",
+    );
+    let gw = Arc::new(Gateway::start(&yaml).await);
+    // A keyless body larger than the anonymous share (32 KiB) could never be held: 413 from
+    // its head alone.
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {GET_TOKEN} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        40 << 10
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("no answer before the body was sent")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // A slow keyless body holds 30 KiB of the anonymous share...
+    let go = Arc::new(Notify::new());
+    let slow = held_json(&gw, None, GET_TOKEN, 30 << 10, go.clone());
+    wait_for_held(&gw, "memory", f64::from(30 << 10)).await;
+    // ...so another keyless one waits, while a client's own share is untouched.
+    let reply = post_json(&gw, None, GET_TOKEN, 10 << 10).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    let reply = post_json(&gw, Some(FULL), UPLOAD, 10 << 10).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(up.count(), 1);
+    let metrics = gw.metrics().await;
+    assert_eq!(refusals(&metrics, "request", "client_share"), 1.0);
+    assert_eq!(refusals(&metrics, "request", "too_large"), 1.0);
+
+    // The slow one reaches the site whole (which refuses its grant), and lets go of its bytes.
+    go.notify_one();
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(up.count(), 2);
+    assert_eq!(up.received()[1].body_len, 30 << 10);
     assert_nothing_held(&gw).await;
 }

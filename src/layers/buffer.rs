@@ -83,6 +83,11 @@ impl BufferLayer {
             settings: Arc::new(settings),
         }
     }
+
+    /// The budget its bodies draw on, for the layers that hold bodies before it (classification).
+    pub fn budget(&self) -> &Arc<BufferBudget> {
+        &self.settings.budget
+    }
 }
 
 impl<S> Layer<S> for BufferLayer {
@@ -181,8 +186,10 @@ fn storage_failed(e: &std::io::Error, settings: &BufferSettings, sender: Sender)
     .into()
 }
 
-/// Bytes in memory, owning `reservation`.
-fn held_bytes(bytes: Bytes, reservation: Reservation) -> Bytes {
+/// Bytes in memory, owning `reservation`: it is given back when the last copy is dropped (the
+/// forwarded body and the replayable copy the retries keep). Classification holds the JSON and
+/// urlencoded bodies it reads the same way.
+pub(crate) fn held_bytes(bytes: Bytes, reservation: Reservation) -> Bytes {
     if bytes.is_empty() {
         return bytes;
     }
@@ -496,7 +503,7 @@ fn partial_body(held: Option<Spooled>, pending: Bytes, rest: Body) -> Body {
 }
 
 /// The length of a body, when its sender said.
-fn known_length(body: &Body, headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn known_length(body: &Body, headers: &HeaderMap) -> Option<u64> {
     body.size_hint().exact().or_else(|| {
         headers
             .get(header::CONTENT_LENGTH)?

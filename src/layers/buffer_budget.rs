@@ -1,6 +1,6 @@
-//! The budget for buffered bodies: how many bytes [`crate::layers::buffer`] may hold at once,
-//! in memory and on disk, over every request and response of this process, and how much of
-//! each one client may take.
+//! The budget for buffered bodies: how many bytes [`crate::layers::buffer`] (and
+//! classification) may hold at once, in memory and on disk, over every request and response of
+//! this process, and how much of each one client may take.
 //!
 //! Without it the only bound was `max_in_flight × max_body_bytes` per client: one client's slow
 //! uploads could fill the disk, and everyone else's bodies then failed. Now a body is held only
@@ -9,7 +9,9 @@
 //!
 //! Requests without a client (public routes) share one share, `anonymous`. The budget is shared
 //! state: every [`crate::layers::buffer::BufferLayer`] built from the same settings draws on the
-//! same one.
+//! same one, and so does [`crate::layers::classify`], which reads JSON and urlencoded request
+//! bodies whole into memory before any buffering (in memory only: a body the memory share cannot
+//! hold is 413 there). Multipart field values it reads are not counted.
 //!
 //! Lock-free on the hot path: counters are atomics, and a client's share is found in a sharded
 //! map whose entries are made once per client name (names come from the configuration, so the

@@ -4,7 +4,14 @@
 //!
 //! This layer derives `form_dict` as Frappe will (see [`crate::frappe::form_dict`]): from the
 //! query and from JSON, urlencoded and multipart bodies, on every path. JSON and urlencoded
-//! bodies are read whole (up to `max_inspected_body_bytes`, 413 above). Multipart bodies are
+//! bodies are read whole (up to `max_inspected_body_bytes`, 413 above) into memory, against the
+//! buffering budget ([`BufferBudget`], the client's share; the anonymous one on public routes):
+//! a declared length is reserved before a byte is read (503 with `Retry-After` when the budget
+//! or the share is taken, 413 when no share could ever hold it), an undeclared one frame by frame.
+//! The bytes read become the forwarded body and its replayable copy, and own the reservation
+//! as the buffer layer's do (`held_bytes`): it is given back when the last copy is dropped, and
+//! the buffer layer does not read them again. Multipart field values are not counted against
+//! the budget (yet): only `max_inspected_body_bytes` per request bounds them. Multipart bodies are
 //! re-encoded as they stream ([`MultipartRelay`]): the fields before the first file are read and
 //! judged before anything is sent; file content streams; a field after a file is judged by the
 //! client's rules when it completes and ends the upstream body if refused. `sid` is removed from
@@ -18,35 +25,42 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body::Frame;
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use tower::{Layer, Service};
 
-use crate::error::{find_cause, GatewayError};
+use crate::error::GatewayError;
 use crate::frappe::form_dict::{
     strip_sid_json, strip_sid_urlencoded, BodyFormat, FormDict, FormKey,
 };
 use crate::frappe::multipart::{self, LateField, MultipartRelay};
 use crate::frappe::{CanonicalPath, FrappeRequest};
 use crate::layers::auth::Client;
+use crate::layers::buffer::{held_bytes, known_length};
+use crate::layers::buffer_budget::{BufferBudget, Direction, Refusal, Reservation, Store};
 use crate::layers::{BoxResponseFuture, EarlyReturn};
 use crate::tags::RequestTags;
 use crate::upstream::ReplayableBody;
 use crate::{full_body, Body, BoxError};
 
 /// Classifies requests.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClassifyLayer {
     max_inspected: u64,
+    budget: Arc<BufferBudget>,
 }
 
 impl ClassifyLayer {
-    /// Reads JSON and urlencoded bodies, and multipart fields, up to `max_inspected` bytes.
-    pub fn new(max_inspected: u64) -> Self {
-        Self { max_inspected }
+    /// Reads JSON and urlencoded bodies, and multipart fields, up to `max_inspected` bytes;
+    /// JSON and urlencoded bodies are held against `budget` (the buffer layer's own).
+    pub fn new(max_inspected: u64, budget: Arc<BufferBudget>) -> Self {
+        Self {
+            max_inspected,
+            budget,
+        }
     }
 }
 
@@ -56,6 +70,7 @@ impl<S> Layer<S> for ClassifyLayer {
         Classify {
             inner,
             max_inspected: self.max_inspected,
+            budget: self.budget.clone(),
         }
     }
 }
@@ -65,6 +80,7 @@ impl<S> Layer<S> for ClassifyLayer {
 pub struct Classify<S> {
     inner: S,
     max_inspected: u64,
+    budget: Arc<BufferBudget>,
 }
 
 /// Classifies a request, tags it and attaches the [`FrappeRequest`].
@@ -115,22 +131,76 @@ fn bad_body(what: &str) -> GatewayError {
     GatewayError::BadRequest(format!("the request body is not valid {what}"))
 }
 
+/// Reads a body whole into memory, up to `max` bytes, each byte reserved in memory against the
+/// budget before it is kept: all at once when `declared` (a refusal then comes before a byte
+/// is read), frame by frame otherwise.
+async fn read_held(
+    mut body: Body,
+    declared: Option<u64>,
+    max: u64,
+    mut reservation: Reservation,
+) -> Result<(Bytes, Reservation), BoxError> {
+    let refused = |reservation: &Reservation, refusal: Refusal| {
+        reservation.budget().count(refusal, Direction::Request);
+        BoxError::from(refusal.into_error())
+    };
+    if let Some(len) = declared.filter(|n| *n > 0) {
+        if len > max {
+            return Err(GatewayError::PayloadTooLarge { limit: max }.into());
+        }
+        if let Err(refusal) = reservation.reserve_up_to(Store::Memory, len) {
+            return Err(refused(&reservation, refusal));
+        }
+    }
+    // A body that arrives as one frame (the usual small one) is kept as it came, uncopied.
+    let mut single: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut held = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        held += data.len() as u64;
+        if held > max {
+            return Err(GatewayError::PayloadTooLarge { limit: max }.into());
+        }
+        if let Err(refusal) = reservation.reserve_up_to(Store::Memory, held) {
+            return Err(refused(&reservation, refusal));
+        }
+        if single.is_none() && joined.is_empty() {
+            single = Some(data);
+        } else {
+            if let Some(first) = single.take() {
+                joined.extend_from_slice(&first);
+            }
+            joined.extend_from_slice(&data);
+        }
+    }
+    Ok((single.unwrap_or_else(|| joined.freeze()), reservation))
+}
+
 /// Reads a JSON or urlencoded body, returning its `form_dict` keys and the body to forward
-/// (without `sid`). Both must be UTF-8: werkzeug would decode anything else with replacement
-/// characters, and what Frappe reads must be what was judged.
+/// (without `sid`), which owns `reservation`. Both must be UTF-8: werkzeug would decode anything
+/// else with replacement characters, and what Frappe reads must be what was judged.
 async fn read_form(
     body: Body,
+    declared: Option<u64>,
     format: BodyFormat,
     max: u64,
+    reservation: Reservation,
 ) -> Result<(FormDict, Bytes), BoxError> {
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if find_cause::<http_body_util::LengthLimitError>(e.as_ref()).is_some() => {
-            return Err(GatewayError::PayloadTooLarge { limit: max }.into())
-        }
-        Err(e) => return Err(e),
-    };
+    let (bytes, reservation) = read_held(body, declared, max, reservation).await?;
+    let (form, bytes) = parse_form(bytes, format)?;
+    // The bytes forwarded (the body as read, or a copy without `sid`, never larger) hold the
+    // reservation until their last copy is dropped.
+    Ok((form, held_bytes(bytes, reservation)))
+}
+
+/// The `form_dict` keys of a JSON or urlencoded body, and the body without `sid`.
+fn parse_form(bytes: Bytes, format: BodyFormat) -> Result<(FormDict, Bytes), BoxError> {
     // `make_form_dict` reads a JSON body only when it is non-empty.
     if bytes.is_empty() {
         return Ok((FormDict::default(), bytes));
@@ -253,9 +323,16 @@ where
         match format {
             BodyFormat::Json | BodyFormat::Form => {
                 let mut inner = take_inner();
+                let budget = self.budget.clone();
                 EarlyReturn::inner(Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
-                    let (body_form, bytes) = read_form(body, format, max).await?;
+                    let declared = known_length(&body, &parts.headers);
+                    // Whose share the body counts against; none (a public route) is the
+                    // anonymous share.
+                    let client = parts.extensions.get::<Arc<Client>>();
+                    let reservation = budget.reservation(client.map(|c| &**c));
+                    let (body_form, bytes) =
+                        read_form(body, declared, format, max, reservation).await?;
                     if format == BodyFormat::Json && !bytes.is_empty() {
                         query.shadow();
                     }

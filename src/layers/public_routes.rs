@@ -242,14 +242,15 @@ where
                 ))))
             }
         }
-        let forward = ClassifyLayer::new(routes.max_inspected).layer(PublicForward {
-            site,
-            path: path.encode(),
-            methods: Arc::new(public.methods.clone()),
-            paths: Arc::new(public.paths.clone()),
-            trusted: routes.trusted.clone(),
-            buffer: routes.buffer.clone(),
-        });
+        let forward = ClassifyLayer::new(routes.max_inspected, routes.buffer.budget().clone())
+            .layer(PublicForward {
+                site,
+                path: path.encode(),
+                methods: Arc::new(public.methods.clone()),
+                paths: Arc::new(public.paths.clone()),
+                trusted: routes.trusted.clone(),
+                buffer: routes.buffer.clone(),
+            });
         request.extensions_mut().insert(path);
         Either::Right(EarlyReturn::inner(Box::pin(forward.oneshot(request))))
     }
