@@ -138,6 +138,8 @@ impl DoctypeMethod {
                 }
             }
             DoctypeSource::Docs => {
+                // Every `docs` in every carrier is read: which one Frappe keeps (a JSON body's
+                // last repeat, a form value over the query's) is not erpgate's guess to make.
                 for value in form.values(FormKey::Docs) {
                     match json_of(value)? {
                         PyJson::Array(docs) => {
@@ -147,11 +149,9 @@ impl DoctypeMethod {
                         }
                         _ => return None,
                     }
-                    // An empty list names nothing and inserts nothing.
-                    if found.is_empty() {
-                        return Some(found);
-                    }
                 }
+                // Only lists that are all empty name nothing, and insert nothing.
+                return Some(found);
             }
         }
         (!found.is_empty()).then_some(found)
@@ -215,6 +215,18 @@ mod tests {
         assert_eq!(
             lookup("frappe.client.insert_many").unwrap().doctypes(&json),
             Some(vec!["Item".into(), "ToDo".into()])
+        );
+        // An empty `docs` first does not hide the list Frappe keeps (the last repeat).
+        let (json, _) =
+            FormDict::from_json(r#"{"docs": [], "docs": [{"doctype": "User"}]}"#).unwrap();
+        assert_eq!(
+            lookup("frappe.client.insert_many").unwrap().doctypes(&json),
+            Some(vec!["User".into()])
+        );
+        let (json, _) = FormDict::from_json(r#"{"docs": []}"#).unwrap();
+        assert_eq!(
+            lookup("frappe.client.insert_many").unwrap().doctypes(&json),
+            Some(vec![])
         );
         let (json, _) = FormDict::from_json(r#"{"docs": [{"name": "x"}]}"#).unwrap();
         assert_eq!(

@@ -11,9 +11,10 @@
 //! <content>\r\n ... --B--\r\n
 //! ```
 //!
-//! with the client's boundary `B` (validated as RFC 2046 characters). What werkzeug then finds in
-//! the forwarded bytes is what erpgate judged, provided no content contains something werkzeug
-//! would take for a delimiter: its `MultipartDecoder` accepts `\r\n`, `\n` *or* `\r` before
+//! with a random boundary `B` of erpgate's own, forwarded with the Content-Type that names it
+//! ([`MultipartRelay::content_type`]): the client's boundary only splits the client's body. What
+//! werkzeug then finds in the forwarded bytes is what erpgate judged, provided no content
+//! contains something werkzeug would take for a delimiter: its `MultipartDecoder` accepts `\r\n`, `\n` *or* `\r` before
 //! `--B` (`sansio/multipart.py`, `LINE_BREAK`), where `multer` splits only at `\r\n--B`. So
 //! content holding `\n--B` or `\r--B` (or starting with `--B`) is refused. Names with `"`, `\`,
 //! `%` or control characters are refused too: they are the characters whose reading differs
