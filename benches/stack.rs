@@ -279,7 +279,7 @@ fn benches(c: &mut Criterion) {
     );
     layer!(
         "classify",
-        layers::classify::ClassifyLayer::new(1 << 20, budget)
+        layers::classify::ClassifyLayer::new(1 << 20, budget, std::time::Duration::from_secs(60))
     );
     layer!(
         "rate_limit",

@@ -394,6 +394,7 @@ where
         .layer(ClassifyLayer::new(
             config.limits.max_inspected_body_bytes.0,
             buffer_budget.1.clone(),
+            config.buffering.client_body_timeout,
         ))
         // Per-client quotas need the kind (writes have their own); before the rules, so probing
         // them costs quota too.

@@ -138,7 +138,9 @@ async fn relay_with(
     let content_type = relay.content_type().to_str().unwrap().to_owned();
     let (mime, options) = support::werkzeug::parse_options_header(&content_type);
     assert_eq!(mime, "multipart/form-data");
-    relay.read_fields_before_files().await?;
+    relay
+        .read_fields_before_files(std::time::Duration::from_secs(5))
+        .await?;
     let mut out = Vec::new();
     while let Some(chunk) = relay.next().await {
         out.extend_from_slice(&chunk?);

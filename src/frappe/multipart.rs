@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -66,6 +67,8 @@ pub enum MultipartError {
     FieldsTooLarge(u64),
     #[error("a multipart body may have at most {MAX_PARTS} parts")]
     TooManyParts,
+    #[error("the multipart body paused for longer than {0:?}")]
+    Stalled(Duration),
 }
 
 /// werkzeug's token characters for parameter names and unquoted values (`http._parameter_re`,
@@ -258,10 +261,14 @@ impl MultipartRelay {
 
     /// Reads every field before the first file part (or the whole body, if it has none), so
     /// that [`Self::form`] holds what they carry before anything is forwarded. Their re-encoded
-    /// bytes wait in the relay and are the first it yields.
-    pub async fn read_fields_before_files(&mut self) -> Result<(), BoxError> {
+    /// bytes wait in the relay and are the first it yields. A step (a part's start, a chunk, a
+    /// part's end) that takes longer than `pause` is the client's timeout (408): a body being
+    /// judged may not trickle for ever.
+    pub async fn read_fields_before_files(&mut self, pause: Duration) -> Result<(), BoxError> {
         while !matches!(self.part, Part::File { .. } | Part::Done) {
-            std::future::poll_fn(|cx| self.advance(cx)).await?;
+            tokio::time::timeout(pause, std::future::poll_fn(|cx| self.advance(cx)))
+                .await
+                .map_err(|_| MultipartError::Stalled(pause))??;
         }
         Ok(())
     }
@@ -476,7 +483,9 @@ mod tests {
     }
 
     async fn forwarded(mut relay: MultipartRelay) -> Result<String, BoxError> {
-        relay.read_fields_before_files().await?;
+        relay
+            .read_fields_before_files(Duration::from_secs(5))
+            .await?;
         let mut out = Vec::new();
         while let Some(chunk) = relay.next().await {
             out.extend_from_slice(&chunk?);
@@ -553,7 +562,10 @@ mod tests {
              --XyZ\r\nContent-Disposition: form-data; name=\"sid\"\r\n\r\nabc\r\n\
              --XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nping\r\n--XyZ--\r\nepilogue";
         let mut relay = relay(body, 100);
-        relay.read_fields_before_files().await.unwrap();
+        relay
+            .read_fields_before_files(Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(!relay.form().has(FormKey::Cmd));
         let queued: Vec<u8> = relay.queue.iter().flat_map(|b| b.to_vec()).collect();
         assert_eq!(
@@ -574,7 +586,10 @@ mod tests {
         let body = "--XyZ\r\nContent-Disposition: form-data; name=\"f\"; filename=\"x\"\r\n\r\ndata\r\n\
              --XyZ\r\nContent-Disposition: form-data; name=\"cmd\"\r\n\r\nfrappe.client.insert\r\n--XyZ--\r\n";
         let mut relay = relay(body, 100);
-        relay.read_fields_before_files().await.unwrap();
+        relay
+            .read_fields_before_files(Duration::from_secs(5))
+            .await
+            .unwrap();
         relay.judge_later_fields(Box::new(|late: LateField<'_>| match late {
             LateField::Entry(FormKey::Cmd, _) => Err("refused".into()),
             _ => Ok(()),
@@ -662,7 +677,10 @@ mod tests {
             field("other").repeat(300)
         );
         let mut relay = relay(&body, 1 << 20);
-        relay.read_fields_before_files().await.unwrap();
+        relay
+            .read_fields_before_files(Duration::from_secs(5))
+            .await
+            .unwrap();
         let (entries, wholes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (e, w) = (entries.clone(), wholes.clone());
         relay.judge_later_fields(Box::new(move |late: LateField<'_>| {

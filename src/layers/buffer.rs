@@ -84,9 +84,10 @@ impl BufferLayer {
         }
     }
 
-    /// The budget its bodies draw on, for the layers that hold bodies before it (classification).
-    pub fn budget(&self) -> &Arc<BufferBudget> {
-        &self.settings.budget
+    /// Its settings: classification, which holds bodies before it, draws on the same budget
+    /// and gives clients the same pause between reads.
+    pub fn settings(&self) -> &BufferSettings {
+        &self.settings
     }
 }
 
@@ -137,6 +138,40 @@ enum Spool {
 enum Sender {
     Client(Duration),
     Site { site_timeout: Duration },
+}
+
+/// Frames read into memory, joined in order; a body that arrives as one frame (the usual small
+/// one) is kept as it came, uncopied.
+#[derive(Default)]
+pub(crate) struct JoinedFrames {
+    single: Option<Bytes>,
+    joined: BytesMut,
+}
+
+impl JoinedFrames {
+    /// Bytes held so far.
+    pub(crate) fn len(&self) -> usize {
+        self.single.as_ref().map_or(self.joined.len(), Bytes::len)
+    }
+
+    /// Adds a frame's data after what is held.
+    pub(crate) fn push(&mut self, data: Bytes) {
+        if self.single.is_none() && self.joined.is_empty() {
+            self.single = Some(data);
+            return;
+        }
+        if let Some(first) = self.single.take() {
+            self.joined.extend_from_slice(&first);
+        }
+        self.joined.extend_from_slice(&data);
+    }
+
+    /// Everything held so far, leaving nothing.
+    pub(crate) fn take(&mut self) -> Bytes {
+        self.single
+            .take()
+            .unwrap_or_else(|| self.joined.split().freeze())
+    }
 }
 
 /// Bytes held in memory together with their reservation.
@@ -217,9 +252,7 @@ async fn spool(
         Sender::Client(_) => Direction::Request,
         Sender::Site { .. } => Direction::Response,
     };
-    // A body that arrives as one frame (the usual small answer) is kept as it came, uncopied.
-    let mut single: Option<Bytes> = None;
-    let mut memory = BytesMut::new();
+    let mut memory = JoinedFrames::default();
     let mut file: Option<(tokio::fs::File, u64)> = None;
     if reservation.reserved(Store::Disk) > 0 {
         match temporary_file(&settings.directory).await {
@@ -276,7 +309,7 @@ async fn spool(
         }
         let held = match &file {
             Some((_, len)) => *len,
-            None => (memory.len() + single.as_ref().map_or(0, Bytes::len)) as u64,
+            None => memory.len() as u64,
         };
         let store = match reservation.reserve_body(held + data.len() as u64, per_body) {
             Ok(store) => store,
@@ -290,10 +323,10 @@ async fn spool(
                     Some((spill, len)) => {
                         Some(rewound(spill, len, reservation, settings, sender).await?)
                     }
-                    None => {
-                        let bytes = single.take().unwrap_or_else(|| memory.split().freeze());
-                        Some(Spooled::Memory { bytes, reservation })
-                    }
+                    None => Some(Spooled::Memory {
+                        bytes: memory.take(),
+                        reservation,
+                    }),
                 };
                 return Ok(Spool::Partial {
                     held,
@@ -303,14 +336,7 @@ async fn spool(
             }
         };
         if store == Store::Memory {
-            if single.is_none() && memory.is_empty() {
-                single = Some(data);
-            } else {
-                if let Some(first) = single.take() {
-                    memory.extend_from_slice(&first);
-                }
-                memory.extend_from_slice(&data);
-            }
+            memory.push(data);
             continue;
         }
         match &mut file {
@@ -321,27 +347,26 @@ async fn spool(
                         tracing::warn!(error = %e, directory = %settings.directory.display(),
                             "cannot hold a response in the buffering directory; passing it on as it comes");
                         reservation.release(Store::Disk);
-                        let bytes = single.take().unwrap_or_else(|| memory.split().freeze());
                         return Ok(Spool::Partial {
-                            held: Some(Spooled::Memory { bytes, reservation }),
+                            held: Some(Spooled::Memory {
+                                bytes: memory.take(),
+                                reservation,
+                            }),
                             pending: data,
                             rest: body,
                         });
                     }
                     Err(e) => return Err(storage_failed(&e, settings, sender)),
                 };
-                if let Some(first) = single.take() {
-                    memory.extend_from_slice(&first);
-                }
+                let held = memory.take();
                 let written = async {
-                    spill.write_all(&memory).await?;
+                    spill.write_all(&held).await?;
                     spill.write_all(&data).await
                 };
                 written
                     .await
                     .map_err(|e| storage_failed(&e, settings, sender))?;
-                file = Some((spill, (memory.len() + data.len()) as u64));
-                memory = BytesMut::new();
+                file = Some((spill, (held.len() + data.len()) as u64));
                 // The bytes moved to disk, which holds their reservation now.
                 reservation.release(Store::Memory);
             }
@@ -355,10 +380,10 @@ async fn spool(
         }
     }
     Ok(Spool::Whole(match file {
-        None => {
-            let bytes = single.unwrap_or_else(|| memory.freeze());
-            Spooled::Memory { bytes, reservation }
-        }
+        None => Spooled::Memory {
+            bytes: memory.take(),
+            reservation,
+        },
         Some((spill, len)) => rewound(spill, len, reservation, settings, sender).await?,
     }))
 }

@@ -24,8 +24,9 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body::Frame;
@@ -39,7 +40,7 @@ use crate::frappe::form_dict::{
 use crate::frappe::multipart::{self, LateField, MultipartRelay};
 use crate::frappe::{CanonicalPath, FrappeRequest};
 use crate::layers::auth::Client;
-use crate::layers::buffer::{held_bytes, known_length};
+use crate::layers::buffer::{held_bytes, known_length, JoinedFrames};
 use crate::layers::buffer_budget::{BufferBudget, Direction, Refusal, Reservation, Store};
 use crate::layers::{BoxResponseFuture, EarlyReturn};
 use crate::tags::RequestTags;
@@ -51,15 +52,23 @@ use crate::{full_body, Body, BoxError};
 pub struct ClassifyLayer {
     max_inspected: u64,
     budget: Arc<BufferBudget>,
+    client_body_timeout: Duration,
 }
 
 impl ClassifyLayer {
     /// Reads JSON and urlencoded bodies, and multipart fields, up to `max_inspected` bytes;
-    /// JSON and urlencoded bodies are held against `budget` (the buffer layer's own).
-    pub fn new(max_inspected: u64, budget: Arc<BufferBudget>) -> Self {
+    /// JSON and urlencoded bodies are held against `budget` (the buffer layer's own). A client
+    /// that pauses longer than `client_body_timeout` between two reads gets 408, as the buffer
+    /// layer answers it: a body being judged holds budget, so it may not trickle for ever.
+    pub fn new(
+        max_inspected: u64,
+        budget: Arc<BufferBudget>,
+        client_body_timeout: Duration,
+    ) -> Self {
         Self {
             max_inspected,
             budget,
+            client_body_timeout,
         }
     }
 }
@@ -71,6 +80,7 @@ impl<S> Layer<S> for ClassifyLayer {
             inner,
             max_inspected: self.max_inspected,
             budget: self.budget.clone(),
+            client_body_timeout: self.client_body_timeout,
         }
     }
 }
@@ -81,6 +91,7 @@ pub struct Classify<S> {
     inner: S,
     max_inspected: u64,
     budget: Arc<BufferBudget>,
+    client_body_timeout: Duration,
 }
 
 /// Classifies a request, tags it and attaches the [`FrappeRequest`].
@@ -133,11 +144,12 @@ fn bad_body(what: &str) -> GatewayError {
 
 /// Reads a body whole into memory, up to `max` bytes, each byte reserved in memory against the
 /// budget before it is kept: all at once when `declared` (a refusal then comes before a byte
-/// is read), frame by frame otherwise.
+/// is read), frame by frame otherwise. A pause longer than `pause` between frames is 408.
 async fn read_held(
     mut body: Body,
     declared: Option<u64>,
     max: u64,
+    pause: Duration,
     mut reservation: Reservation,
 ) -> Result<(Bytes, Reservation), BoxError> {
     let refused = |reservation: &Reservation, refusal: Refusal| {
@@ -152,11 +164,13 @@ async fn read_held(
             return Err(refused(&reservation, refusal));
         }
     }
-    // A body that arrives as one frame (the usual small one) is kept as it came, uncopied.
-    let mut single: Option<Bytes> = None;
-    let mut joined = BytesMut::new();
+    let mut joined = JoinedFrames::default();
     let mut held = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::time::timeout(pause, body.frame())
+            .await
+            .map_err(|_| GatewayError::ClientTimeout { timeout: pause })?;
+        let Some(frame) = frame else { break };
         let Ok(data) = frame?.into_data() else {
             continue;
         };
@@ -170,16 +184,9 @@ async fn read_held(
         if let Err(refusal) = reservation.reserve_up_to(Store::Memory, held) {
             return Err(refused(&reservation, refusal));
         }
-        if single.is_none() && joined.is_empty() {
-            single = Some(data);
-        } else {
-            if let Some(first) = single.take() {
-                joined.extend_from_slice(&first);
-            }
-            joined.extend_from_slice(&data);
-        }
+        joined.push(data);
     }
-    Ok((single.unwrap_or_else(|| joined.freeze()), reservation))
+    Ok((joined.take(), reservation))
 }
 
 /// Reads a JSON or urlencoded body, returning its `form_dict` keys and the body to forward
@@ -190,9 +197,10 @@ async fn read_form(
     declared: Option<u64>,
     format: BodyFormat,
     max: u64,
+    pause: Duration,
     reservation: Reservation,
 ) -> Result<(FormDict, Bytes), BoxError> {
-    let (bytes, reservation) = read_held(body, declared, max, reservation).await?;
+    let (bytes, reservation) = read_held(body, declared, max, pause, reservation).await?;
     let (form, bytes) = parse_form(bytes, format)?;
     // The bytes forwarded (the body as read, or a copy without `sid`, never larger) hold the
     // reservation until their last copy is dropped.
@@ -269,6 +277,9 @@ fn multipart_refusal(e: BoxError) -> BoxError {
             multipart::MultipartError::TooManyParts => {
                 GatewayError::TooManyParts(multipart::MAX_PARTS).into()
             }
+            multipart::MultipartError::Stalled(timeout) => {
+                GatewayError::ClientTimeout { timeout }.into()
+            }
             other => GatewayError::BadRequest(other.to_string()).into(),
         },
         Err(e) => e,
@@ -320,6 +331,7 @@ where
             std::mem::replace(&mut self.inner, clone)
         };
         let max = self.max_inspected;
+        let pause = self.client_body_timeout;
         match format {
             BodyFormat::Json | BodyFormat::Form => {
                 let mut inner = take_inner();
@@ -332,13 +344,15 @@ where
                     let client = parts.extensions.get::<Arc<Client>>();
                     let reservation = budget.reservation(client.map(|c| &**c));
                     let (body_form, bytes) =
-                        read_form(body, declared, format, max, reservation).await?;
+                        read_form(body, declared, format, max, pause, reservation).await?;
                     if format == BodyFormat::Json && !bytes.is_empty() {
                         query.shadow();
                     }
                     query.merge(body_form);
                     let mut request = Request::from_parts(parts, full_body(bytes.clone()));
                     let headers = request.headers_mut();
+                    // Sent whole with its length: the client's chunking is not the site's.
+                    headers.remove(header::TRANSFER_ENCODING);
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                     headers.insert(header::CONTENT_TYPE, format.content_type());
                     request.extensions_mut().insert(ReplayableBody(bytes));
@@ -362,7 +376,7 @@ where
                     let (mut parts, body) = request.into_parts();
                     let mut relay = MultipartRelay::new(body, boundary, max);
                     relay
-                        .read_fields_before_files()
+                        .read_fields_before_files(pause)
                         .await
                         .map_err(multipart_refusal)?;
                     let mut form = query.clone();

@@ -242,15 +242,19 @@ where
                 ))))
             }
         }
-        let forward = ClassifyLayer::new(routes.max_inspected, routes.buffer.budget().clone())
-            .layer(PublicForward {
-                site,
-                path: path.encode(),
-                methods: Arc::new(public.methods.clone()),
-                paths: Arc::new(public.paths.clone()),
-                trusted: routes.trusted.clone(),
-                buffer: routes.buffer.clone(),
-            });
+        let forward = ClassifyLayer::new(
+            routes.max_inspected,
+            routes.buffer.settings().budget.clone(),
+            routes.buffer.settings().client_body_timeout,
+        )
+        .layer(PublicForward {
+            site,
+            path: path.encode(),
+            methods: Arc::new(public.methods.clone()),
+            paths: Arc::new(public.paths.clone()),
+            trusted: routes.trusted.clone(),
+            buffer: routes.buffer.clone(),
+        });
         request.extensions_mut().insert(path);
         Either::Right(EarlyReturn::inner(Box::pin(forward.oneshot(request))))
     }
