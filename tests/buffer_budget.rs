@@ -166,6 +166,32 @@ fn refusals(metrics: &str, direction: &str, reason: &str) -> f64 {
     )
 }
 
+/// The budget's refusal of a body it has no room for now: 503 `InsufficientStorage`, and
+/// `Retry-After: 1` (held bodies are let go within a request's time).
+fn assert_over_budget(reply: &Reply) {
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+}
+
+/// The same refusal as `assert_over_budget`, in a raw HTTP/1.1 answer read off the socket.
+fn assert_over_budget_answer(answer: &str) {
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(r#""exc_type":"InsufficientStorage""#),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_they_are_read() {
     let up = upstream().await;
@@ -177,34 +203,13 @@ async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_the
 
     // Another client's 100 KiB upload: refused from its head alone, with Retry-After.
     let answer = head_only_upload(&gw, OTHER, 100 << 10).await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
-        "{answer}"
-    );
-    assert!(
-        answer.contains(r#""exc_type":"InsufficientStorage""#),
-        "{answer}"
-    );
+    assert_over_budget_answer(&answer);
     // The same with the body sent whole.
     let reply = upload(&gw, OTHER, 100 << 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.header("retry-after"), Some("1"));
-    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    assert_over_budget(&reply);
     // Chunked, its length unknown: refused once what it sent would go over.
     let reply = chunked_upload(&gw, OTHER, 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    assert_over_budget(&reply);
     // A small one (held in memory, which has room) still passes.
     let reply = upload(&gw, OTHER, 4 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -238,7 +243,7 @@ async fn one_client_cannot_take_the_whole_budget() {
     wait_for_held(&gw, "disk", f64::from(128 << 10)).await;
     // Its third is refused, though the budget itself has room...
     let answer = head_only_upload(&gw, FULL, 20 << 10).await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert_over_budget_answer(&answer);
     // ...which another client still gets.
     let reply = upload(&gw, OTHER, 100 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -414,14 +419,7 @@ async fn json_bodies_read_for_classification_draw_on_the_memory_budget() {
 
     // Another client's 30 KiB JSON fits its share but not what is left: 503 with Retry-After.
     let reply = post_json(&gw, Some(OTHER), UPLOAD, 30 << 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.header("retry-after"), Some("1"));
-    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    assert_over_budget(&reply);
     // A small one still passes.
     let reply = post_json(&gw, Some(OTHER), UPLOAD, 4 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -476,13 +474,7 @@ async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
     wait_for_held(&gw, "memory", f64::from(30 << 10)).await;
     // ...so another keyless one waits, while a client's own share is untouched.
     let reply = post_json(&gw, None, GET_TOKEN, 10 << 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_over_budget(&reply);
     let reply = post_json(&gw, Some(FULL), UPLOAD, 10 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(up.count(), 1);
