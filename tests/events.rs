@@ -1259,15 +1259,8 @@ async fn cached_todo(gw: &Gateway) -> String {
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let name = reply.json()["data"]["name"].as_str().unwrap().to_owned();
-    let path = format!("/api/resource/ToDo/{name}");
-    assert_eq!(
-        get(&gw.url(&path), FULL).await.header("x-cache"),
-        Some("MISS")
-    );
-    assert_eq!(
-        get(&gw.url(&path), FULL).await.header("x-cache"),
-        Some("HIT")
-    );
+    assert_eq!(todo_x_cache(gw, &name).await, "MISS");
+    assert_eq!(todo_x_cache(gw, &name).await, "HIT");
     name
 }
 
