@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -41,8 +41,52 @@ fn config(up: &FrappeUpstream, share: f64) -> String {
     )
 }
 
+const OCTET_STREAM: &str = "application/octet-stream";
+
+/// POSTs `body` to `path` as `content_type`, signed by `who` or keyless, its length declared
+/// when `length` is given.
+async fn post(
+    gw: &Gateway,
+    path: &str,
+    who: Option<Credential>,
+    content_type: &str,
+    length: Option<usize>,
+    body: ClientBody,
+) -> Reply {
+    let auth = who.map(token);
+    let length = length.map(|len| len.to_string());
+    let mut headers = vec![("content-type", content_type)];
+    if let Some(length) = &length {
+        headers.push(("content-length", length));
+    }
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth));
+    }
+    send_body(Method::POST, &gw.url(path), &headers, body).await
+}
+
+/// A body that sends `first` at once and `rest` when `go` is notified, so the request holds
+/// its reservation until then.
+fn held_body(first: Bytes, rest: Bytes, go: Arc<Notify>) -> ClientBody {
+    let stream = futures_util::stream::unfold(0u8, move |step| {
+        let (go, first, rest) = (go.clone(), first.clone(), rest.clone());
+        async move {
+            let chunk = match step {
+                0 => first,
+                1 => {
+                    go.notified().await;
+                    rest
+                }
+                _ => return None,
+            };
+            Some((Ok::<_, Infallible>(http_body::Frame::data(chunk)), step + 1))
+        }
+    });
+    StreamBody::new(stream).boxed()
+}
+
 /// An upload of `len` bytes with its length declared: the first KiB at once, the rest when
-/// `go` is notified, so the request holds its reservation until then.
+/// `go` is notified.
 fn held_upload(
     gw: &Arc<Gateway>,
     who: Credential,
@@ -51,52 +95,19 @@ fn held_upload(
 ) -> tokio::task::JoinHandle<Reply> {
     let gw = gw.clone();
     tokio::spawn(async move {
-        let stream = futures_util::stream::unfold(0u8, move |step| {
-            let go = go.clone();
-            async move {
-                let chunk = match step {
-                    0 => vec![b'a'; 1024],
-                    1 => {
-                        go.notified().await;
-                        vec![b'b'; len - 1024]
-                    }
-                    _ => return None,
-                };
-                Some((
-                    Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(chunk))),
-                    step + 1,
-                ))
-            }
-        });
-        let auth = token(who);
-        let length = len.to_string();
-        send_body(
-            Method::POST,
-            &gw.url(UPLOAD),
-            &[
-                ("authorization", &auth),
-                ("content-type", "application/octet-stream"),
-                ("content-length", &length),
-            ],
-            StreamBody::new(stream).boxed(),
-        )
-        .await
+        let body = held_body(
+            Bytes::from(vec![b'a'; 1024]),
+            Bytes::from(vec![b'b'; len - 1024]),
+            go,
+        );
+        post(&gw, UPLOAD, Some(who), OCTET_STREAM, Some(len), body).await
     })
 }
 
 /// A whole upload of `len` bytes.
 async fn upload(gw: &Gateway, who: Credential, len: usize) -> Reply {
-    let auth = token(who);
-    send(
-        Method::POST,
-        &gw.url(UPLOAD),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/octet-stream"),
-        ],
-        vec![b'z'; len],
-    )
-    .await
+    let body = Full::new(Bytes::from(vec![b'z'; len])).boxed();
+    post(gw, UPLOAD, Some(who), OCTET_STREAM, None, body).await
 }
 
 /// An upload of `chunks` × 10 KiB, chunked (its length not declared).
@@ -105,28 +116,15 @@ async fn chunked_upload(gw: &Gateway, who: Credential, chunks: usize) -> Reply {
         futures_util::stream::iter((0..chunks).map(|_| {
             Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'c'; 10 << 10])))
         }));
-    let auth = token(who);
-    send_body(
-        Method::POST,
-        &gw.url(UPLOAD),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/octet-stream"),
-        ],
-        StreamBody::new(frames).boxed(),
-    )
-    .await
+    let body = StreamBody::new(frames).boxed();
+    post(gw, UPLOAD, Some(who), OCTET_STREAM, None, body).await
 }
 
-/// Sends only the head of an upload declaring `len` bytes, and reads the answer: an answer at
-/// all shows it was given before the body was read.
-async fn head_only_upload(gw: &Gateway, who: Credential, len: usize) -> String {
+/// Sends only `head` (a request's head, its blank line included) and reads the answer: an
+/// answer at all shows it was given before the body was read.
+async fn answer_to_head(gw: &Gateway, head: &str) -> String {
     let addr = gw.base.trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST {UPLOAD} HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n",
-        token(who)
-    );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
@@ -134,6 +132,15 @@ async fn head_only_upload(gw: &Gateway, who: Credential, len: usize) -> String {
         .expect("no answer before the body was sent")
         .unwrap();
     String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+/// The answer to only the head of an upload declaring `len` bytes.
+async fn head_only_upload(gw: &Gateway, who: Credential, len: usize) -> String {
+    let head = format!(
+        "POST {UPLOAD} HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Type: {OCTET_STREAM}\r\nContent-Length: {len}\r\n\r\n",
+        token(who)
+    );
+    answer_to_head(gw, &head).await
 }
 
 /// Waits (briefly) until the gateway has reserved what the held uploads declared.
@@ -166,6 +173,32 @@ fn refusals(metrics: &str, direction: &str, reason: &str) -> f64 {
     )
 }
 
+/// The budget's refusal of a body it has no room for now: 503 `InsufficientStorage`, and
+/// `Retry-After: 1` (held bodies are let go within a request's time).
+fn assert_over_budget(reply: &Reply) {
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+}
+
+/// The same refusal as `assert_over_budget`, in a raw HTTP/1.1 answer read off the socket.
+fn assert_over_budget_answer(answer: &str) {
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(r#""exc_type":"InsufficientStorage""#),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_they_are_read() {
     let up = upstream().await;
@@ -177,34 +210,13 @@ async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_the
 
     // Another client's 100 KiB upload: refused from its head alone, with Retry-After.
     let answer = head_only_upload(&gw, OTHER, 100 << 10).await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
-        "{answer}"
-    );
-    assert!(
-        answer.contains(r#""exc_type":"InsufficientStorage""#),
-        "{answer}"
-    );
+    assert_over_budget_answer(&answer);
     // The same with the body sent whole.
     let reply = upload(&gw, OTHER, 100 << 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.header("retry-after"), Some("1"));
-    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    assert_over_budget(&reply);
     // Chunked, its length unknown: refused once what it sent would go over.
     let reply = chunked_upload(&gw, OTHER, 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    assert_over_budget(&reply);
     // A small one (held in memory, which has room) still passes.
     let reply = upload(&gw, OTHER, 4 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -238,7 +250,7 @@ async fn one_client_cannot_take_the_whole_budget() {
     wait_for_held(&gw, "disk", f64::from(128 << 10)).await;
     // Its third is refused, though the budget itself has room...
     let answer = head_only_upload(&gw, FULL, 20 << 10).await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert_over_budget_answer(&answer);
     // ...which another client still gets.
     let reply = upload(&gw, OTHER, 100 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -355,50 +367,17 @@ fn held_json(
 ) -> tokio::task::JoinHandle<Reply> {
     let gw = gw.clone();
     tokio::spawn(async move {
-        let body = json_of_len(len);
-        let (first, rest) = body.split_at(len / 2);
-        let (first, rest) = (Bytes::copy_from_slice(first), Bytes::copy_from_slice(rest));
-        let stream = futures_util::stream::unfold(0u8, move |step| {
-            let (go, first, rest) = (go.clone(), first.clone(), rest.clone());
-            async move {
-                let chunk = match step {
-                    0 => first,
-                    1 => {
-                        go.notified().await;
-                        rest
-                    }
-                    _ => return None,
-                };
-                Some((Ok::<_, Infallible>(http_body::Frame::data(chunk)), step + 1))
-            }
-        });
-        let auth = who.map(token);
-        let length = len.to_string();
-        let mut headers = vec![
-            ("content-type", "application/json"),
-            ("content-length", length.as_str()),
-        ];
-        if let Some(auth) = &auth {
-            headers.push(("authorization", auth));
-        }
-        send_body(
-            Method::POST,
-            &gw.url(path),
-            &headers,
-            StreamBody::new(stream).boxed(),
-        )
-        .await
+        let mut first = Bytes::from(json_of_len(len));
+        let rest = first.split_off(len / 2);
+        let body = held_body(first, rest, go);
+        post(&gw, path, who, "application/json", Some(len), body).await
     })
 }
 
 /// A whole JSON POST of `len` bytes to `path`, signed by `who` or keyless.
 async fn post_json(gw: &Gateway, who: Option<Credential>, path: &str, len: usize) -> Reply {
-    let auth = who.map(token);
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(auth) = &auth {
-        headers.push(("authorization", auth));
-    }
-    send(Method::POST, &gw.url(path), &headers, json_of_len(len)).await
+    let body = Full::new(Bytes::from(json_of_len(len))).boxed();
+    post(gw, path, who, "application/json", None, body).await
 }
 
 #[tokio::test]
@@ -414,14 +393,7 @@ async fn json_bodies_read_for_classification_draw_on_the_memory_budget() {
 
     // Another client's 30 KiB JSON fits its share but not what is left: 503 with Retry-After.
     let reply = post_json(&gw, Some(OTHER), UPLOAD, 30 << 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.header("retry-after"), Some("1"));
-    assert_eq!(reply.json()["exc_type"], "InsufficientStorage");
+    assert_over_budget(&reply);
     // A small one still passes.
     let reply = post_json(&gw, Some(OTHER), UPLOAD, 4 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -455,19 +427,11 @@ async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
     let gw = Arc::new(Gateway::start(&yaml).await);
     // A keyless body larger than the anonymous share (32 KiB) could never be held: 413 from
     // its head alone.
-    let addr = gw.base.trim_start_matches("http://").to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = format!(
         "POST {GET_TOKEN} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         40 << 10
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-        .await
-        .expect("no answer before the body was sent")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = answer_to_head(&gw, &head).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
     // A slow keyless body holds 30 KiB of the anonymous share...
@@ -476,13 +440,7 @@ async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
     wait_for_held(&gw, "memory", f64::from(30 << 10)).await;
     // ...so another keyless one waits, while a client's own share is untouched.
     let reply = post_json(&gw, None, GET_TOKEN, 10 << 10).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_over_budget(&reply);
     let reply = post_json(&gw, Some(FULL), UPLOAD, 10 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(up.count(), 1);

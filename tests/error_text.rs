@@ -31,16 +31,17 @@ fn exposing(yaml: &str) -> String {
 }
 
 async fn call(gw: &Gateway, path: &str, credential: Credential, request_id: &str) -> Reply {
-    send(
-        Method::GET,
-        &gw.url(path),
-        &[
-            ("authorization", &token(credential)),
-            ("x-request-id", request_id),
-        ],
-        Bytes::new(),
-    )
-    .await
+    call_as(gw, path, Some(&token(credential)), request_id).await
+}
+
+/// GET `path` with `X-Request-Id`, and `Authorization` when given (a public route's caller
+/// sends none).
+async fn call_as(gw: &Gateway, path: &str, authorization: Option<&str>, request_id: &str) -> Reply {
+    let mut headers = vec![("x-request-id", request_id)];
+    if let Some(authorization) = authorization {
+        headers.push(("authorization", authorization));
+    }
+    send(Method::GET, &gw.url(path), &headers, Bytes::new()).await
 }
 
 fn list(v: &Value, key: &str) -> Vec<String> {
@@ -67,6 +68,16 @@ fn assert_no_database_text(reply: &Reply) {
 }
 
 const FIXED: &str = "database error; see the gateway log for request";
+
+/// `reply`'s v1 `exception` is the fixed line of an `exc_type` naming `request_id`, and
+/// nothing of the database's text is anywhere in it.
+fn assert_fixed_line(reply: &Reply, exc_type: &str, request_id: &str) {
+    assert_eq!(
+        reply.json()["exception"],
+        format!("{exc_type}: {FIXED} {request_id}")
+    );
+    assert_no_database_text(reply);
+}
 
 #[tokio::test]
 async fn a_restricted_client_gets_a_fixed_line_with_its_request_id_in_v1() {
@@ -118,11 +129,7 @@ async fn a_restricted_client_gets_a_fixed_line_with_its_request_id_in_v1() {
         .await;
         assert_eq!(reply.status, StatusCode::CONFLICT);
         assert_eq!(reply.json()["exc_type"], "DuplicateEntryError");
-        assert_eq!(
-            reply.json()["exception"],
-            format!("DuplicateEntryError: {FIXED} rid-db-3")
-        );
-        assert_no_database_text(&reply);
+        assert_fixed_line(&reply, "DuplicateEntryError", "rid-db-3");
     }
 }
 
@@ -132,11 +139,7 @@ async fn the_gateways_own_request_id_is_named_when_the_client_sent_none() {
     let gw = Gateway::start(&config(&up)).await;
     let reply = get(&gw.url("/api/method/test.db_error"), TODO_READER).await;
     let id = reply.header("x-request-id").unwrap().to_owned();
-    assert_eq!(
-        reply.json()["exception"],
-        format!("OperationalError: {FIXED} {id}")
-    );
-    assert_no_database_text(&reply);
+    assert_fixed_line(&reply, "OperationalError", &id);
 }
 
 #[tokio::test]
@@ -259,36 +262,14 @@ async fn an_oauth_apps_user_and_a_public_routes_caller_are_restricted_readers() 
         "    timeouts: { connect: 1s, request: 3s }\n    public:\n      methods: [test.db_error]\n",
     );
     let gw = Gateway::start(&yaml).await;
-    let reply = send(
-        Method::GET,
-        &gw.url("/api/method/test.db_error"),
-        &[
-            ("authorization", "Bearer tok-alice"),
-            ("x-request-id", "rid-oauth"),
-        ],
-        Bytes::new(),
-    )
-    .await;
+    let path = "/api/method/test.db_error";
+    let reply = call_as(&gw, path, Some("Bearer tok-alice"), "rid-oauth").await;
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(
-        reply.json()["exception"],
-        format!("OperationalError: {FIXED} rid-oauth")
-    );
-    assert_no_database_text(&reply);
+    assert_fixed_line(&reply, "OperationalError", "rid-oauth");
 
-    let public = send(
-        Method::GET,
-        &gw.url("/api/method/test.db_error"),
-        &[("x-request-id", "rid-public")],
-        Bytes::new(),
-    )
-    .await;
+    let public = call_as(&gw, path, None, "rid-public").await;
     assert_eq!(public.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(
-        public.json()["exception"],
-        format!("OperationalError: {FIXED} rid-public")
-    );
-    assert_no_database_text(&public);
+    assert_fixed_line(&public, "OperationalError", "rid-public");
     // Both reached Frappe: the user's own token, and the caller's request without one.
     let calls: Vec<_> = up
         .received()

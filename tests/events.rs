@@ -322,6 +322,11 @@ async fn signed_webhook(base: &str, path: &str, body: &str) -> Reply {
     .await
 }
 
+/// The events site `erp`'s webhooks fed in, in the `/metrics` text `m`.
+fn events_received(m: &str) -> f64 {
+    metric_value(m, "erpgate_events_received_total", &[("site", "erp")])
+}
+
 #[tokio::test]
 async fn one_webhook_reaches_every_subscription_that_wants_it_and_that_its_client_may_read() {
     let up = upstream().await;
@@ -391,10 +396,7 @@ async fn one_webhook_reaches_every_subscription_that_wants_it_and_that_its_clien
     // Nothing reached the upstream: events are erpgate's.
     assert_eq!(up.count(), 0, "nothing reaches the upstream");
     let m = gw.metrics().await;
-    assert_eq!(
-        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
-        3.0
-    );
+    assert_eq!(events_received(&m), 3.0);
     assert_eq!(
         metric_value(
             &m,
@@ -1194,10 +1196,7 @@ async fn a_burst_over_the_purge_rate_keeps_every_event_and_a_repeat_is_kept_once
         metric_value(&m, "erpgate_events_repeated_total", &[("site", "erp")]),
         1.0
     );
-    assert_eq!(
-        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
-        150.0
-    );
+    assert_eq!(events_received(&m), 150.0);
     // A body without `modified` may be the same for two saves: each is kept.
     for _ in 0..2 {
         let body = r#"{"doctype": "ToDo", "name": "M1", "event": "on_update"}"#;
@@ -1205,10 +1204,7 @@ async fn a_burst_over_the_purge_rate_keeps_every_event_and_a_repeat_is_kept_once
         assert_eq!(reply.status, 200);
     }
     let m = gw.metrics().await;
-    assert_eq!(
-        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
-        152.0
-    );
+    assert_eq!(events_received(&m), 152.0);
 }
 
 #[tokio::test]
@@ -1259,15 +1255,8 @@ async fn cached_todo(gw: &Gateway) -> String {
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let name = reply.json()["data"]["name"].as_str().unwrap().to_owned();
-    let path = format!("/api/resource/ToDo/{name}");
-    assert_eq!(
-        get(&gw.url(&path), FULL).await.header("x-cache"),
-        Some("MISS")
-    );
-    assert_eq!(
-        get(&gw.url(&path), FULL).await.header("x-cache"),
-        Some("HIT")
-    );
+    assert_eq!(todo_x_cache(gw, &name).await, "MISS");
+    assert_eq!(todo_x_cache(gw, &name).await, "HIT");
     name
 }
 
@@ -1275,6 +1264,15 @@ async fn cached_todo(gw: &Gateway) -> String {
 async fn todo_x_cache(gw: &Gateway, name: &str) -> String {
     let reply = get(&gw.url(&format!("/api/resource/ToDo/{name}")), FULL).await;
     reply.header("x-cache").unwrap_or("none").to_owned()
+}
+
+/// The cache purges site `erp`'s webhooks made, in the `/metrics` text `m`.
+fn webhook_purges(m: &str) -> f64 {
+    metric_value(
+        m,
+        "erpgate_cache_invalidations_total",
+        &[("site", "erp"), ("reason", "webhook")],
+    )
 }
 
 /// Names of the events in a client's feed.
@@ -1367,10 +1365,7 @@ async fn a_signed_body_naming_another_doctype_than_its_url_is_refused_and_reache
     assert_eq!(feed_names(&gw, TODO_READER).await, Vec::<String>::new());
     assert_eq!(up.count(), upstream_before, "nothing reaches the upstream");
     let m = gw.metrics().await;
-    assert_eq!(
-        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
-        0.0
-    );
+    assert_eq!(events_received(&m), 0.0);
     for reason in ["other_doctype", "repeated_key"] {
         let expected = attacks.iter().filter(|(_, _, r)| *r == reason).count();
         assert_eq!(
@@ -1383,14 +1378,7 @@ async fn a_signed_body_naming_another_doctype_than_its_url_is_refused_and_reache
             "{reason}"
         );
     }
-    assert_eq!(
-        metric_value(
-            &m,
-            "erpgate_cache_invalidations_total",
-            &[("site", "erp"), ("reason", "webhook")]
-        ),
-        0.0
-    );
+    assert_eq!(webhook_purges(&m), 0.0);
 
     // The ToDo Webhook's own body at its own URL is relayed and purges.
     let body = format!(r#"{{"doctype": "ToDo", "name": "{todo}", "event": "on_update"}}"#);
@@ -1464,18 +1452,8 @@ async fn the_purge_only_url_purges_the_cache_but_relays_no_event() {
     assert!(sub.received().is_empty(), "{:?}", sub.received());
     assert_eq!(feed_names(&gw, FULL).await, Vec::<String>::new());
     let m = gw.metrics().await;
-    assert_eq!(
-        metric_value(&m, "erpgate_events_received_total", &[("site", "erp")]),
-        0.0
-    );
-    assert_eq!(
-        metric_value(
-            &m,
-            "erpgate_cache_invalidations_total",
-            &[("site", "erp"), ("reason", "webhook")]
-        ),
-        1.0
-    );
+    assert_eq!(events_received(&m), 0.0);
+    assert_eq!(webhook_purges(&m), 1.0);
 
     // Events without a cache: the site-only URL has nothing to do, and refuses.
     let bare = Gateway::start(&one_subscription(&up, "no-cache", &sub.url(), "[\"*\"]", 1)).await;
