@@ -297,3 +297,68 @@ async fn a_large_answer_to_a_restricted_client_passes_whole() {
         assert_eq!(reply.json()["message"]["i"], "r");
     }
 }
+
+#[tokio::test]
+async fn an_error_page_asked_for_with_accept_text_html_is_replaced() {
+    // `Accept: text/html` on an `/api/` path makes Frappe answer a failure with its "Server
+    // Error" web page, the traceback (and MariaDB's text) inside.
+    let up = upstream().await;
+    for yaml in [config(&up), exposing(&config(&up))] {
+        let gw = Gateway::start(&yaml).await;
+        for (path, credential, request_id) in [
+            ("/api/method/test.db_error", TODO_READER, "rid-page-1"),
+            ("/api/v2/method/test.db_error", TODO_READER, "rid-page-2"),
+        ] {
+            let reply = send(
+                Method::GET,
+                &gw.url(path),
+                &[
+                    ("authorization", &token(credential)),
+                    ("accept", "text/html,application/xhtml+xml"),
+                    ("x-request-id", request_id),
+                ],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(reply.header("content-type"), Some("application/json"));
+            assert!(reply.text().contains(request_id), "{}", reply.text());
+            assert_no_database_text(&reply);
+        }
+        // The site did answer with its page: it is the gateway that withheld it.
+        assert!(up.count() >= 2);
+    }
+    // A full-access client on a site that hides tracebacks gets the envelope too; where the
+    // site exposes them, the page as it is.
+    for (yaml, page) in [(config(&up), false), (exposing(&config(&up)), true)] {
+        let gw = Gateway::start(&yaml).await;
+        let reply = send(
+            Method::GET,
+            &gw.url("/api/method/test.db_error"),
+            &[("authorization", &token(FULL)), ("accept", "text/html")],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            reply.text().contains("Server Error</h4>"),
+            page,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.text().contains("Traceback"), page, "{}", reply.text());
+    }
+}
+
+#[tokio::test]
+async fn the_sites_sql_log_on_a_success_answer_never_reaches_a_restricted_client() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up)).await;
+    let restricted = call(&gw, "/api/method/test.debug_log", TODO_READER, "rid-log").await;
+    assert_eq!(restricted.status, StatusCode::OK);
+    assert_eq!(restricted.json()["message"], "ok");
+    assert!(restricted.json().get("_debug_messages").is_none());
+    assert_no_database_text(&restricted);
+    let full = call(&gw, "/api/method/test.debug_log", FULL, "rid-log-2").await;
+    assert!(full.text().contains("secretapikey"), "{}", full.text());
+}

@@ -25,12 +25,14 @@ use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::forwarding::{ArrivedOverTls, PeerAddr, TrustedProxies};
-use crate::frappe::envelope::{scrub, Scrub};
+use crate::frappe::envelope::{error_body, scrub, Scrub};
 use crate::frappe::headers::{
     remove_client_identity, remove_hop_by_hop, remove_wsgi_specials, X_FORWARDED_FOR,
     X_FORWARDED_PROTO, X_FRAPPE_SITE_NAME,
 };
+use crate::frappe::{ApiVersion, FrappeRequest};
 use crate::layers::auth::Client;
+use crate::layers::buffer::JoinedFrames;
 use crate::layers::request_id::X_REQUEST_ID;
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
@@ -131,6 +133,10 @@ pub(crate) struct Audience {
     /// For a restricted reader, the request id its withheld database error text is logged
     /// under.
     restricted: Option<String>,
+    /// The request id, named in an error page erpgate replaces.
+    request_id: String,
+    /// The API of the request, for the envelope of a replaced error page.
+    api: Option<ApiVersion>,
 }
 
 impl Audience {
@@ -156,6 +162,11 @@ impl Audience {
             expose_tracebacks: target.is_some_and(|t| t.site.expose_tracebacks),
             streaming: target.is_some_and(|t| t.streaming),
             restricted: (!full_access).then(|| request_id.to_owned()),
+            request_id: request_id.to_owned(),
+            api: request
+                .extensions()
+                .get::<FrappeRequest>()
+                .and_then(|c| c.api),
         }
     }
 }
@@ -186,6 +197,9 @@ pub(crate) async fn clean_response(
     let status = response.status();
     let is_error = status.is_client_error() || status.is_server_error();
     let restricted = audience.restricted.as_deref();
+    if status.is_server_error() && !is_json {
+        return replace_error_page(response, &audience).await;
+    }
     let look = match (is_error, restricted) {
         _ if !is_json => false,
         (true, None) => !audience.expose_tracebacks,
@@ -214,8 +228,11 @@ pub(crate) async fn clean_response(
             Err(whole) => return Ok(Response::from_parts(parts, whole)),
         }
     };
-    // A success answer is parsed only when it holds a traceback at all.
-    if !is_error && !contains(&bytes, b"Traceback (most recent call last)") {
+    // A success answer is parsed only when it holds a traceback or the site's SQL log at all.
+    let worth_parsing = contains(&bytes, b"Traceback (most recent call last)")
+        || contains(&bytes, b"\"_debug_messages\"")
+        || contains(&bytes, b"\"debug\"");
+    if !is_error && !worth_parsing {
         return Ok(Response::from_parts(parts, full_body(bytes)));
     }
     let how = Scrub {
@@ -242,21 +259,71 @@ pub(crate) async fn clean_response(
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
+}
+
+/// A server error Frappe answered with a web page rather than JSON: `app.py`
+/// `handle_exception` does so when the request's `Accept` asks for text (`text/html` on an
+/// `/api/` path included), and the "Server Error" page holds the escaped traceback whenever the
+/// System Settings' `allow_error_traceback` is on (the default) — database error text with it.
+/// For a restricted reader such a page is always replaced by erpgate's own envelope (same
+/// status, a fixed line naming the request id; the page is logged at `debug`); for anyone else
+/// only when it holds a traceback and the site does not expose them. Pages without a traceback
+/// pass to full-access clients as they are.
+async fn replace_error_page(
+    response: Response<Body>,
+    audience: &Audience,
+) -> Result<Response<Body>, BoxError> {
+    if audience.restricted.is_none() && audience.expose_tracebacks {
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let page = match read_up_to(body, MAX_ERROR_BODY).await? {
+        Ok(page) => Some(page),
+        Err(_) => None,
+    };
+    let traceback = page
+        .as_deref()
+        .is_some_and(|p| contains(p, b"Traceback (most recent call last)"));
+    if audience.restricted.is_none() && !traceback {
+        if let Some(page) = page {
+            return Ok(Response::from_parts(parts, full_body(page)));
+        }
+    }
+    tracing::debug!(
+        request_id = %audience.request_id,
+        page = %page.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+        "upstream error page replaced"
+    );
+    let message = format!(
+        "the site failed to answer this request; see the gateway log for request {}",
+        audience.request_id
+    );
+    let body = error_body(audience.api, "ServerError", &message, &audience.request_id);
+    let mut response = Response::from_parts(parts, full_body(body.clone()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.remove(header::CONTENT_ENCODING);
+    Ok(response)
 }
 
 /// The whole of `body` when it is at most `limit` bytes (`Ok(Ok)`); else a body that gives
 /// what was read and then the rest (`Ok(Err)`), nothing lost.
 async fn read_up_to(mut body: Body, limit: usize) -> Result<Result<Bytes, Body>, BoxError> {
-    let mut read = bytes::BytesMut::new();
+    // The usual answer comes as one frame and is kept as it came, uncopied.
+    let mut read = JoinedFrames::default();
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         match frame.into_data() {
-            Ok(data) => read.extend_from_slice(&data),
+            Ok(data) => read.push(data),
             // Trailers: a body Frappe does not send; pass it on as it is.
             Err(frame) => {
                 let head = futures_util::stream::iter([
-                    Ok::<_, BoxError>(http_body::Frame::data(read.freeze())),
+                    Ok::<_, BoxError>(http_body::Frame::data(read.take())),
                     Ok(frame),
                 ]);
                 let rest = head.chain(http_body_util::BodyStream::new(body));
@@ -265,13 +332,13 @@ async fn read_up_to(mut body: Body, limit: usize) -> Result<Result<Bytes, Body>,
         }
         if read.len() > limit {
             let head = futures_util::stream::iter([Ok::<_, BoxError>(http_body::Frame::data(
-                read.freeze(),
+                read.take(),
             ))]);
             let rest = head.chain(http_body_util::BodyStream::new(body));
             return Ok(Err(Body::new(http_body_util::StreamBody::new(rest))));
         }
     }
-    Ok(Ok(read.freeze()))
+    Ok(Ok(read.take()))
 }
 
 impl<S> Service<Request<Body>> for CredentialSwap<S>

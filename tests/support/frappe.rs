@@ -655,9 +655,27 @@ impl FrappeUpstream {
             return ok(json!({"message": {"query": query, "body": String::from_utf8_lossy(body)}}));
         }
         if path == "/api/method/test.db_error" || path == "/api/v2/method/test.db_error" {
+            // `app.py` `handle_exception`: JSON for `/api/` unless `Accept` starts with "text",
+            // else the "Server Error" web page with the escaped traceback (System Settings'
+            // `allow_error_traceback`, on by default).
+            let accept = headers
+                .get("accept")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if accept.starts_with("text") {
+                return server_error_page();
+            }
             let duplicate = query.get("kind").map(String::as_str) == Some("duplicate");
             let messages = query.contains_key("messages");
             return database_error(path.starts_with("/api/v2/"), duplicate, messages);
+        }
+        if path == "/api/method/test.debug_log" {
+            // `utils/response.py` `_make_logs_v1`: the request's SQL log goes out on any answer
+            // whose debug log is not empty (a failed query and its values included).
+            return ok(json!({
+                "message": "ok",
+                "_debug_messages": "[\"select name from tabUser where api_key='secretapikey'\"]",
+            }));
         }
         if path == "/api/method/test.console" {
             // `system_console.execute_code` answers 200 with the document, the traceback of
@@ -873,6 +891,26 @@ fn frappe_error(status: StatusCode, exc_type: &str, message: &str) -> Response<F
 /// quotes the value the XPATH was built from.
 pub const XPATH_ERROR: &str =
     "pymysql.err.OperationalError: (1105, \"XPATH syntax error: '~secretapikey'\")";
+
+/// Frappe's "Server Error" page (`respond_as_web_page`) for a database error, its traceback
+/// HTML-escaped in a `<pre>`.
+fn server_error_page() -> Response<Full<Bytes>> {
+    let traceback = format!("{}{XPATH_ERROR}\n", database_traceback_head())
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#x27;");
+    let page = format!(
+        "<!DOCTYPE html><html><head><title>Server Error</title></head><body>\
+         <div class=\"page-card\"><h4>Server Error</h4><pre>{traceback}</pre></div></body></html>"
+    );
+    let mut r = Response::new(Full::new(Bytes::from(page)));
+    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    r.headers_mut()
+        .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
+    r
+}
 
 /// Where a database error's traceback goes: Frappe's `Database.sql` into pymysql.
 fn database_traceback_head() -> &'static str {
