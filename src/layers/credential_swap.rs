@@ -278,10 +278,8 @@ async fn replace_error_page(
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
-    let page = match read_up_to(body, MAX_ERROR_BODY).await? {
-        Ok(page) => Some(page),
-        Err(_) => None,
-    };
+    // A page too large to look at is replaced whole (it cannot be shown to hold nothing).
+    let page = read_up_to(body, MAX_ERROR_BODY).await?.ok();
     let traceback = page
         .as_deref()
         .is_some_and(|p| contains(p, b"Traceback (most recent call last)"));
