@@ -85,8 +85,8 @@ fn held_body(first: Bytes, rest: Bytes, go: Arc<Notify>) -> ClientBody {
     StreamBody::new(stream).boxed()
 }
 
-/// An upload of `len` bytes with its length declared: the first KiB at once, the rest when
-/// `go` is notified.
+/// An upload of `len` bytes with its length declared: all but its last byte at once (held, as
+/// they arrived), the last when `go` is notified.
 fn held_upload(
     gw: &Arc<Gateway>,
     who: Credential,
@@ -96,8 +96,8 @@ fn held_upload(
     let gw = gw.clone();
     tokio::spawn(async move {
         let body = held_body(
-            Bytes::from(vec![b'a'; 1024]),
-            Bytes::from(vec![b'b'; len - 1024]),
+            Bytes::from(vec![b'a'; len - 1]),
+            Bytes::from_static(b"b"),
             go,
         );
         post(&gw, UPLOAD, Some(who), OCTET_STREAM, Some(len), body).await
@@ -206,7 +206,7 @@ async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_the
     // One client's slow upload holds 192 KiB of the 256 KiB of disk (its whole share).
     let go = Arc::new(Notify::new());
     let slow = held_upload(&gw, FULL, 192 << 10, go.clone());
-    wait_for_held(&gw, "disk", f64::from(192 << 10)).await;
+    wait_for_held(&gw, "disk", f64::from((192 << 10) - 1)).await;
 
     // Another client's 100 KiB upload: refused from its head alone, with Retry-After.
     let answer = head_only_upload(&gw, OTHER, 100 << 10).await;
@@ -247,7 +247,7 @@ async fn one_client_cannot_take_the_whole_budget() {
     let go = Arc::new(Notify::new());
     let first = held_upload(&gw, FULL, 64 << 10, go.clone());
     let second = held_upload(&gw, FULL, 64 << 10, go.clone());
-    wait_for_held(&gw, "disk", f64::from(128 << 10)).await;
+    wait_for_held(&gw, "disk", f64::from((128 << 10) - 2)).await;
     // Its third is refused, though the budget itself has room...
     let answer = head_only_upload(&gw, FULL, 20 << 10).await;
     assert_over_budget_answer(&answer);
@@ -357,7 +357,7 @@ fn json_of_len(len: usize) -> Vec<u8> {
 }
 
 /// A JSON POST of `len` bytes to `path` with its length declared (signed by `who`, or keyless):
-/// the first half at once, the rest when `go` is notified.
+/// all but its last byte at once, the last when `go` is notified.
 fn held_json(
     gw: &Arc<Gateway>,
     who: Option<Credential>,
@@ -368,7 +368,7 @@ fn held_json(
     let gw = gw.clone();
     tokio::spawn(async move {
         let mut first = Bytes::from(json_of_len(len));
-        let rest = first.split_off(len / 2);
+        let rest = first.split_off(len - 1);
         let body = held_body(first, rest, go);
         post(&gw, path, who, "application/json", Some(len), body).await
     })
@@ -389,7 +389,7 @@ async fn json_bodies_read_for_classification_draw_on_the_memory_budget() {
     // classification reads it, before any buffering.
     let go = Arc::new(Notify::new());
     let slow = held_json(&gw, Some(FULL), UPLOAD, 40 << 10, go.clone());
-    wait_for_held(&gw, "memory", f64::from(40 << 10)).await;
+    wait_for_held(&gw, "memory", f64::from((40 << 10) - 1)).await;
 
     // Another client's 30 KiB JSON fits its share but not what is left: 503 with Retry-After.
     let reply = post_json(&gw, Some(OTHER), UPLOAD, 30 << 10).await;
@@ -434,10 +434,37 @@ async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
     let answer = answer_to_head(&gw, &head).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
+    // Declaring is not holding: keyless heads that declare the whole anonymous share and send
+    // nothing hold nothing, and deny no one (the attack: a few stalled heads shutting every
+    // public route).
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let declared = format!(
+        "POST {GET_TOKEN} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        30 << 10
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(declared.as_bytes()).await.unwrap();
+        stalled.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_held(&gw, "memory", 0.0).await;
+    let reply = post_json(&gw, None, GET_TOKEN, 10 << 10).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "the site's own answer: {}",
+        reply.text()
+    );
+    assert_eq!(up.count(), 1);
+    drop(stalled);
+    up.clear();
+
     // A slow keyless body holds 30 KiB of the anonymous share...
     let go = Arc::new(Notify::new());
     let slow = held_json(&gw, None, GET_TOKEN, 30 << 10, go.clone());
-    wait_for_held(&gw, "memory", f64::from(30 << 10)).await;
+    wait_for_held(&gw, "memory", f64::from((30 << 10) - 1)).await;
     // ...so another keyless one waits, while a client's own share is untouched.
     let reply = post_json(&gw, None, GET_TOKEN, 10 << 10).await;
     assert_over_budget(&reply);

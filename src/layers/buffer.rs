@@ -235,8 +235,8 @@ pub(crate) fn held_bytes(bytes: Bytes, reservation: Reservation) -> Bytes {
 }
 
 /// Reads `body` whole: in memory up to `memory` bytes, the rest in a temporary file, each byte
-/// reserved in the budget before it is kept. A reservation already made for the whole body (its
-/// length known) is used as made; on disk, the file is made before the first byte.
+/// reserved in the budget (on `reservation`, empty) before it is kept, so a body holds only what
+/// has arrived; the temporary file is made when the body first outgrows memory.
 ///
 /// A client's body the budget refuses is an error (nothing of it is forwarded); a response is
 /// passed on as it comes instead ([`Spool::Partial`]), as it is when no temporary file can be
@@ -254,21 +254,6 @@ async fn spool(
     };
     let mut memory = JoinedFrames::default();
     let mut file: Option<(tokio::fs::File, u64)> = None;
-    if reservation.reserved(Store::Disk) > 0 {
-        match temporary_file(&settings.directory).await {
-            Ok(spill) => file = Some((spill, 0)),
-            Err(e) if direction == Direction::Response => {
-                tracing::warn!(error = %e, directory = %settings.directory.display(),
-                    "cannot hold a response in the buffering directory; passing it on as it comes");
-                return Ok(Spool::Partial {
-                    held: None,
-                    pending: Bytes::new(),
-                    rest: body,
-                });
-            }
-            Err(e) => return Err(storage_failed(&e, settings, sender)),
-        }
-    }
     loop {
         let pause = match sender {
             Sender::Client(timeout) => timeout,
@@ -576,10 +561,10 @@ where
             let request = if buffer_request {
                 let (mut parts, body) = request.into_parts();
                 let mut reservation = settings.budget.reservation(client.as_deref());
-                // A length known up front is reserved whole before a byte is read: a refusal
-                // then costs the client nothing but its request head.
+                // A length known up front is judged before a byte is read (a refusal then costs
+                // the client nothing but its request head); what arrives is held as it arrives.
                 if let Some(len) = known_length(&body, &parts.headers).filter(|n| *n > 0) {
-                    if let Err(refusal) = reservation.reserve_body(len, per_body) {
+                    if let Err(refusal) = reservation.admit_body(len, per_body) {
                         settings.budget.count(refusal, Direction::Request);
                         return Err(refusal.into_error().into());
                     }
@@ -615,7 +600,7 @@ where
             // A response over budget is passed on as it comes rather than refused: the site
             // has acted (perhaps written), and its answer is worth a held worker.
             if let Some(len) = known_length(&body, &parts.headers).filter(|n| *n > 0) {
-                if let Err(refusal) = reservation.reserve_body(len, per_body) {
+                if let Err(refusal) = reservation.admit_body(len, per_body) {
                     settings.budget.count(refusal, Direction::Response);
                     return Ok(Response::from_parts(parts, body));
                 }

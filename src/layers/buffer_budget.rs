@@ -4,8 +4,9 @@
 //!
 //! Without it the only bound was `max_in_flight × max_body_bytes` per client: one client's slow
 //! uploads could fill the disk, and everyone else's bodies then failed. Now a body is held only
-//! against a [`Reservation`], taken before its bytes are read (all of it when its length is
-//! known, frame by frame when it is not) and given back when the held bytes are dropped.
+//! against a [`Reservation`], grown before each frame's bytes are kept and given back when the
+//! held bytes are dropped. A declared length is judged before a byte is read
+//! ([`Reservation::admit_body`]) but not held: stalled heads that declare much hold nothing.
 //!
 //! Requests without a client (public routes) share one share, `anonymous`. The budget is shared
 //! state: every [`crate::layers::buffer::BufferLayer`] built from the same settings draws on the
@@ -350,6 +351,24 @@ impl Reservation {
             }),
             (Err(disk), _) => Err(disk),
         }
+    }
+
+    /// Whether a body of a declared `total` bytes fits now ([`Self::reserve_body`]'s answer),
+    /// without holding it: the length is judged before a byte is read, but only the bytes that
+    /// arrive are held, as they arrive — a client that declares much and sends little (or
+    /// nothing) holds little, however long its pauses are allowed to be.
+    pub fn admit_body(&mut self, total: u64, per_body: u64) -> Result<(), Refusal> {
+        let admitted = self.reserve_body(total, per_body).map(drop);
+        self.release(Store::Memory);
+        self.release(Store::Disk);
+        admitted
+    }
+
+    /// [`Self::admit_body`] for a body held in `store` only.
+    pub fn admit(&mut self, store: Store, total: u64) -> Result<(), Refusal> {
+        let admitted = self.reserve_up_to(store, total);
+        self.release(store);
+        admitted
     }
 
     /// Gives back everything reserved in `store` (the bytes moved elsewhere).

@@ -6,8 +6,9 @@
 //! query and from JSON, urlencoded and multipart bodies, on every path. JSON and urlencoded
 //! bodies are read whole (up to `max_inspected_body_bytes`, 413 above) into memory, against the
 //! buffering budget ([`BufferBudget`], the client's share; the anonymous one on public routes):
-//! a declared length is reserved before a byte is read (503 with `Retry-After` when the budget
-//! or the share is taken, 413 when no share could ever hold it), an undeclared one frame by frame.
+//! a declared length is judged before a byte is read (503 with `Retry-After` when the budget
+//! or the share is taken, 413 when no share could ever hold it), and the bytes are held frame by
+//! frame as they arrive; a pause longer than `client_body_timeout` between reads is 408.
 //! The bytes read become the forwarded body and its replayable copy, and own the reservation
 //! as the buffer layer's do (`held_bytes`): it is given back when the last copy is dropped, and
 //! the buffer layer does not read them again. Multipart field values are not counted against
@@ -160,7 +161,8 @@ async fn read_held(
         if len > max {
             return Err(GatewayError::PayloadTooLarge { limit: max }.into());
         }
-        if let Err(refusal) = reservation.reserve_up_to(Store::Memory, len) {
+        // Judged now, held as it arrives: a stalled body holds only what it sent.
+        if let Err(refusal) = reservation.admit(Store::Memory, len) {
             return Err(refused(&reservation, refusal));
         }
     }
