@@ -277,9 +277,10 @@ fn benches(c: &mut Criterion) {
             refused: m.buffer_refusals.clone(),
         },
     );
+    let reader = layers::buffer::MemoryReader::new(budget, 1 << 20, Duration::from_secs(60));
     layer!(
         "classify",
-        layers::classify::ClassifyLayer::new(1 << 20, budget, std::time::Duration::from_secs(60))
+        layers::classify::ClassifyLayer::new(reader.clone())
     );
     layer!(
         "rate_limit",
@@ -301,7 +302,7 @@ fn benches(c: &mut Criterion) {
                 1 << 20,
                 m.idempotency_evictions.clone(),
             )),
-            1 << 20,
+            reader,
             1 << 20,
             Duration::from_secs(60),
         )

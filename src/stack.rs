@@ -30,7 +30,7 @@ use crate::layers::auth::{AuthFailureLimiter, AuthLayer, Client, ClientTable};
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::body_limit::BodyLimitLayer;
 use crate::layers::breaker::BreakerLayer;
-use crate::layers::buffer::{BufferLayer, BufferSettings};
+use crate::layers::buffer::{BufferLayer, BufferSettings, MemoryReader};
 use crate::layers::buffer_budget::{BudgetLimits, BudgetMetrics, BufferBudget};
 use crate::layers::cache::rules::{CacheRule, CacheRules, Subject};
 use crate::layers::cache::{Cache, CacheLayer};
@@ -233,6 +233,13 @@ where
         client_body_timeout: config.buffering.client_body_timeout,
         budget: buffer_budget.1.clone(),
     });
+    // Classification and idempotency read whole bodies into memory before the buffer layer:
+    // on its budget, with its pause between reads.
+    let reader = MemoryReader::new(
+        buffer_budget.1.clone(),
+        config.limits.max_inspected_body_bytes.0,
+        config.buffering.client_body_timeout,
+    );
     let public_routes = PublicRoutes::new(
         config
             .sites
@@ -241,7 +248,7 @@ where
         router.clone(),
         clients.clone(),
         trusted.clone(),
-        config.limits.max_inspected_body_bytes.0,
+        reader.clone(),
         buffer.clone(),
     );
     let failures = reuse(
@@ -391,11 +398,7 @@ where
         .layer(RouteLayer::new(router.clone()))
         // What the request does to Frappe: the limits, rules and retries below all ask.
         // Holds JSON and urlencoded bodies in memory: on the buffer layer's budget.
-        .layer(ClassifyLayer::new(
-            config.limits.max_inspected_body_bytes.0,
-            buffer_budget.1.clone(),
-            config.buffering.client_body_timeout,
-        ))
+        .layer(ClassifyLayer::new(reader.clone()))
         // Per-client quotas need the kind (writes have their own); before the rules, so probing
         // them costs quota too.
         .layer(RateLimitLayer::new(
@@ -412,7 +415,7 @@ where
         // Replays answer without touching the site; only permitted requests are recorded.
         .layer(IdempotencyLayer::new(
             idempotency.1.clone(),
-            config.limits.max_inspected_body_bytes.0,
+            reader,
             config.idempotency.max_response_bytes.0,
             config.idempotency.ttl,
         ))

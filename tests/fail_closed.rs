@@ -413,3 +413,40 @@ async fn list_arguments_that_cannot_be_read_exactly_are_refused_in_every_carrier
     let reply = get(&gw.url("/api/resource/ToDo?filters=TODO-0001"), TODO_READER).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
+
+#[tokio::test]
+async fn a_keyed_writes_body_read_for_its_idempotency_key_is_held_on_the_budget_and_may_not_stall()
+{
+    // Idempotency reads a multipart or opaque write's body whole to fingerprint it, before the
+    // buffer layer: on the same budget, with the same pause between reads.
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up)).await;
+    let body = vec![b'x'; 20_000];
+    let head = format!(
+        "POST /api/method/upload_file HTTP/1.1\r\nHost: {SITE}\r\nAuthorization: {}\r\n\
+         Idempotency-Key: upload-1\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        token(FULL),
+        body.len()
+    );
+    let stalled = start_slow_body(&gw, &head, &body, 1000).await;
+    // Held as it arrived: the thousand bytes sent, not the twenty thousand declared.
+    let mut held = 0.0;
+    for _ in 0..100 {
+        let metrics = gw.metrics().await;
+        held = metric_value(&metrics, "erpgate_buffered_bytes", &[("store", "memory")]);
+        if held == 1000.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(held, 1000.0);
+    let reply = answer(stalled).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert_eq!(up.count(), 0);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "erpgate_buffered_bytes", &[("store", "memory")]),
+        0.0
+    );
+}

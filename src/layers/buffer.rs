@@ -42,7 +42,7 @@ use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::layers::auth::Client;
-use crate::layers::buffer_budget::{BufferBudget, Direction, Reservation, Store};
+use crate::layers::buffer_budget::{BufferBudget, Direction, Refusal, Reservation, Store};
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::upstream::{HeldBody, ReplayableBody};
@@ -82,12 +82,6 @@ impl BufferLayer {
         Self {
             settings: Arc::new(settings),
         }
-    }
-
-    /// Its settings: classification, which holds bodies before it, draws on the same budget
-    /// and gives clients the same pause between reads.
-    pub fn settings(&self) -> &BufferSettings {
-        &self.settings
     }
 }
 
@@ -219,6 +213,81 @@ fn storage_failed(e: &std::io::Error, settings: &BufferSettings, sender: Sender)
         after_site,
     }
     .into()
+}
+
+/// Reads request bodies whole into memory, for the layers that must see all of one before it
+/// goes on: classification judges JSON and urlencoded bodies, idempotency fingerprints a keyed
+/// write's. Up to `max` bytes (413 above), on the buffering budget's memory, the client's share
+/// (the anonymous one without a client): a declared length is judged before a byte is read
+/// (503 with `Retry-After`, or 413 when no share could hold it) and the bytes are held as they
+/// arrive; a pause longer than `pause` between two reads is 408, as the buffer layer answers.
+#[derive(Debug, Clone)]
+pub struct MemoryReader {
+    budget: Arc<BufferBudget>,
+    max: u64,
+    pause: Duration,
+}
+
+impl MemoryReader {
+    /// Reads up to `max` bytes on `budget`, with `pause` at most between reads.
+    pub fn new(budget: Arc<BufferBudget>, max: u64, pause: Duration) -> Self {
+        Self { budget, max, pause }
+    }
+
+    /// The largest body it reads.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// The longest pause it allows between two reads.
+    pub fn pause(&self) -> Duration {
+        self.pause
+    }
+
+    /// `body` whole, and the reservation its bytes hold: the caller makes the bytes it keeps
+    /// own it ([`held_bytes`]), so it is given back when their last copy is dropped.
+    pub(crate) async fn read(
+        &self,
+        mut body: Body,
+        headers: &HeaderMap,
+        client: Option<&Client>,
+    ) -> Result<(Bytes, Reservation), BoxError> {
+        let (max, pause) = (self.max, self.pause);
+        let mut reservation = self.budget.reservation(client);
+        let refused = |refusal: Refusal| {
+            self.budget.count(refusal, Direction::Request);
+            BoxError::from(refusal.into_error())
+        };
+        if let Some(len) = known_length(&body, headers).filter(|n| *n > 0) {
+            if len > max {
+                return Err(GatewayError::PayloadTooLarge { limit: max }.into());
+            }
+            reservation.admit(Store::Memory, len).map_err(refused)?;
+        }
+        let mut joined = JoinedFrames::default();
+        let mut held = 0u64;
+        loop {
+            let frame = tokio::time::timeout(pause, body.frame())
+                .await
+                .map_err(|_| GatewayError::ClientTimeout { timeout: pause })?;
+            let Some(frame) = frame else { break };
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            held += data.len() as u64;
+            if held > max {
+                return Err(GatewayError::PayloadTooLarge { limit: max }.into());
+            }
+            reservation
+                .reserve_up_to(Store::Memory, held)
+                .map_err(refused)?;
+            joined.push(data);
+        }
+        Ok((joined.take(), reservation))
+    }
 }
 
 /// Bytes in memory, owning `reservation`: it is given back when the last copy is dropped (the

@@ -25,13 +25,12 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::StreamBody;
 use tower::{Layer, Service};
 
 use crate::error::GatewayError;
@@ -41,8 +40,7 @@ use crate::frappe::form_dict::{
 use crate::frappe::multipart::{self, LateField, MultipartRelay};
 use crate::frappe::{CanonicalPath, FrappeRequest};
 use crate::layers::auth::Client;
-use crate::layers::buffer::{held_bytes, known_length, JoinedFrames};
-use crate::layers::buffer_budget::{BufferBudget, Direction, Refusal, Reservation, Store};
+use crate::layers::buffer::{held_bytes, MemoryReader};
 use crate::layers::{BoxResponseFuture, EarlyReturn};
 use crate::tags::RequestTags;
 use crate::upstream::ReplayableBody;
@@ -51,26 +49,14 @@ use crate::{full_body, Body, BoxError};
 /// Classifies requests.
 #[derive(Debug, Clone)]
 pub struct ClassifyLayer {
-    max_inspected: u64,
-    budget: Arc<BufferBudget>,
-    client_body_timeout: Duration,
+    reader: MemoryReader,
 }
 
 impl ClassifyLayer {
-    /// Reads JSON and urlencoded bodies, and multipart fields, up to `max_inspected` bytes;
-    /// JSON and urlencoded bodies are held against `budget` (the buffer layer's own). A client
-    /// that pauses longer than `client_body_timeout` between two reads gets 408, as the buffer
-    /// layer answers it: a body being judged holds budget, so it may not trickle for ever.
-    pub fn new(
-        max_inspected: u64,
-        budget: Arc<BufferBudget>,
-        client_body_timeout: Duration,
-    ) -> Self {
-        Self {
-            max_inspected,
-            budget,
-            client_body_timeout,
-        }
+    /// Reads JSON and urlencoded bodies with `reader` (whose largest body also bounds the
+    /// multipart fields read, and whose pause between reads applies to them too).
+    pub fn new(reader: MemoryReader) -> Self {
+        Self { reader }
     }
 }
 
@@ -79,9 +65,7 @@ impl<S> Layer<S> for ClassifyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Classify {
             inner,
-            max_inspected: self.max_inspected,
-            budget: self.budget.clone(),
-            client_body_timeout: self.client_body_timeout,
+            reader: self.reader.clone(),
         }
     }
 }
@@ -90,9 +74,7 @@ impl<S> Layer<S> for ClassifyLayer {
 #[derive(Debug, Clone)]
 pub struct Classify<S> {
     inner: S,
-    max_inspected: u64,
-    budget: Arc<BufferBudget>,
-    client_body_timeout: Duration,
+    reader: MemoryReader,
 }
 
 /// Classifies a request, tags it and attaches the [`FrappeRequest`].
@@ -143,66 +125,18 @@ fn bad_body(what: &str) -> GatewayError {
     GatewayError::BadRequest(format!("the request body is not valid {what}"))
 }
 
-/// Reads a body whole into memory, up to `max` bytes, each byte reserved in memory against the
-/// budget before it is kept: all at once when `declared` (a refusal then comes before a byte
-/// is read), frame by frame otherwise. A pause longer than `pause` between frames is 408.
-async fn read_held(
-    mut body: Body,
-    declared: Option<u64>,
-    max: u64,
-    pause: Duration,
-    mut reservation: Reservation,
-) -> Result<(Bytes, Reservation), BoxError> {
-    let refused = |reservation: &Reservation, refusal: Refusal| {
-        reservation.budget().count(refusal, Direction::Request);
-        BoxError::from(refusal.into_error())
-    };
-    if let Some(len) = declared.filter(|n| *n > 0) {
-        if len > max {
-            return Err(GatewayError::PayloadTooLarge { limit: max }.into());
-        }
-        // Judged now, held as it arrives: a stalled body holds only what it sent.
-        if let Err(refusal) = reservation.admit(Store::Memory, len) {
-            return Err(refused(&reservation, refusal));
-        }
-    }
-    let mut joined = JoinedFrames::default();
-    let mut held = 0u64;
-    loop {
-        let frame = tokio::time::timeout(pause, body.frame())
-            .await
-            .map_err(|_| GatewayError::ClientTimeout { timeout: pause })?;
-        let Some(frame) = frame else { break };
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        held += data.len() as u64;
-        if held > max {
-            return Err(GatewayError::PayloadTooLarge { limit: max }.into());
-        }
-        if let Err(refusal) = reservation.reserve_up_to(Store::Memory, held) {
-            return Err(refused(&reservation, refusal));
-        }
-        joined.push(data);
-    }
-    Ok((joined.take(), reservation))
-}
-
 /// Reads a JSON or urlencoded body, returning its `form_dict` keys and the body to forward
-/// (without `sid`), which owns `reservation`. Both must be UTF-8: werkzeug would decode anything
-/// else with replacement characters, and what Frappe reads must be what was judged.
+/// (without `sid`), which holds the body's reservation. Both must be UTF-8: werkzeug would
+/// decode anything else with replacement characters, and what Frappe reads must be what was
+/// judged.
 async fn read_form(
+    reader: &MemoryReader,
     body: Body,
-    declared: Option<u64>,
+    headers: &http::HeaderMap,
+    client: Option<&Client>,
     format: BodyFormat,
-    max: u64,
-    pause: Duration,
-    reservation: Reservation,
 ) -> Result<(FormDict, Bytes), BoxError> {
-    let (bytes, reservation) = read_held(body, declared, max, pause, reservation).await?;
+    let (bytes, reservation) = reader.read(body, headers, client).await?;
     let (form, bytes) = parse_form(bytes, format)?;
     // The bytes forwarded (the body as read, or a copy without `sid`, never larger) hold the
     // reservation until their last copy is dropped.
@@ -332,21 +266,18 @@ where
             let clone = self.inner.clone();
             std::mem::replace(&mut self.inner, clone)
         };
-        let max = self.max_inspected;
-        let pause = self.client_body_timeout;
+        let reader = self.reader.clone();
+        let (max, pause) = (reader.max(), reader.pause());
         match format {
             BodyFormat::Json | BodyFormat::Form => {
                 let mut inner = take_inner();
-                let budget = self.budget.clone();
                 EarlyReturn::inner(Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
-                    let declared = known_length(&body, &parts.headers);
                     // Whose share the body counts against; none (a public route) is the
                     // anonymous share.
-                    let client = parts.extensions.get::<Arc<Client>>();
-                    let reservation = budget.reservation(client.map(|c| &**c));
+                    let client = parts.extensions.get::<Arc<Client>>().map(|c| &**c);
                     let (body_form, bytes) =
-                        read_form(body, declared, format, max, pause, reservation).await?;
+                        read_form(&reader, body, &parts.headers, client, format).await?;
                     if format == BodyFormat::Json && !bytes.is_empty() {
                         query.shadow();
                     }

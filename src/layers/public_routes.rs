@@ -46,7 +46,7 @@ use crate::frappe::headers::{remove_hop_by_hop, remove_overrides, remove_wsgi_sp
 use crate::frappe::{CanonicalPath, FrappeRequest, MethodName, RequestKind};
 use crate::layers::auth::ClientTable;
 use crate::layers::breaker::BreakerLayer;
-use crate::layers::buffer::BufferLayer;
+use crate::layers::buffer::{BufferLayer, MemoryReader};
 use crate::layers::classify::ClassifyLayer;
 use crate::layers::credential_swap::{address_to_site, clean_response};
 use crate::layers::deadline::DeadlineLayer;
@@ -73,7 +73,7 @@ pub struct PublicRoutes {
     router: Arc<Router>,
     clients: Arc<ClientTable>,
     trusted: TrustedProxies,
-    max_inspected: u64,
+    reader: MemoryReader,
     buffer: BufferLayer,
 }
 
@@ -84,7 +84,7 @@ impl PublicRoutes {
         router: Arc<Router>,
         clients: Arc<ClientTable>,
         trusted: TrustedProxies,
-        max_inspected: u64,
+        reader: MemoryReader,
         buffer: BufferLayer,
     ) -> Option<Self> {
         let one = NonZeroU32::MIN;
@@ -117,7 +117,7 @@ impl PublicRoutes {
             router,
             clients,
             trusted,
-            max_inspected,
+            reader,
             buffer,
         })
     }
@@ -242,12 +242,7 @@ where
                 ))))
             }
         }
-        let forward = ClassifyLayer::new(
-            routes.max_inspected,
-            routes.buffer.settings().budget.clone(),
-            routes.buffer.settings().client_body_timeout,
-        )
-        .layer(PublicForward {
+        let forward = ClassifyLayer::new(routes.reader.clone()).layer(PublicForward {
             site,
             path: path.encode(),
             methods: Arc::new(public.methods.clone()),

@@ -37,6 +37,7 @@ use tower::{Layer, Service};
 
 use crate::error::{find_cause, GatewayError};
 use crate::layers::auth::Client;
+use crate::layers::buffer::{held_bytes, MemoryReader};
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
 use crate::upstream::ReplayableBody;
@@ -58,24 +59,25 @@ pub use store::{
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     store: Arc<dyn IdempotencyStore>,
-    max_request_bytes: u64,
+    reader: MemoryReader,
     max_response_bytes: u64,
     /// A claim's lease when no site is known.
     ttl: Duration,
 }
 
 impl IdempotencyLayer {
-    /// Keeps records in `store` for `ttl`; fingerprints bodies up to `max_request_bytes`
-    /// (larger: 413); keeps response bodies up to `max_response_bytes`.
+    /// Keeps records in `store` for `ttl`; fingerprints bodies read whole with `reader` (on the
+    /// buffering budget, larger than its limit: 413); keeps response bodies up to
+    /// `max_response_bytes`.
     pub fn new(
         store: Arc<dyn IdempotencyStore>,
-        max_request_bytes: u64,
+        reader: MemoryReader,
         max_response_bytes: u64,
         ttl: Duration,
     ) -> Self {
         Self {
             store,
-            max_request_bytes,
+            reader,
             max_response_bytes,
             ttl,
         }
@@ -278,21 +280,12 @@ where
             let (parts, body) = request.into_parts();
             let bytes = match parts.extensions.get::<ReplayableBody>() {
                 Some(ReplayableBody(bytes)) => bytes.clone(),
+                // A multipart or opaque body, not read yet: whole, held against the budget.
                 None => {
-                    let limit = usize::try_from(layer.max_request_bytes).unwrap_or(usize::MAX);
-                    match Limited::new(body, limit).collect().await {
-                        Ok(collected) => collected.to_bytes(),
-                        Err(e)
-                            if find_cause::<http_body_util::LengthLimitError>(e.as_ref())
-                                .is_some() =>
-                        {
-                            return Err(GatewayError::PayloadTooLarge {
-                                limit: layer.max_request_bytes,
-                            }
-                            .into())
-                        }
-                        Err(e) => return Err(e),
-                    }
+                    let client = parts.extensions.get::<Arc<Client>>().map(|c| &**c);
+                    let (bytes, reservation) =
+                        layer.reader.read(body, &parts.headers, client).await?;
+                    held_bytes(bytes, reservation)
                 }
             };
             let mut request = Request::from_parts(parts, full_body(bytes.clone()));
