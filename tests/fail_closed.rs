@@ -450,3 +450,52 @@ async fn a_keyed_writes_body_read_for_its_idempotency_key_is_held_on_the_budget_
         0.0
     );
 }
+
+#[tokio::test]
+async fn a_child_row_cannot_save_a_parent_the_client_may_not_update() {
+    // `insert_doc` appends a child-table row to `frappe.get_doc(parenttype, parent)` and saves
+    // that parent: a client allowed to create rows of `Has Role` would grant any user a role.
+    let up = upstream().await;
+    let yaml = base_config(&up)
+        .replace(
+            "      resources: { ToDo: [read] }",
+            "      resources: { ToDo: [read], \"Has Role\": [create] }",
+        )
+        .replace(
+            "      methods: [frappe.client.get_list]",
+            "      methods: [frappe.client.insert, frappe.client.insert_many]",
+        );
+    let gw = Gateway::start(&yaml).await;
+    let row = r#"{"doctype": "Has Role", "parenttype": "User", "parent": "a@b.c", "parentfield": "roles", "role": "System Manager"}"#;
+    let auth = token(TODO_READER);
+    for (method, body) in [
+        ("frappe.client.insert", format!(r#"{{"doc": {row}}}"#)),
+        (
+            "frappe.client.insert",
+            format!(r#"{{"doc": {}}}"#, serde_json::json!(row)),
+        ),
+        (
+            "frappe.client.insert_many",
+            format!(r#"{{"docs": [{{"doctype": "Has Role"}}, {row}]}}"#),
+        ),
+    ] {
+        let reply = send(
+            Method::POST,
+            &gw.url(&format!("/api/method/{method}")),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{body}: {}",
+            reply.text()
+        );
+        assert!(reply.text().contains("update User"), "{}", reply.text());
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+}

@@ -207,6 +207,17 @@ impl AccessRules {
                 })?;
             }
         }
+        // A child-table row names the document its insert saves.
+        let saved_parents = generic
+            .parent_doctypes(&request.form)
+            .ok_or_else(|| Denied::DoctypeUnknown(method.as_str().to_owned()))?;
+        for parent in saved_parents {
+            self.check_kind(&RequestKind::Resource {
+                doctype: parent,
+                name: None,
+                operation: Operation::Update,
+            })?;
+        }
         for parent in request.form.values(FormKey::Parent) {
             let parent = parent
                 .as_plain_text()
@@ -390,6 +401,50 @@ mod tests {
         writer.allow_resource("ToDo", parse_operations("create").unwrap());
         assert!(writer.check(&insert(r#"{"doctype": "ToDo"}"#)).is_ok());
         assert!(writer.check(&insert(r#"{"doctype": "User"}"#)).is_err());
+    }
+
+    #[test]
+    fn a_child_rows_insert_needs_update_on_the_parent_it_saves() {
+        let mut rules = todo_reader();
+        rules.allow_method("frappe.client.insert");
+        rules.allow_method("frappe.client.insert_many");
+        rules.allow_resource("Has Role", parse_operations("create").unwrap());
+        let call = |method: &str, key: &str, json: &str| {
+            let value: String = form_urlencoded::byte_serialize(json.as_bytes()).collect();
+            req(
+                Method::POST,
+                &format!("/api/method/{method}"),
+                &format!("{key}={value}"),
+            )
+        };
+        // The attack: a row of a table the client may create, appended to a User and saved.
+        let row = r#"{"doctype": "Has Role", "parenttype": "User", "parent": "a@b.c", "parentfield": "roles", "role": "System Manager"}"#;
+        assert_eq!(
+            rules.check(&call("frappe.client.insert", "doc", row)),
+            Err(Denied::Resource {
+                doctype: "User".into(),
+                operation: "update"
+            })
+        );
+        let rows = format!(r#"[{{"doctype": "Has Role"}}, {row}]"#);
+        assert!(rules
+            .check(&call("frappe.client.insert_many", "docs", &rows))
+            .is_err());
+        // A parenttype that cannot be read is no parenttype at all.
+        let odd = r#"{"doctype": "Has Role", "parenttype": ["User"]}"#;
+        assert!(matches!(
+            rules.check(&call("frappe.client.insert", "doc", odd)),
+            Err(Denied::DoctypeUnknown(_))
+        ));
+        // Allowed to update the parent, the row goes; a top-level document names none.
+        rules.allow_resource("User", parse_operations("update").unwrap());
+        assert!(rules
+            .check(&call("frappe.client.insert", "doc", row))
+            .is_ok());
+        let top = r#"{"doctype": "Has Role", "parenttype": null}"#;
+        assert!(rules
+            .check(&call("frappe.client.insert", "doc", top))
+            .is_ok());
     }
 
     #[test]

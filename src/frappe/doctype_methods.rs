@@ -158,6 +158,47 @@ impl DoctypeMethod {
     }
 }
 
+impl DoctypeMethod {
+    /// The parent doctypes a call's documents name (`parenttype`), each saved by the call:
+    /// `frappe/client.py` `insert_doc` inserts a child-table row by
+    /// `frappe.get_doc(doc.parenttype, doc.parent)`, appending the row and `parent.save()`, so
+    /// a client allowed to create rows of a child table would otherwise update any document
+    /// of any doctype. erpgate cannot tell a child table from its name, so every document with
+    /// a `parenttype` counts (`null` or absent: none). `None` when one cannot be read (a
+    /// `parenttype` that is not a string, a `doc` that is not JSON): the call is refused.
+    pub fn parent_doctypes(&self, form: &FormDict) -> Option<Vec<String>> {
+        let key = match self.source {
+            DoctypeSource::Argument => return Some(Vec::new()),
+            DoctypeSource::Doc => FormKey::Doc,
+            DoctypeSource::Docs => FormKey::Docs,
+        };
+        let mut found = Vec::new();
+        for value in form.values(key) {
+            let json = json_of(value)?;
+            let docs = match (&json, self.source) {
+                (PyJson::Array(docs), DoctypeSource::Docs) => docs.as_slice(),
+                (doc, DoctypeSource::Doc) => std::slice::from_ref(doc),
+                _ => return None,
+            };
+            for doc in docs {
+                let PyJson::Object(members) = doc else {
+                    return None;
+                };
+                // The last `parenttype` member is the one a Python dict keeps.
+                match members.iter().rev().find(|m| m.key == "parenttype") {
+                    None => {}
+                    Some(m) => match &m.value {
+                        PyJson::Null => {}
+                        PyJson::Str(parent) => found.push(parent.clone()),
+                        _ => return None,
+                    },
+                }
+            }
+        }
+        Some(found)
+    }
+}
+
 /// A `doc` argument as Frappe reads it: a JSON string is parsed (`frappe.parse_json`), a JSON
 /// body member is taken as it is.
 fn json_of(value: &FormValue) -> Option<PyJson> {
