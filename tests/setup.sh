@@ -10,6 +10,8 @@
 #     to show CORS working, and blocking, in a real browser;
 #   - standardwebhooks (PyPI, the Standard Webhooks reference library): tests/events.rs verifies
 #     the relay's delivery signatures with it, an implementation independent of erpgate's.
+# Not installed here: wrk, nginx, haproxy and nginx-extras (Lua) serve only the load comparison,
+# and benches/load/run.sh installs them itself when missing; no test needs them.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
