@@ -143,28 +143,6 @@ async fn head_only_upload(gw: &Gateway, who: Credential, len: usize) -> String {
     answer_to_head(gw, &head).await
 }
 
-/// Waits (briefly) until the gateway has reserved what the held uploads declared.
-async fn wait_for_held(gw: &Gateway, store: &str, bytes: f64) {
-    for _ in 0..100 {
-        let held = metric_value(
-            &gw.metrics().await,
-            "erpgate_buffered_bytes",
-            &[("store", store)],
-        );
-        if held == bytes {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{store} never held {bytes} bytes");
-}
-
-/// Bodies are let go when they are dropped, after the answer is sent: wait for both gauges.
-async fn assert_nothing_held(gw: &Gateway) {
-    wait_for_held(gw, "memory", 0.0).await;
-    wait_for_held(gw, "disk", 0.0).await;
-}
-
 fn refusals(metrics: &str, direction: &str, reason: &str) -> f64 {
     metric_value(
         metrics,
@@ -206,7 +184,7 @@ async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_the
     // One client's slow upload holds 192 KiB of the 256 KiB of disk (its whole share).
     let go = Arc::new(Notify::new());
     let slow = held_upload(&gw, FULL, 192 << 10, go.clone());
-    wait_for_held(&gw, "disk", f64::from((192 << 10) - 1)).await;
+    wait_for_buffered(&gw, "disk", f64::from((192 << 10) - 1)).await;
 
     // Another client's 100 KiB upload: refused from its head alone, with Retry-After.
     let answer = head_only_upload(&gw, OTHER, 100 << 10).await;
@@ -232,11 +210,11 @@ async fn a_client_holding_the_budget_gets_others_large_bodies_refused_before_the
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["message"]["size"], 192 << 10);
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
     let reply = upload(&gw, OTHER, 100 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(up.received().last().unwrap().body_len, 100 << 10);
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
 }
 
 #[tokio::test]
@@ -247,7 +225,7 @@ async fn one_client_cannot_take_the_whole_budget() {
     let go = Arc::new(Notify::new());
     let first = held_upload(&gw, FULL, 64 << 10, go.clone());
     let second = held_upload(&gw, FULL, 64 << 10, go.clone());
-    wait_for_held(&gw, "disk", f64::from((128 << 10) - 2)).await;
+    wait_for_buffered(&gw, "disk", f64::from((128 << 10) - 2)).await;
     // Its third is refused, though the budget itself has room...
     let answer = head_only_upload(&gw, FULL, 20 << 10).await;
     assert_over_budget_answer(&answer);
@@ -264,11 +242,11 @@ async fn one_client_cannot_take_the_whole_budget() {
         let reply = held.await.unwrap();
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     }
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
     // Its share is its own again.
     let reply = upload(&gw, FULL, 120 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
 }
 
 #[tokio::test]
@@ -294,7 +272,7 @@ async fn a_body_no_budget_could_hold_is_413_and_never_reaches_the_site() {
     assert_eq!(up.count(), 0);
     assert_eq!(up.body_progress(), 0);
     assert_eq!(refusals(&gw.metrics().await, "request", "too_large"), 2.0);
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
 }
 
 #[tokio::test]
@@ -309,7 +287,7 @@ async fn a_response_over_the_budget_is_passed_on_unheld() {
         300_000 - 40
     );
     assert_eq!(refusals(&gw.metrics().await, "response", "too_large"), 1.0);
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
 }
 
 #[tokio::test]
@@ -345,7 +323,7 @@ async fn a_buffering_directory_that_cannot_be_written_is_a_503_envelope_not_a_50
         reply.json()["message"]["filler"].as_str().unwrap().len(),
         100_000 - 40
     );
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
 }
 
 /// A JSON body of exactly `len` bytes (at least 11).
@@ -389,7 +367,7 @@ async fn json_bodies_read_for_classification_draw_on_the_memory_budget() {
     // classification reads it, before any buffering.
     let go = Arc::new(Notify::new());
     let slow = held_json(&gw, Some(FULL), UPLOAD, 40 << 10, go.clone());
-    wait_for_held(&gw, "memory", f64::from((40 << 10) - 1)).await;
+    wait_for_buffered(&gw, "memory", f64::from((40 << 10) - 1)).await;
 
     // Another client's 30 KiB JSON fits its share but not what is left: 503 with Retry-After.
     let reply = post_json(&gw, Some(OTHER), UPLOAD, 30 << 10).await;
@@ -408,10 +386,10 @@ async fn json_bodies_read_for_classification_draw_on_the_memory_budget() {
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["message"]["size"], 40 << 10);
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
     let reply = post_json(&gw, Some(OTHER), UPLOAD, 30 << 10).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
 }
 
 const GET_TOKEN: &str = "/api/method/frappe.integrations.oauth2.get_token";
@@ -449,7 +427,7 @@ async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
         stalled.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    wait_for_held(&gw, "memory", 0.0).await;
+    wait_for_buffered(&gw, "memory", 0.0).await;
     let reply = post_json(&gw, None, GET_TOKEN, 10 << 10).await;
     assert_eq!(
         reply.status,
@@ -464,7 +442,7 @@ async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
     // A slow keyless body holds 30 KiB of the anonymous share...
     let go = Arc::new(Notify::new());
     let slow = held_json(&gw, None, GET_TOKEN, 30 << 10, go.clone());
-    wait_for_held(&gw, "memory", f64::from((30 << 10) - 1)).await;
+    wait_for_buffered(&gw, "memory", f64::from((30 << 10) - 1)).await;
     // ...so another keyless one waits, while a client's own share is untouched.
     let reply = post_json(&gw, None, GET_TOKEN, 10 << 10).await;
     assert_over_budget(&reply);
@@ -481,5 +459,5 @@ async fn public_json_bodies_share_the_anonymous_part_of_the_memory_budget() {
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
     assert_eq!(up.count(), 2);
     assert_eq!(up.received()[1].body_len, 30 << 10);
-    assert_nothing_held(&gw).await;
+    assert_nothing_buffered(&gw).await;
 }

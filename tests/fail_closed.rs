@@ -237,13 +237,7 @@ async fn a_keyless_body_is_read_whole_before_the_site_sees_a_byte() {
         assert_eq!(up.body_progress(), progress);
     }
     // Nothing of them is held any more.
-    let metrics = gw.metrics().await;
-    for store in ["memory", "disk"] {
-        assert_eq!(
-            metric_value(&metrics, "erpgate_buffered_bytes", &[("store", store)]),
-            0.0
-        );
-    }
+    assert_nothing_buffered(&gw).await;
 }
 
 /// A multipart body: a file part (when `file_first`), then `fields` small fields.
@@ -431,24 +425,11 @@ async fn a_keyed_writes_body_read_for_its_idempotency_key_is_held_on_the_budget_
     );
     let stalled = start_slow_body(&gw, &head, &body, 1000).await;
     // Held as it arrived: the thousand bytes sent, not the twenty thousand declared.
-    let mut held = 0.0;
-    for _ in 0..100 {
-        let metrics = gw.metrics().await;
-        held = metric_value(&metrics, "erpgate_buffered_bytes", &[("store", "memory")]);
-        if held == 1000.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(held, 1000.0);
+    wait_for_buffered(&gw, "memory", 1000.0).await;
     let reply = answer(stalled).await;
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert_eq!(up.count(), 0);
-    let metrics = gw.metrics().await;
-    assert_eq!(
-        metric_value(&metrics, "erpgate_buffered_bytes", &[("store", "memory")]),
-        0.0
-    );
+    assert_nothing_buffered(&gw).await;
 }
 
 #[tokio::test]

@@ -351,3 +351,26 @@ impl Drop for GatewayProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Waits (briefly) until the gateway's buffered bodies hold `bytes` in `store`
+/// (`erpgate_buffered_bytes`).
+pub async fn wait_for_buffered(gw: &Gateway, store: &str, bytes: f64) {
+    for _ in 0..100 {
+        let held = metric_value(
+            &gw.metrics().await,
+            "erpgate_buffered_bytes",
+            &[("store", store)],
+        );
+        if held == bytes {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{store} never held {bytes} bytes");
+}
+
+/// Bodies are let go when they are dropped, after the answer is sent: wait for both gauges.
+pub async fn assert_nothing_buffered(gw: &Gateway) {
+    wait_for_buffered(gw, "memory", 0.0).await;
+    wait_for_buffered(gw, "disk", 0.0).await;
+}
