@@ -246,7 +246,7 @@ proptest! {
 
     #[test]
     fn a_relayed_multipart_body_holds_exactly_the_judged_fields(body in multipart_body()) {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         if let Ok((form, out, written)) = runtime.block_on(relay(body)) {
             prop_assert_ne!(&written, BOUNDARY);
             let seen = support::werkzeug::multipart_fields(&out, &written);
