@@ -27,7 +27,6 @@ use http::{header, HeaderValue, Request};
 use http_body_util::BodyExt;
 use prometheus::IntCounterVec;
 use sha2::{Digest, Sha256};
-use tower::{Layer, ServiceExt};
 
 use crate::error::GatewayError;
 use crate::frappe::headers::X_FRAPPE_SITE_NAME;
@@ -37,9 +36,6 @@ use crate::frappe::oauth::{
 use crate::frappe::CanonicalPath;
 use crate::full_body;
 use crate::layers::auth::Client;
-use crate::layers::breaker::BreakerLayer;
-use crate::layers::forward::Forward;
-use crate::layers::route::RouteTarget;
 use crate::routing::Router;
 use crate::site::{ServiceAccount, Site};
 
@@ -336,17 +332,12 @@ impl OAuthApps {
         let headers = request.headers_mut();
         headers.insert(header::HOST, site.host.clone());
         headers.insert(X_FRAPPE_SITE_NAME.clone(), site.site_name.clone());
-        request.extensions_mut().insert(RouteTarget {
-            site: site.clone(),
-            streaming: false,
-            // Introspection is open to guests: no credential goes with it.
-            account: ServiceAccount {
-                name: "introspection".into(),
-                authorization: HeaderValue::from_static(""),
-                identity: [0; 32],
-            },
+        // Introspection is open to guests: no credential goes with it, straight to the site's
+        // upstream through its breaker (not through the request path, whose layers sit above).
+        let call = site.through_breaker(|| {
+            let site = site.clone();
+            async move { site.upstream.send(request).await }
         });
-        let call = BreakerLayer.layer(Forward).oneshot(request);
         let outcome = match tokio::time::timeout(site.total_timeout, call).await {
             Ok(Ok(response)) if response.status().is_success() => {
                 let body = http_body_util::Limited::new(response.into_body(), 64 << 10)

@@ -10,49 +10,14 @@
 //! cache (outside) can keep serving while it is open. The breaker's state lives with the site
 //! ([`crate::site::breaker`]); this layer applies it to requests.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use tower::{Layer, Service};
 
-use crate::error::{find_cause, GatewayError};
 use crate::layers::route::RouteTarget;
 use crate::layers::BoxResponseFuture;
-use crate::site::breaker::{Admission, Outcome};
-use crate::site::Site;
 use crate::{Body, BoxError};
-
-/// Releases the probe slot however the probe ends, even if its future is dropped.
-struct ProbeGuard(Arc<Site>);
-
-impl Drop for ProbeGuard {
-    fn drop(&mut self) {
-        if let Some(breaker) = &self.0.breaker {
-            breaker.release_probe();
-        }
-    }
-}
-
-fn outcome(result: &Result<Response<Body>, BoxError>) -> Outcome {
-    match result {
-        Ok(response) => match response.status() {
-            StatusCode::BAD_GATEWAY
-            | StatusCode::SERVICE_UNAVAILABLE
-            | StatusCode::GATEWAY_TIMEOUT => Outcome::Failure,
-            _ => Outcome::Success,
-        },
-        Err(e) => match find_cause::<GatewayError>(e.as_ref()) {
-            Some(
-                GatewayError::UpstreamUnreachable { .. }
-                | GatewayError::UpstreamTimeout { .. }
-                | GatewayError::BadGateway { .. },
-            ) => Outcome::Failure,
-            // A client's own body errors say nothing about the site.
-            _ => Outcome::Neither,
-        },
-    }
-}
 
 /// Applies each site's breaker.
 #[derive(Debug, Clone, Copy, Default)]
@@ -92,28 +57,6 @@ where
         else {
             return Box::pin(self.inner.call(request));
         };
-        let Some(breaker) = &site.breaker else {
-            return Box::pin(self.inner.call(request));
-        };
-        let guard = match breaker.admit() {
-            None => {
-                let err = GatewayError::BreakerOpen {
-                    site: site.name.to_string(),
-                    retry_after: breaker.retry_after(),
-                };
-                return Box::pin(async move { Err(err.into()) });
-            }
-            Some(Admission::Probe) => Some(ProbeGuard(site.clone())),
-            Some(Admission::Normal) => None,
-        };
-        let future: BoxResponseFuture = Box::pin(self.inner.call(request));
-        Box::pin(async move {
-            let result = future.await;
-            if let Some(breaker) = &site.breaker {
-                breaker.record(outcome(&result));
-            }
-            drop(guard);
-            result
-        })
+        site.through_breaker(|| self.inner.call(request))
     }
 }

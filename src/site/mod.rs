@@ -5,10 +5,16 @@
 pub mod breaker;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::error::{find_cause, GatewayError};
+use crate::{Body, BoxError};
+use breaker::{Admission, Outcome};
 use tower::retry::budget::TpsBudget;
 
 use crate::upstream::Upstream;
@@ -85,4 +91,78 @@ pub struct RetrySettings {
     pub max_body_bytes: u64,
     /// Shared by all requests to the site.
     pub budget: TpsBudget,
+}
+
+// === the breaker around a call to the site ===
+
+impl Site {
+    /// Runs `call` (a request to this site) through its breaker: refused at once with 503
+    /// `UpstreamUnavailable` while the breaker is open, without calling it; its outcome recorded
+    /// otherwise. The breaker layer does this for routed requests, and the gateway's own calls to
+    /// a site (token introspection) do it without being routed.
+    pub fn through_breaker<F>(
+        self: &Arc<Self>,
+        call: impl FnOnce() -> F,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>
+    where
+        F: Future<Output = Result<Response<Body>, BoxError>> + Send + 'static,
+    {
+        let Some(breaker) = &self.breaker else {
+            return Box::pin(call());
+        };
+        let guard = match breaker.admit() {
+            None => {
+                let err = GatewayError::BreakerOpen {
+                    site: self.name.to_string(),
+                    retry_after: breaker.retry_after(),
+                };
+                return Box::pin(async move { Err(err.into()) });
+            }
+            Some(Admission::Probe) => Some(ProbeGuard(self.clone())),
+            Some(Admission::Normal) => None,
+        };
+        let future = call();
+        let site = self.clone();
+        Box::pin(async move {
+            let result = future.await;
+            if let Some(breaker) = &site.breaker {
+                breaker.record(outcome(&result));
+            }
+            drop(guard);
+            result
+        })
+    }
+}
+
+/// Releases the probe slot however the probe ends, even if its future is dropped.
+struct ProbeGuard(Arc<Site>);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if let Some(breaker) = &self.0.breaker {
+            breaker.release_probe();
+        }
+    }
+}
+
+/// What a call's result says about the site: connect errors, timeouts, broken connections and
+/// 502/503/504 answers are failures; anything else shows the site alive.
+fn outcome(result: &Result<Response<Body>, BoxError>) -> Outcome {
+    match result {
+        Ok(response) => match response.status() {
+            StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => Outcome::Failure,
+            _ => Outcome::Success,
+        },
+        Err(e) => match find_cause::<GatewayError>(e.as_ref()) {
+            Some(
+                GatewayError::UpstreamUnreachable { .. }
+                | GatewayError::UpstreamTimeout { .. }
+                | GatewayError::BadGateway { .. },
+            ) => Outcome::Failure,
+            // A client's own body errors say nothing about the site.
+            _ => Outcome::Neither,
+        },
+    }
 }
