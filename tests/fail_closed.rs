@@ -480,3 +480,122 @@ async fn a_child_row_cannot_save_a_parent_the_client_may_not_update() {
     }
     assert_eq!(up.count(), 0, "{:?}", up.received());
 }
+
+#[tokio::test]
+async fn arguments_naming_doctypes_in_odd_deep_or_oversized_shapes_are_refused() {
+    let up = upstream().await;
+    let yaml = base_config(&up).replace(
+        "      methods: [frappe.client.get_list]",
+        "      methods: [frappe.client.get_list, frappe.client.insert, frappe.client.insert_many]",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let auth = token(TODO_READER);
+    let depth = erpgate::frappe::python_json::MAX_DEPTH;
+    let deep_doc = format!(
+        r#"{{"doctype": "ToDo", "x": {}1{}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    for (method, body) in [
+        // A doctype that is not a string, and a doc or docs that cannot be read: no doctype
+        // erpgate can name, so no rule can allow the call.
+        (
+            "frappe.client.get_list",
+            r#"{"doctype": ["ToDo"]}"#.to_owned(),
+        ),
+        (
+            "frappe.client.get_list",
+            r#"{"doctype": "ToDo", "parent": {"x": 1}}"#.to_owned(),
+        ),
+        (
+            "frappe.client.insert",
+            format!(r#"{{"doc": {}}}"#, serde_json::json!(deep_doc)),
+        ),
+        (
+            "frappe.client.insert",
+            r#"{"doc": "{\"doctype\": \"ToDo\""}"#.to_owned(),
+        ),
+        (
+            "frappe.client.insert_many",
+            r#"{"docs": "[{\"doctype\": \"ToDo\"}"}"#.to_owned(),
+        ),
+        (
+            "frappe.client.insert_many",
+            r#"{"docs": {"doctype": "ToDo"}}"#.to_owned(),
+        ),
+    ] {
+        let reply = send(
+            Method::POST,
+            &gw.url(&format!("/api/method/{method}")),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{body}: {}",
+            reply.text()
+        );
+        assert!(
+            reply
+                .text()
+                .contains("needs a doctype the gateway can read"),
+            "{body}: {}",
+            reply.text()
+        );
+    }
+    // A whole JSON body nested past what erpgate reads: 400, whoever sends it.
+    let deep_body = format!(
+        r#"{{"doctype": "ToDo", "filters": {}1{}}}"#,
+        "[".repeat(depth + 1),
+        "]".repeat(depth + 1)
+    );
+    for credential in [TODO_READER, FULL] {
+        let reply = send(
+            Method::POST,
+            &gw.url("/api/method/frappe.client.get_list"),
+            &[
+                ("authorization", &token(credential)),
+                ("content-type", "application/json"),
+            ],
+            deep_body.clone(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    }
+    // Oversized: a body past `max_inspected_body_bytes` (1 MiB here) is 413 from its head, a
+    // query past the head limit 431.
+    let big = format!(
+        r#"{{"doctype": "ToDo", "filters": "{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let reply = send(
+        Method::POST,
+        &gw.url("/api/method/frappe.client.get_list"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        big,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
+    let long = gw.url(&format!(
+        "/api/resource/ToDo?filters={}",
+        "x".repeat(16 << 10)
+    ));
+    assert_eq!(
+        get(&long, TODO_READER).await.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+}
