@@ -305,9 +305,21 @@ async fn an_error_page_asked_for_with_accept_text_html_is_replaced() {
     let up = upstream().await;
     for yaml in [config(&up), exposing(&config(&up))] {
         let gw = Gateway::start(&yaml).await;
-        for (path, credential, request_id) in [
-            ("/api/method/test.db_error", TODO_READER, "rid-page-1"),
-            ("/api/v2/method/test.db_error", TODO_READER, "rid-page-2"),
+        for (path, credential, request_id, status) in [
+            ("/api/method/test.db_error", TODO_READER, "rid-page-1", 500),
+            (
+                "/api/v2/method/test.db_error",
+                TODO_READER,
+                "rid-page-2",
+                500,
+            ),
+            // A 4xx page carries the traceback too (a 409 duplicate, a 417 DataError).
+            (
+                "/api/method/test.db_error?kind=duplicate",
+                TODO_READER,
+                "rid-page-3",
+                409,
+            ),
         ] {
             let reply = send(
                 Method::GET,
@@ -320,13 +332,13 @@ async fn an_error_page_asked_for_with_accept_text_html_is_replaced() {
                 Bytes::new(),
             )
             .await;
-            assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(reply.status.as_u16(), status);
             assert_eq!(reply.header("content-type"), Some("application/json"));
             assert!(reply.text().contains(request_id), "{}", reply.text());
             assert_no_database_text(&reply);
         }
         // The site did answer with its page: it is the gateway that withheld it.
-        assert!(up.count() >= 2);
+        assert!(up.count() >= 3);
     }
     // A full-access client on a site that hides tracebacks gets the envelope too; where the
     // site exposes them, the page as it is.

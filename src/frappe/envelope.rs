@@ -42,6 +42,21 @@ pub fn error_body(
     Bytes::from(body.to_string())
 }
 
+/// The `exc_type` Frappe gives an error of `status` (`frappe/exceptions.py`: the status each
+/// exception class sets), for an envelope erpgate writes in place of one of Frappe's pages.
+pub fn exc_type_of_status(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "AuthenticationError",
+        403 => "PermissionError",
+        404 => "DoesNotExistError",
+        409 => "DuplicateEntryError",
+        417 => "ValidationError",
+        429 => "TooManyRequestsError",
+        _ if status.is_client_error() => "ValidationError",
+        _ => "ServerError",
+    }
+}
+
 /// Replaces every traceback in a Frappe error body with a one-line summary. Returns `None` when
 /// the body is not a JSON object or has nothing to replace, so the caller sends it unchanged.
 pub fn scrub_tracebacks(body: &[u8]) -> Option<Bytes> {

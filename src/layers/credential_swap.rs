@@ -25,7 +25,7 @@ use tower::{Layer, Service};
 
 use crate::error::GatewayError;
 use crate::forwarding::{ArrivedOverTls, PeerAddr, TrustedProxies};
-use crate::frappe::envelope::{error_body, scrub, Scrub};
+use crate::frappe::envelope::{error_body, exc_type_of_status, scrub, Scrub};
 use crate::frappe::headers::{
     remove_client_identity, remove_hop_by_hop, remove_wsgi_specials, X_FORWARDED_FOR,
     X_FORWARDED_PROTO, X_FRAPPE_SITE_NAME,
@@ -197,7 +197,7 @@ pub(crate) async fn clean_response(
     let status = response.status();
     let is_error = status.is_client_error() || status.is_server_error();
     let restricted = audience.restricted.as_deref();
-    if status.is_server_error() && !is_json {
+    if is_error && !is_json {
         return replace_error_page(response, &audience).await;
     }
     let look = match (is_error, restricted) {
@@ -262,14 +262,15 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(haystack, needle).is_some()
 }
 
-/// A server error Frappe answered with a web page rather than JSON: `app.py`
-/// `handle_exception` does so when the request's `Accept` asks for text (`text/html` on an
-/// `/api/` path included), and the "Server Error" page holds the escaped traceback whenever the
-/// System Settings' `allow_error_traceback` is on (the default) — database error text with it.
-/// For a restricted reader such a page is always replaced by erpgate's own envelope (same
-/// status, a fixed line naming the request id; the page is logged at `debug`); for anyone else
-/// only when it holds a traceback and the site does not expose them. Pages without a traceback
-/// pass to full-access clients as they are.
+/// An error Frappe answered with a web page rather than JSON: `app.py` `handle_exception` does
+/// so when the request's `Accept` asks for text (`text/html` on an `/api/` path included), and
+/// for every status but 401, 403, 404 and 429 (a 417 `DataError`, a 409 duplicate, a 500) the
+/// "Server Error" page holds the escaped traceback whenever the System Settings'
+/// `allow_error_traceback` is on (the default) — database error text with it. For a restricted
+/// reader such a page is always replaced by erpgate's own envelope (same status, a fixed line
+/// naming the request id; the page is logged at `debug`); for anyone else only when it holds a
+/// traceback and the site does not expose them. Pages without a traceback pass to full-access
+/// clients as they are.
 async fn replace_error_page(
     response: Response<Body>,
     audience: &Audience,
@@ -293,11 +294,17 @@ async fn replace_error_page(
         page = %page.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
         "upstream error page replaced"
     );
+    let what = if parts.status.is_server_error() {
+        "the site failed to answer this request"
+    } else {
+        "the site refused this request"
+    };
     let message = format!(
-        "the site failed to answer this request; see the gateway log for request {}",
+        "{what}; see the gateway log for request {}",
         audience.request_id
     );
-    let body = error_body(audience.api, "ServerError", &message, &audience.request_id);
+    let exc_type = exc_type_of_status(parts.status);
+    let body = error_body(audience.api, exc_type, &message, &audience.request_id);
     let mut response = Response::from_parts(parts, full_body(body.clone()));
     let headers = response.headers_mut();
     headers.insert(

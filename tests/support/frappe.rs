@@ -662,10 +662,14 @@ impl FrappeUpstream {
                 .get("accept")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
-            if accept.starts_with("text") {
-                return server_error_page();
-            }
             let duplicate = query.get("kind").map(String::as_str) == Some("duplicate");
+            if accept.starts_with("text") {
+                // Every status but 401, 403, 404 and 429 gets the page with the traceback.
+                return match duplicate {
+                    true => server_error_page(StatusCode::CONFLICT, DUPLICATE_ERROR),
+                    false => server_error_page(StatusCode::INTERNAL_SERVER_ERROR, XPATH_ERROR),
+                };
+            }
             let messages = query.contains_key("messages");
             return database_error(path.starts_with("/api/v2/"), duplicate, messages);
         }
@@ -894,8 +898,8 @@ pub const XPATH_ERROR: &str =
 
 /// Frappe's "Server Error" page (`respond_as_web_page`) for a database error, its traceback
 /// HTML-escaped in a `<pre>`.
-fn server_error_page() -> Response<Full<Bytes>> {
-    let traceback = format!("{}{XPATH_ERROR}\n", database_traceback_head())
+fn server_error_page(status: StatusCode, last: &str) -> Response<Full<Bytes>> {
+    let traceback = format!("{}{last}\n", database_traceback_head())
         .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -906,11 +910,14 @@ fn server_error_page() -> Response<Full<Bytes>> {
          <div class=\"page-card\"><h4>Server Error</h4><pre>{traceback}</pre></div></body></html>"
     );
     let mut r = Response::new(Full::new(Bytes::from(page)));
-    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    *r.status_mut() = status;
     r.headers_mut()
         .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
     r
 }
+
+/// A document insert's duplicate key, as Frappe 15 words it.
+pub const DUPLICATE_ERROR: &str = "frappe.exceptions.DuplicateEntryError: ('ToDo', 'secretname', IntegrityError(1062, \"Duplicate entry 'secretname' for key 'PRIMARY'\"))";
 
 /// Where a database error's traceback goes: Frappe's `Database.sql` into pymysql.
 fn database_traceback_head() -> &'static str {
@@ -927,7 +934,7 @@ fn database_error(v2: bool, duplicate: bool, messages: bool) -> Response<Full<By
         (
             StatusCode::CONFLICT,
             "DuplicateEntryError",
-            "frappe.exceptions.DuplicateEntryError: ('ToDo', 'secretname', IntegrityError(1062, \"Duplicate entry 'secretname' for key 'PRIMARY'\"))".to_owned(),
+            DUPLICATE_ERROR.to_owned(),
         )
     } else {
         (
