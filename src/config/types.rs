@@ -414,7 +414,10 @@ pub struct BufferingConfig {
     #[serde(default)]
     pub directory: Option<std::path::PathBuf>,
     /// Longest pause between two reads of a client's body (nginx's `client_body_timeout`);
-    /// longer gets 408, never counted against the site. Default `15s`.
+    /// longer gets 408, never counted against the site. It bounds every read of a request
+    /// body erpgate makes, buffered or not: classification's (JSON, urlencoded, multipart fields
+    /// before a file) and idempotency's too, also when `requests` buffering is off. Default
+    /// `15s`.
     #[serde(
         default = "defaults::client_body_timeout",
         deserialize_with = "parse_duration"
