@@ -130,11 +130,11 @@ pub(crate) struct Audience {
     expose_tracebacks: bool,
     /// The route streams bodies: success answers are not held to be looked at.
     streaming: bool,
-    /// For a restricted reader, the request id its withheld database error text is logged
-    /// under.
-    restricted: Option<String>,
-    /// The request id, named in an error page erpgate replaces.
-    request_id: String,
+    /// A restricted reader: database error text is withheld from it.
+    restricted: bool,
+    /// The request id, named where erpgate withholds or replaces something (a clone of the
+    /// header the request id layer set: no copy, no allocation per request).
+    request_id: HeaderValue,
     /// The API of the request, for the envelope of a replaced error page.
     api: Option<ApiVersion>,
 }
@@ -156,13 +156,13 @@ impl Audience {
         let request_id = request
             .headers()
             .get(&X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("unknown");
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("unknown"));
         Self {
             expose_tracebacks: target.is_some_and(|t| t.site.expose_tracebacks),
             streaming: target.is_some_and(|t| t.streaming),
-            restricted: (!full_access).then(|| request_id.to_owned()),
-            request_id: request_id.to_owned(),
+            restricted: !full_access,
+            request_id,
             api: request
                 .extensions()
                 .get::<FrappeRequest>()
@@ -196,7 +196,9 @@ pub(crate) async fn clean_response(
     });
     let status = response.status();
     let is_error = status.is_client_error() || status.is_server_error();
-    let restricted = audience.restricted.as_deref();
+    // The request id layer writes ids of printable ASCII only.
+    let request_id = audience.request_id.to_str().unwrap_or("unknown");
+    let restricted = audience.restricted.then_some(request_id);
     if is_error && !is_json {
         return replace_error_page(response, &audience).await;
     }
@@ -275,7 +277,7 @@ async fn replace_error_page(
     response: Response<Body>,
     audience: &Audience,
 ) -> Result<Response<Body>, BoxError> {
-    if audience.restricted.is_none() && audience.expose_tracebacks {
+    if !audience.restricted && audience.expose_tracebacks {
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
@@ -284,13 +286,14 @@ async fn replace_error_page(
     let traceback = page
         .as_deref()
         .is_some_and(|p| contains(p, b"Traceback (most recent call last)"));
-    if audience.restricted.is_none() && !traceback {
+    if !audience.restricted && !traceback {
         if let Some(page) = page {
             return Ok(Response::from_parts(parts, full_body(page)));
         }
     }
+    let request_id = audience.request_id.to_str().unwrap_or("unknown");
     tracing::debug!(
-        request_id = %audience.request_id,
+        request_id = %request_id,
         page = %page.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
         "upstream error page replaced"
     );
@@ -299,12 +302,9 @@ async fn replace_error_page(
     } else {
         "the site refused this request"
     };
-    let message = format!(
-        "{what}; see the gateway log for request {}",
-        audience.request_id
-    );
+    let message = format!("{what}; see the gateway log for request {request_id}");
     let exc_type = exc_type_of_status(parts.status);
-    let body = error_body(audience.api, exc_type, &message, &audience.request_id);
+    let body = error_body(audience.api, exc_type, &message, request_id);
     let mut response = Response::from_parts(parts, full_body(body.clone()));
     let headers = response.headers_mut();
     headers.insert(
