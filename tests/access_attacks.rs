@@ -258,7 +258,14 @@ async fn sid_is_removed_from_every_carrier_for_every_client() {
     let received = up.received();
     assert_eq!(received.len(), 8);
     for r in &received {
-        let body = String::from_utf8_lossy(r.body.as_deref().unwrap_or_default()).into_owned();
+        let mut body = String::from_utf8_lossy(r.body.as_deref().unwrap_or_default()).into_owned();
+        // erpgate's multipart boundary is random hex, which may spell `abc` by chance.
+        if r.headers
+            .get("content-type")
+            .is_some_and(|t| t.as_bytes().starts_with(b"multipart/"))
+        {
+            body = body.replace(&own_boundary(r), "");
+        }
         assert!(!r.path_and_query.contains("sid"), "{}", r.path_and_query);
         assert!(!body.contains("sid") && !body.contains("abc"), "{body}");
         assert!(!r.headers.contains_key("cookie"));
