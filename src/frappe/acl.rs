@@ -1,19 +1,20 @@
-//! Per-client access rules over classified Frappe requests.
+//! Per-client access rules over classified Frappe requests: a client's capabilities.
 //!
 //! Rules only ever allow. Anything the classifier could not pin down (an unsupported verb, an
 //! unread form body, an unknown path) falls outside every rule but `other`, so a mismatch
-//! between how the gateway and Frappe read a request can only refuse, never grant.
+//! between how the gateway and Frappe read a request can only refuse, never grant. A method
+//! rule grants a *function* (every alias of it, see `catalog`), and its arguments are judged by
+//! [`Judge`] (`call.rs`), the one place a call's arguments are decided.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
+use super::call::{self, Capabilities, Grant, Judge};
+use super::catalog::{ArgKind, Catalog};
 use super::classify::{method_kind, FrappeRequest, MethodName, Operation, RequestKind};
-use super::doctype_methods;
-use super::form_dict::{FormDict, FormKey, FormValue};
-use super::query_args::{self, RefusedArgument};
+use super::form_dict::{FormKey, FormValue};
+use super::query_args;
 
-/// `frappe.client.get_value` reads the columns named by `fieldname` (`frappe/client.py`); other
-/// methods use `fieldname` for other things (`set_value` takes a dict of values).
-const GET_VALUE: &str = "frappe.client.get_value";
+pub use super::call::Denied;
 
 /// What a restricted client may do.
 #[derive(Debug, Clone, Default)]
@@ -21,36 +22,19 @@ pub struct AccessRules {
     /// (lower-cased doctype or `*`, allowed operations). Frappe's database matches doctypes
     /// case-insensitively, so the rules do too.
     resources: Vec<(String, HashSet<Operation>)>,
-    exact_methods: HashSet<String>,
-    /// `prefix.*` rules, stored as `prefix.`.
+    /// Catalogued functions granted, by defining name.
+    functions: HashSet<String>,
+    /// Methods outside the catalog with declared arguments.
+    declared: HashMap<String, Vec<(String, ArgKind)>>,
+    /// Methods outside the catalog left to their own code, exact.
+    own_code: HashSet<String>,
+    /// `prefix.*` rules over namespaces outside the catalog, stored as `prefix.`.
     method_prefixes: Vec<String>,
     files: bool,
     other: bool,
-    /// Judge `fields`, `filters`, `or_filters`, `order_by`, `group_by` (and `fieldname` of
-    /// `get_value`) with [`query_args`]. On unless the client's config turns it off.
+    /// Judge SQL-fragment arguments with [`query_args`]. On unless the client's config turns
+    /// it off.
     unchecked_query_arguments: bool,
-}
-
-/// Why a request was refused; said to the client, so it names only what the client sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
-    #[error("not allowed to {operation} {doctype}")]
-    Resource {
-        doctype: String,
-        operation: &'static str,
-    },
-    #[error("not allowed to call {0}")]
-    Method(String),
-    #[error("not allowed to access files")]
-    Files,
-    #[error("not allowed to log in through the gateway")]
-    Login,
-    #[error("not allowed to access this path")]
-    Other,
-    #[error(transparent)]
-    QueryArgument(#[from] RefusedArgument),
-    #[error("{0} needs a doctype the gateway can read from its arguments")]
-    DoctypeUnknown(String),
 }
 
 /// An unknown operation name in a rule.
@@ -59,6 +43,32 @@ pub enum Denied {
     "unknown operation '{0}' (expected read, create, update, delete, doc_method, write or all)"
 )]
 pub struct UnknownOperation(pub String);
+
+/// A method rule that cannot be granted as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MethodRuleError {
+    #[error(
+        "'{0}' grants a namespace the capability catalog covers: list the functions it should \
+         grant by exact name (each is then judged by its arguments)"
+    )]
+    PrefixOverCatalog(String),
+    #[error(
+        "'{0}' is not a whitelisted function of the catalog ({1}): grant an app's own method with \
+         its arguments declared ({{ name: {0}, args: {{ arg: kind }} }}) or with \
+         judged_by_its_own_code: true"
+    )]
+    NotCatalogued(String, String),
+    #[error("'{name}' ({function}) is never allowed to a restricted client: {reason}")]
+    AlwaysRefused {
+        name: String,
+        function: String,
+        reason: String,
+    },
+    #[error("'{0}' is in the capability catalog: grant it by name, its arguments' kinds come from the catalog")]
+    Catalogued(String),
+    #[error("login is never allowed through the gateway")]
+    Login,
+}
 
 /// Parses an operation name from config; `write` is create + update + delete, `all` everything.
 pub fn parse_operations(name: &str) -> Result<Vec<Operation>, UnknownOperation> {
@@ -89,15 +99,61 @@ impl AccessRules {
         }
     }
 
-    /// Allows a method by exact name, or every method under `prefix.*`.
-    pub fn allow_method(&mut self, rule: &str) {
-        match rule.strip_suffix('*') {
-            Some(prefix) if prefix.ends_with('.') => self.method_prefixes.push(prefix.to_owned()),
-            _ => {
-                self.exact_methods
-                    .insert(MethodName::new(rule).as_str().to_owned());
+    /// Allows a catalogued function by any of its names, or every method under `prefix.*` of a
+    /// namespace the catalog does not cover (left to those methods' own code).
+    pub fn allow_method(&mut self, rule: &str) -> Result<(), MethodRuleError> {
+        let catalog = Catalog::get();
+        if let Some(prefix) = rule.strip_suffix('*').filter(|p| p.ends_with('.')) {
+            if catalog.covers(prefix.trim_end_matches('.')) {
+                return Err(MethodRuleError::PrefixOverCatalog(rule.to_owned()));
+            }
+            self.method_prefixes.push(prefix.to_owned());
+            return Ok(());
+        }
+        let name = MethodName::new(rule);
+        if name.as_str() == "login" {
+            return Err(MethodRuleError::Login);
+        }
+        let Some(function) = call::resolve(name.as_str()) else {
+            return Err(MethodRuleError::NotCatalogued(
+                rule.to_owned(),
+                catalog.sources.join("; "),
+            ));
+        };
+        if let Some(reason) = function.review.as_ref().and_then(|r| r.refused.clone()) {
+            return Err(MethodRuleError::AlwaysRefused {
+                name: rule.to_owned(),
+                function: function.name.clone(),
+                reason,
+            });
+        }
+        self.functions.insert(function.name.clone());
+        Ok(())
+    }
+
+    /// Allows a method outside the catalog: with its arguments' kinds declared, or (`None`)
+    /// left to its own code.
+    pub fn allow_app_method(
+        &mut self,
+        name: &str,
+        args: Option<Vec<(String, ArgKind)>>,
+    ) -> Result<(), MethodRuleError> {
+        let name = MethodName::new(name);
+        if name.as_str() == "login" {
+            return Err(MethodRuleError::Login);
+        }
+        if call::resolve(name.as_str()).is_some() {
+            return Err(MethodRuleError::Catalogued(name.as_str().to_owned()));
+        }
+        match args {
+            Some(args) => {
+                self.declared.insert(name.as_str().to_owned(), args);
+            }
+            None => {
+                self.own_code.insert(name.as_str().to_owned());
             }
         }
+        Ok(())
     }
 
     /// Allows file uploads and downloads.
@@ -110,52 +166,56 @@ impl AccessRules {
         self.other = yes;
     }
 
-    /// Leaves list arguments (`fields`, `filters`, ...) unjudged: for clients whose own methods
-    /// take arguments of those names in other shapes, at the price of the protection.
+    /// Leaves SQL-fragment arguments (`fields`, `filters`, ...) unjudged, at the price of the
+    /// protection.
     pub fn leave_query_arguments_unchecked(&mut self, yes: bool) {
         self.unchecked_query_arguments = yes;
     }
 
     /// Whether the rules let this client read `doctype`.
     pub fn may_read(&self, doctype: &str) -> bool {
-        let key = doctype.to_lowercase();
-        self.resources
-            .iter()
-            .filter(|(d, _)| *d == key || d == "*")
-            .any(|(_, ops)| ops.contains(&Operation::Read))
+        self.resource(doctype, Operation::Read).is_ok()
     }
 
-    /// Decides a request: what its path asks, every embedded method, and its list arguments.
+    /// The catalogued functions granted, by defining name, sorted.
+    pub fn granted_functions(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.functions.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Decides a request: what its path asks, every method it makes Frappe run with every
+    /// argument each receives, and a resource list's query arguments.
     pub fn check(&self, request: &FrappeRequest) -> Result<(), Denied> {
         self.check_kind(&request.kind)?;
-        for method in &request.embedded_methods {
-            if method.as_str() == "login" {
-                return Err(Denied::Login);
-            }
-            self.check_method(method)?;
+        if request.embedded_methods.iter().any(|m| m.as_str() == "login") {
+            return Err(Denied::Login);
         }
+        let judge = Judge::new(self, request.form_incomplete);
         for method in request.methods() {
-            self.check_doctype_method(method, request)?;
+            judge.call(method.as_str(), &request.form)?;
         }
-        if self.unchecked_query_arguments {
-            return Ok(());
-        }
-        let readable = |doctype: &str| self.may_read(doctype);
-        query_args::check(&request.form, &readable)?;
-        if request.methods().any(|m| m.as_str() == GET_VALUE) {
-            for value in request.form.values(FormKey::Fieldname) {
-                query_args::check_fieldname(value, &readable)?;
+        match &request.kind {
+            RequestKind::Method(_) => Ok(()),
+            // `upload_file` is granted by `files`; what it receives is judged like any call.
+            RequestKind::FileUpload => match call::resolve("frappe.handler.upload_file") {
+                Some(upload) => judge.granted_function(upload, &request.form),
+                None => Err(Denied::Files),
+            },
+            // A resource list is `frappe.client.get_list` (`api/v1.py` `document_list`).
+            _ if self.unchecked_query_arguments => Ok(()),
+            _ => {
+                let readable = |doctype: &str| self.may_read(doctype);
+                Ok(query_args::check(&request.form, &readable)?)
             }
         }
-        Ok(())
     }
 
     /// What one `form_dict` entry is refused for whatever else the request carries: a `cmd`
     /// naming a method the rules refuse (every `cmd` in any carrier must be allowed, see
-    /// [`Self::check`]), or a list argument outside the query grammar (judged on every entry).
-    /// A multipart field after a file part is judged by this once, when it completes; the
-    /// whole request is judged by [`Self::check`] once the body is complete, before Frappe
-    /// could read any of it. Nothing refused here would be allowed there.
+    /// [`Self::check`]). A multipart field after a file part is judged by this once, when it
+    /// completes; the whole request is judged by [`Self::check`] once the body is complete,
+    /// before Frappe could read any of it. Nothing refused here would be allowed there.
     pub fn check_entry(&self, key: FormKey, value: &FormValue) -> Result<(), Denied> {
         match key {
             FormKey::Cmd => match method_kind(&value.text()) {
@@ -166,87 +226,15 @@ impl AccessRules {
                     .or_else(|_| self.check_method(&MethodName::new("upload_file"))),
                 kind => self.check_kind(&kind),
             },
-            FormKey::Fields
-            | FormKey::Filters
-            | FormKey::OrFilters
-            | FormKey::OrderBy
-            | FormKey::GroupBy
-                if !self.unchecked_query_arguments =>
-            {
-                let mut one = FormDict::default();
-                one.push(key.as_str(), || value.clone());
-                query_args::check(&one, &|doctype: &str| self.may_read(doctype))?;
-                Ok(())
-            }
             _ => Ok(()),
         }
-    }
-
-    /// A generic method (`frappe.client.get_list`, `insert`, ...) also needs the resource rule
-    /// for each doctype it names and its parent doctype's read rule (its `query` method is an
-    /// embedded method, judged like any other).
-    fn check_doctype_method(
-        &self,
-        method: &MethodName,
-        request: &FrappeRequest,
-    ) -> Result<(), Denied> {
-        let Some(generic) = doctype_methods::lookup(method.as_str()) else {
-            return Ok(());
-        };
-        let doctypes = match generic.doctypes(&request.form) {
-            Some(doctypes) => doctypes,
-            None if request.form_incomplete => Vec::new(),
-            None => return Err(Denied::DoctypeUnknown(method.as_str().to_owned())),
-        };
-        for doctype in &doctypes {
-            for &operation in generic.operations {
-                self.check_kind(&RequestKind::Resource {
-                    doctype: doctype.clone(),
-                    name: None,
-                    operation,
-                })?;
-            }
-        }
-        // A child-table row names the document its insert saves.
-        let saved_parents = generic
-            .parent_doctypes(&request.form)
-            .ok_or_else(|| Denied::DoctypeUnknown(method.as_str().to_owned()))?;
-        for parent in saved_parents {
-            self.check_kind(&RequestKind::Resource {
-                doctype: parent,
-                name: None,
-                operation: Operation::Update,
-            })?;
-        }
-        for parent in request.form.values(FormKey::Parent) {
-            let parent = parent
-                .as_plain_text()
-                .ok_or_else(|| Denied::DoctypeUnknown(method.as_str().to_owned()))?;
-            self.check_kind(&RequestKind::Resource {
-                doctype: parent.to_owned(),
-                name: None,
-                operation: Operation::Read,
-            })?;
-        }
-        Ok(())
     }
 
     fn check_kind(&self, kind: &RequestKind) -> Result<(), Denied> {
         match kind {
             RequestKind::Resource {
                 doctype, operation, ..
-            } => {
-                let key = doctype.to_lowercase();
-                let allowed = self
-                    .resources
-                    .iter()
-                    .filter(|(d, _)| *d == key || d == "*")
-                    .any(|(_, ops)| ops.contains(operation));
-                allowed.then_some(()).ok_or_else(|| Denied::Resource {
-                    doctype: doctype.clone(),
-                    operation: operation.as_str(),
-                })
-            }
+            } => self.resource(doctype, *operation),
             RequestKind::Method(method) => self.check_method(method),
             RequestKind::FileUpload | RequestKind::FileDownload => {
                 self.files.then_some(()).ok_or(Denied::Files)
@@ -257,15 +245,48 @@ impl AccessRules {
     }
 
     fn check_method(&self, method: &MethodName) -> Result<(), Denied> {
-        let name = method.as_str();
-        let allowed = self.exact_methods.contains(name)
+        self.grant(method.as_str())
+            .map(|_| ())
+            .ok_or_else(|| Denied::Method(method.as_str().to_owned()))
+    }
+}
+
+impl Capabilities for AccessRules {
+    fn resource(&self, doctype: &str, operation: Operation) -> Result<(), Denied> {
+        let key = doctype.to_lowercase();
+        let allowed = self
+            .resources
+            .iter()
+            .filter(|(d, _)| *d == key || d == "*")
+            .any(|(_, ops)| ops.contains(&operation));
+        allowed.then_some(()).ok_or_else(|| Denied::Resource {
+            doctype: doctype.to_owned(),
+            operation: operation.as_str(),
+        })
+    }
+
+    fn grant(&self, name: &str) -> Option<Grant<'_>> {
+        let name = MethodName::new(name);
+        let name = name.as_str();
+        if let Some(function) = call::resolve(name) {
+            return self
+                .functions
+                .contains(&function.name)
+                .then_some(Grant::Function(function));
+        }
+        if let Some(args) = self.declared.get(name) {
+            return Some(Grant::Declared(args));
+        }
+        let own = self.own_code.contains(name)
             || self
                 .method_prefixes
                 .iter()
                 .any(|p| name.starts_with(p.as_str()));
-        allowed
-            .then_some(())
-            .ok_or_else(|| Denied::Method(name.to_owned()))
+        own.then_some(Grant::OwnCode)
+    }
+
+    fn judges_fragments(&self) -> bool {
+        !self.unchecked_query_arguments
     }
 }
 
@@ -287,8 +308,8 @@ mod tests {
     fn todo_reader() -> AccessRules {
         let mut rules = AccessRules::default();
         rules.allow_resource("ToDo", parse_operations("read").unwrap());
-        rules.allow_method("frappe.client.get_list");
-        rules.allow_method("myapp.api.*");
+        rules.allow_method("frappe.client.get_list").unwrap();
+        rules.allow_method("myapp.api.*").unwrap();
         rules
     }
 
@@ -388,7 +409,7 @@ mod tests {
             ))
             .is_err());
         let mut writer = todo_reader();
-        writer.allow_method("frappe.client.insert");
+        writer.allow_method("frappe.client.insert").unwrap();
         let insert = |doc: &str| {
             let doc: String = form_urlencoded::byte_serialize(doc.as_bytes()).collect();
             req(
@@ -406,8 +427,8 @@ mod tests {
     #[test]
     fn a_child_rows_insert_needs_update_on_the_parent_it_saves() {
         let mut rules = todo_reader();
-        rules.allow_method("frappe.client.insert");
-        rules.allow_method("frappe.client.insert_many");
+        rules.allow_method("frappe.client.insert").unwrap();
+        rules.allow_method("frappe.client.insert_many").unwrap();
         rules.allow_resource("Has Role", parse_operations("create").unwrap());
         let call = |method: &str, key: &str, json: &str| {
             let value: String = form_urlencoded::byte_serialize(json.as_bytes()).collect();
@@ -434,7 +455,7 @@ mod tests {
         let odd = r#"{"doctype": "Has Role", "parenttype": ["User"]}"#;
         assert!(matches!(
             rules.check(&call("frappe.client.insert", "doc", odd)),
-            Err(Denied::DoctypeUnknown(_))
+            Err(Denied::Argument { argument, .. }) if argument == "doc"
         ));
         // Allowed to update the parent, the row goes; a top-level document names none.
         rules.allow_resource("User", parse_operations("update").unwrap());

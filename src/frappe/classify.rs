@@ -133,10 +133,11 @@ pub struct FrappeRequest {
     pub api: Option<ApiVersion>,
     /// What the path (or, off `/api/`, the `cmd`) asks for.
     pub kind: RequestKind,
-    /// Every other method the request makes Frappe run: each `cmd` in any carrier (Frappe 15's
-    /// `app.py` runs `form_dict.cmd` *instead of* any path, `/api/` included, so which one it
-    /// picks does not matter: all must be allowed) and `upload_file`'s `method` argument
-    /// (`handler.py` `upload_file` calls it after saving the file).
+    /// Every other method the request makes Frappe run by name: each `cmd` in any carrier
+    /// (Frappe 15's `app.py` runs `form_dict.cmd` *instead of* any path, `/api/` included, so
+    /// which one it picks does not matter: all must be allowed). Methods a function calls
+    /// because an argument names them (`upload_file`'s `method`, `search_link`'s `query`) are
+    /// that argument's kind in the catalog, judged with the call.
     pub embedded_methods: Vec<MethodName>,
     /// The `form_dict` keys erpgate acts on, from every carrier: the access rules judge the
     /// list arguments in it.
@@ -167,27 +168,11 @@ impl FrappeRequest {
             (None, RequestKind::Other, Some(cmd)) => (method_kind(&cmd.text()), Some(cmd)),
             (_, kind, _) => (kind, None),
         };
-        let mut embedded: Vec<RequestKind> = keys
+        let embedded: Vec<RequestKind> = keys
             .values(FormKey::Cmd)
             .filter(|v| !stands_for_path.is_some_and(|s| std::ptr::eq(s, *v)))
             .map(|c| method_kind(&c.text()))
             .collect();
-        let uploads = std::iter::once(&kind)
-            .chain(&embedded)
-            .any(|k| *k == RequestKind::FileUpload);
-        if uploads {
-            let called = keys.values(FormKey::Method).map(|m| method_kind(&m.text()));
-            embedded.extend(called.collect::<Vec<_>>());
-        }
-        // `search_link` / `search_widget` call their `query` argument (`frappe.call(query, ...)`).
-        let searches = std::iter::once(&kind).chain(&embedded).any(|k| {
-            matches!(k, RequestKind::Method(m)
-                if super::doctype_methods::lookup(m.as_str()).is_some_and(|g| g.calls_query))
-        });
-        if searches {
-            let called = keys.values(FormKey::Query).map(|q| method_kind(&q.text()));
-            embedded.extend(called.collect::<Vec<_>>());
-        }
         let embedded_methods = embedded
             .into_iter()
             .map(|k| match k {

@@ -132,7 +132,7 @@ pub enum FormKey {
     GroupBy,
     /// The columns `frappe.client.get_value` reads.
     Fieldname,
-    /// The doctype a generic method acts on (`frappe/client.py`, see `doctype_methods`).
+    /// The doctype a generic method acts on (`frappe/client.py`).
     Doctype,
     /// The document `frappe.client.insert` / `save` / `submit` write, with its `doctype`.
     Doc,
@@ -142,6 +142,8 @@ pub enum FormKey {
     Parent,
     /// The whitelisted method `search_link` / `search_widget` call (`frappe.call(query, ...)`).
     Query,
+    /// Any other argument: judged by the kind the called function gives it (see `catalog`).
+    Other,
 }
 
 impl FormKey {
@@ -167,6 +169,11 @@ impl FormKey {
         })
     }
 
+    /// The key for any `form_dict` name.
+    pub fn of_any(name: &str) -> Self {
+        Self::of(name).unwrap_or(Self::Other)
+    }
+
     /// The name as Frappe spells it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -185,6 +192,7 @@ impl FormKey {
             Self::Docs => "docs",
             Self::Parent => "parent",
             Self::Query => "query",
+            Self::Other => "(other)",
         }
     }
 }
@@ -218,12 +226,31 @@ impl FormValue {
     }
 }
 
-/// The part of `form_dict` erpgate acts on: every occurrence of every [`FormKey`], from every
-/// carrier, in order, each marked with whether Frappe will read it (a query under a non-empty
-/// JSON body is not read: `make_form_dict` takes the JSON alone).
+/// One `name = value` pair of `form_dict`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FormEntry {
+    /// The key erpgate knows it by ([`FormKey::Other`] for the rest).
+    pub key: FormKey,
+    /// The name as Frappe reads it (`Other` keys only; known keys are spelled by their key).
+    other_name: Option<Box<str>>,
+    /// The value.
+    pub value: FormValue,
+}
+
+impl FormEntry {
+    /// The argument name, as the called function receives it.
+    pub fn name(&self) -> &str {
+        self.other_name.as_deref().unwrap_or(self.key.as_str())
+    }
+}
+
+/// `form_dict` as erpgate reads it: every occurrence of every argument, from every carrier, in
+/// order, each marked with whether Frappe will read it (a query under a non-empty JSON body is
+/// not read: `make_form_dict` takes the JSON alone). Every argument is kept, because the
+/// function a request calls may receive any of them (`get_newargs`, see `catalog`).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FormDict {
-    entries: Vec<(FormKey, FormValue)>,
+    entries: Vec<FormEntry>,
     /// How many leading entries Frappe will not read.
     shadowed: usize,
 }
@@ -231,9 +258,12 @@ pub struct FormDict {
 impl FormDict {
     /// Adds one `name = value` pair.
     pub fn push(&mut self, name: &str, value: impl FnOnce() -> FormValue) {
-        if let Some(key) = FormKey::of(name) {
-            self.entries.push((key, value()));
-        }
+        let key = FormKey::of_any(name);
+        self.entries.push(FormEntry {
+            key,
+            other_name: (key == FormKey::Other).then(|| name.into()),
+            value: value(),
+        });
     }
 
     /// Adds every entry of `other`.
@@ -252,25 +282,33 @@ impl FormDict {
     pub fn read_by_frappe(&self, key: FormKey) -> impl Iterator<Item = &FormValue> {
         self.entries[self.shadowed..]
             .iter()
-            .filter(move |(k, _)| *k == key)
-            .map(|(_, v)| v)
+            .filter(move |e| e.key == key)
+            .map(|e| &e.value)
     }
 
     /// Every value of `key`.
     pub fn values(&self, key: FormKey) -> impl Iterator<Item = &FormValue> {
         self.entries
             .iter()
-            .filter(move |(k, _)| *k == key)
-            .map(|(_, v)| v)
+            .filter(move |e| e.key == key)
+            .map(|e| &e.value)
+    }
+
+    /// Every value of the argument `name`.
+    pub fn values_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a FormValue> {
+        self.entries
+            .iter()
+            .filter(move |e| e.name() == name)
+            .map(|e| &e.value)
     }
 
     /// Whether `key` occurs at all.
     pub fn has(&self, key: FormKey) -> bool {
-        self.entries.iter().any(|(k, _)| *k == key)
+        self.entries.iter().any(|e| e.key == key)
     }
 
     /// Every entry, in order.
-    pub fn entries(&self) -> &[(FormKey, FormValue)] {
+    pub fn entries(&self) -> &[FormEntry] {
         &self.entries
     }
 
@@ -294,11 +332,17 @@ impl FormDict {
     }
 
     /// Reads a JSON body as `json.loads` does. A body that is a list becomes
-    /// `form_dict["data"]` and a scalar is refused by Frappe: neither has keys erpgate acts on.
+    /// `form_dict["data"]`; a scalar is refused by Frappe.
     pub fn from_json(body: &str) -> Result<(Self, Vec<Member>), PyJsonError> {
         let mut form = Self::default();
         let members = match python_json::loads(body)? {
             PyJson::Object(members) => members,
+            // `make_form_dict`: a list body is `form_dict["data"]`; it reaches a function that
+            // takes `data` or `**kwargs`, so it is judged like any argument.
+            list @ PyJson::Array(_) => {
+                form.push("data", || FormValue::Json(list));
+                return Ok((form, Vec::new()));
+            }
             _ => Vec::new(),
         };
         for member in &members {
@@ -398,7 +442,9 @@ mod tests {
             vec!["frappe.client.insert", "a b"]
         );
         assert!(form.has(FormKey::Sid) && form.has(FormKey::RunMethod));
-        assert_eq!(form.entries().len(), 4);
+        assert_eq!(form.entries().len(), 5);
+        assert_eq!(form.entries()[4].name(), "z");
+        assert_eq!(form.values_named("z").count(), 1);
     }
 
     #[test]
@@ -423,7 +469,11 @@ mod tests {
             vec!["frappe.client.insert", "<JSON Number(\"7\")>"]
         );
         assert!(form.has(FormKey::Sid));
-        assert_eq!(FormDict::from_json("[1,2]").unwrap().0, FormDict::default());
+        assert_eq!(form.values_named("n").count(), 1);
+        assert_eq!(
+            FormDict::from_json("[1,2]").unwrap().0.entries()[0].name(),
+            "data"
+        );
         assert!(FormDict::from_json("{nope").is_err());
     }
 

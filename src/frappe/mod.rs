@@ -4,8 +4,9 @@
 
 pub mod acl;
 pub mod auth_header;
+pub mod call;
+pub mod catalog;
 pub mod classify;
-pub mod doctype_methods;
 pub mod envelope;
 pub mod form_dict;
 pub mod headers;

@@ -351,15 +351,13 @@ impl MultipartRelay {
     fn finish_field(&mut self, name: &str, head: Bytes, value: &[u8]) -> Result<(), BoxError> {
         DelimiterGuard::new(&self.boundary).check(value)?;
         let text = String::from_utf8_lossy(value).into_owned();
-        let key = FormKey::of(name);
-        if key == Some(FormKey::Sid) {
+        let key = FormKey::of_any(name);
+        if key == FormKey::Sid {
             return Ok(());
         }
-        if let Some(key) = key {
-            self.form.push(name, || FormValue::Text(text.clone()));
-            if let (Some(judge), Some((_, value))) = (&self.judge, self.form.entries().last()) {
-                judge(LateField::Entry(key, value))?;
-            }
+        self.form.push(name, || FormValue::Text(text.clone()));
+        if let (Some(judge), Some(entry)) = (&self.judge, self.form.entries().last()) {
+            judge(LateField::Entry(key, &entry.value))?;
         }
         self.queue.push_back(head);
         self.queue.push_back(Bytes::from(text));
@@ -688,6 +686,7 @@ mod tests {
                 LateField::Entry(..) => e.fetch_add(1, Ordering::Relaxed),
                 LateField::Complete(form) => {
                     assert_eq!(form.values(FormKey::Fields).count(), 300);
+                    assert_eq!(form.values_named("other").count(), 300);
                     w.fetch_add(1, Ordering::Relaxed)
                 }
             };
@@ -696,8 +695,9 @@ mod tests {
         while let Some(chunk) = relay.next().await {
             chunk.unwrap();
         }
-        // Fields erpgate does not act on are not judged at all.
-        assert_eq!(entries.load(Ordering::Relaxed), 300);
+        // Every field is offered once (any may be an argument of the function called), and
+        // the whole form once.
+        assert_eq!(entries.load(Ordering::Relaxed), 600);
         assert_eq!(wholes.load(Ordering::Relaxed), 1);
     }
 

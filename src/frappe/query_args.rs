@@ -33,7 +33,7 @@ use super::python_json::{self, PyJson};
 #[error("query argument '{argument}' is not allowed: {reason}")]
 pub struct RefusedArgument {
     /// Which argument.
-    pub argument: &'static str,
+    pub argument: String,
     /// What is wrong with it.
     pub reason: String,
 }
@@ -90,7 +90,8 @@ const NOT_READ: &str = "it cannot be read exactly as Frappe would read it (JSON 
 /// Checks every list argument in `form` (`fieldname` aside: see [`check_fieldname`]);
 /// `readable` says whether the client may read a doctype.
 pub fn check(form: &FormDict, readable: &dyn Fn(&str) -> bool) -> Result<(), RefusedArgument> {
-    for (key, value) in form.entries() {
+    for entry in form.entries() {
+        let (key, value) = (&entry.key, &entry.value);
         let result = match key {
             FormKey::Fields => fields(value, readable),
             FormKey::Filters | FormKey::OrFilters => filters(value, readable),
@@ -99,7 +100,7 @@ pub fn check(form: &FormDict, readable: &dyn Fn(&str) -> bool) -> Result<(), Ref
             _ => Ok(()),
         };
         result.map_err(|reason| RefusedArgument {
-            argument: key.as_str(),
+            argument: key.as_str().to_owned(),
             reason,
         })?;
     }
@@ -112,9 +113,60 @@ pub fn check_fieldname(
     readable: &dyn Fn(&str) -> bool,
 ) -> Result<(), RefusedArgument> {
     fields(value, readable).map_err(|reason| RefusedArgument {
-        argument: FormKey::Fieldname.as_str(),
+        argument: FormKey::Fieldname.as_str().to_owned(),
         reason,
     })
+}
+
+/// How an argument reaches SQL, as a function's catalog entry says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// `SELECT` columns: `fields`.
+    Fields,
+    /// `get_value`'s `fieldname`: the `fields` grammar.
+    Fieldname,
+    /// `ORDER BY`.
+    OrderBy,
+    /// `GROUP BY`.
+    GroupBy,
+    /// One column name, pasted: a plain identifier.
+    Pluck,
+    /// `WHERE`, from Frappe's filter shapes.
+    Filters,
+}
+
+/// Checks one argument `name` that reaches SQL as `fragment`.
+pub fn check_value(
+    fragment: Fragment,
+    name: &str,
+    value: &FormValue,
+    readable: &dyn Fn(&str) -> bool,
+) -> Result<(), RefusedArgument> {
+    let result = match fragment {
+        Fragment::Fields | Fragment::Fieldname => fields(value, readable),
+        Fragment::Filters => filters(value, readable),
+        Fragment::OrderBy => list_of(value, readable, true),
+        Fragment::GroupBy => list_of(value, readable, false),
+        Fragment::Pluck => pluck(value),
+    };
+    result.map_err(|reason| RefusedArgument {
+        argument: name.to_owned(),
+        reason,
+    })
+}
+
+/// `pluck`: Frappe pastes it as a column name (`db_query.py` `execute`), so only a plain name.
+fn pluck(value: &FormValue) -> Result<(), String> {
+    let text = match value {
+        FormValue::Json(PyJson::Null) => return Ok(()),
+        value => value.as_plain_text().ok_or("must be a string")?,
+    };
+    let mut c = Cursor::new(text);
+    match c.name() {
+        Some(name) if c.rest().is_empty() && !NILADIC.contains(&name.to_ascii_lowercase().as_str()) => Ok(()),
+        _ if text.is_empty() => Ok(()),
+        _ => Err(format!("'{text}' is not a plain column name")),
+    }
 }
 
 /// `fields`: `"*"`, a JSON list of field strings, a JSON string of either, or a comma-separated
