@@ -68,6 +68,9 @@ fn main() -> ExitCode {
                     loaded.config.routes.len(),
                     loaded.config.clients.len()
                 );
+                for line in erpgate::config::grants::describe(&loaded.config) {
+                    println!("  {line}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

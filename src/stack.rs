@@ -823,6 +823,55 @@ fn build_subscribers(
     Ok(subscribers)
 }
 
+/// Grants one `allow.methods` rule, or says why it cannot be granted.
+pub fn allow_method_rule(
+    rules: &mut AccessRules,
+    rule: &crate::config::MethodRule,
+) -> Result<(), String> {
+    use crate::config::MethodRule;
+    use crate::frappe::catalog::ArgKind;
+    match rule {
+        MethodRule::Name(name) => {
+            let wildcard_ok = match name.find('*') {
+                None => true,
+                Some(pos) => pos == name.len() - 1 && name.ends_with(".*") && name.len() > 2,
+            };
+            if name.is_empty() || !wildcard_ok {
+                return Err(format!("'{name}' is not a method name or 'prefix.*'"));
+            }
+            rules.allow_method(name).map_err(|e| e.to_string())
+        }
+        MethodRule::App(app) => {
+            let args = match (&app.args, app.judged_by_its_own_code) {
+                (Some(_), true) | (None, false) => {
+                    return Err(format!(
+                        "'{}': give either args or judged_by_its_own_code: true",
+                        app.name
+                    ))
+                }
+                (None, true) => None,
+                (Some(args), false) => {
+                    let mut kinds = Vec::new();
+                    for (arg, kind) in args {
+                        let kind = ArgKind::parse(kind).map_err(|e| format!("args.{arg}: {e}"))?;
+                        if matches!(kind, ArgKind::Method(_)) {
+                            return Err(format!(
+                                "args.{arg}: a method argument of an app's own method cannot be \
+                                 followed (erpgate does not know what it passes on)"
+                            ));
+                        }
+                        kinds.push((arg.clone(), kind));
+                    }
+                    Some(kinds)
+                }
+            };
+            rules
+                .allow_app_method(&app.name, args)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
 /// A client's (or app's) access rules; `None` without an `allow` block.
 fn access_rules(
     allow: Option<&crate::config::AllowConfig>,
@@ -838,7 +887,7 @@ fn access_rules(
         }
     }
     for method in &allow.methods {
-        rules.allow_method(method);
+        allow_method_rule(&mut rules, method).map_err(BuildError::Invalid)?;
     }
     rules.allow_files(allow.files);
     rules.allow_other(allow.other);

@@ -6,8 +6,9 @@
 //! file). For each request that reaches the upstream, this file derives what Frappe would act on
 //! *from the forwarded bytes*, with its own small model of werkzeug and Frappe (mimetype before
 //! `;` lower-cased; JSON body alone when non-empty and JSON, else query overlaid with the form;
-//! multipart split wherever werkzeug splits: `\r\n`, `\n` or `\r` before `--boundary`), and
-//! checks that the restricted client's rules cover it. Requests carrying nothing dangerous must
+//! multipart split wherever werkzeug splits: `\r\n`, `\n` or `\r` before `--boundary`; the
+//! function a name reaches by `get_attr`, any alias, and the arguments `get_newargs` passes it,
+//! from the catalog's facts), and checks that the restricted client's rules cover it. Requests carrying nothing dangerous must
 //! pass. No input may panic the gateway.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -120,7 +121,27 @@ fn frappe_form_dict(query: &str, content_type: Option<&str>, body: &[u8]) -> Vec
     pairs
 }
 
-/// Whether the restricted client's rules cover what Frappe would run for this request.
+/// The function Frappe runs for a method name: `handler.py` `get_attr` resolves any alias to
+/// the function object (a bare name in `frappe.handler`). The facts come from the catalog
+/// generated from Frappe's source.
+fn frappe_runs(name: &str) -> Option<&'static str> {
+    let name = erpgate::frappe::MethodName::new(name);
+    erpgate::frappe::call::resolve(name.as_str()).map(|f| f.name.as_str())
+}
+
+/// `frappe/__init__.py` `get_newargs`: the arguments of `form` the function receives (those in
+/// its signature, all with `**kwargs`; never `ignore_permissions` or `flags`).
+fn newargs<'a>(function: &str, form: &'a [(String, String)]) -> Vec<&'a (String, String)> {
+    let f = erpgate::frappe::call::resolve(function).unwrap();
+    form.iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "ignore_permissions" | "flags"))
+        .filter(|(k, _)| f.kwargs.is_some() || f.params.iter().any(|p| p.name == *k))
+        .collect()
+}
+
+/// Whether the restricted client's rules cover what Frappe would run for this request: only
+/// `frappe.client.get_list`, under any name, receiving ToDo as its doctype and no `debug`
+/// (which sends the SQL back).
 fn frappe_would_stay_within_rules(
     method: &Method,
     path: &str,
@@ -134,18 +155,23 @@ fn frappe_would_stay_within_rules(
         .filter(|(k, v)| k == "cmd" && !v.is_empty())
         .map(|(_, v)| v.as_str())
         .collect();
-    // `frappe.client.get_list` lists the doctype in its `doctype` argument: the client may
-    // read ToDo only.
-    let lists_only_todo = || {
-        let doctypes: Vec<&str> = form
+    let get_list_within_rules = |received: &[&(String, String)]| {
+        let doctypes: Vec<&str> = received
             .iter()
             .filter(|(k, _)| k == "doctype")
             .map(|(_, v)| v.as_str())
             .collect();
-        !doctypes.is_empty() && doctypes.iter().all(|d| d.eq_ignore_ascii_case("todo"))
+        let debug = received.iter().any(|(k, v)| k == "debug" && !v.is_empty());
+        !debug && doctypes.iter().all(|d| d.eq_ignore_ascii_case("todo"))
+    };
+    let runs_get_list = |name: &str| {
+        frappe_runs(name) == Some(ALLOWED) && {
+            let received = newargs(ALLOWED, form);
+            received.iter().any(|(k, _)| k == "doctype") && get_list_within_rules(&received)
+        }
     };
     if !cmds.is_empty() {
-        return if cmds.iter().all(|c| *c == ALLOWED) && lists_only_todo() {
+        return if cmds.iter().all(|c| runs_get_list(c)) {
             Ok(())
         } else {
             Err(format!("Frappe would run {cmds:?} on {form:?}"))
@@ -161,12 +187,15 @@ fn frappe_would_stay_within_rules(
                 .iter()
                 .position(|s| *s == "resource" || *s == "document");
             let doctype = at.and_then(|i| segments.get(i + 1));
-            // `read_doc` runs `run_method`; a list ignores it.
+            // `read_doc` runs `run_method`; a list is `get_list(doctype, **form_dict)`.
             let names_a_document = at.is_some_and(|i| segments.len() > i + 2);
+            let list_within_rules =
+                names_a_document || get_list_within_rules(&newargs(ALLOWED, form));
             read && doctype.is_some_and(|d| d.eq_ignore_ascii_case("todo"))
                 && !(run_method && names_a_document)
+                && list_within_rules
         }
-        ["api", "method", m, ..] | ["api", "v2", "method", m] => *m == ALLOWED && lists_only_todo(),
+        ["api", "method", m, ..] | ["api", "v2", "method", m] => runs_get_list(m),
         _ => false,
     };
     if ok {
@@ -205,6 +234,8 @@ fn path() -> impl Strategy<Value = String> {
         "/api/method/frappe.client.get_list",
         "/api/v2/method/frappe.client.get_list",
         "/api/method/frappe.client.insert",
+        // An alias: `frappe.email.inbox` imports `set_value` from `frappe.client`.
+        "/api/method/frappe.email.inbox.set_value",
         "/api/resource/User",
         "/",
         "/app/todo",
@@ -248,8 +279,24 @@ fn content_type() -> impl Strategy<Value = Option<String>> {
 fn pair() -> impl Strategy<Value = (Carrier, &'static str, &'static str, bool)> {
     (
         prop::sample::select(vec![Carrier::Query, Carrier::Body, Carrier::LateField]),
-        prop::sample::select(vec!["cmd", "sid", "run_method", "doctype", "limit"]),
-        prop::sample::select(vec![ALLOWED, FORBIDDEN, "login", "ToDo", "5", ""]),
+        prop::sample::select(vec![
+            "cmd",
+            "sid",
+            "run_method",
+            "doctype",
+            "limit",
+            "debug",
+            "pluck",
+        ]),
+        prop::sample::select(vec![
+            ALLOWED,
+            FORBIDDEN,
+            "frappe.email.inbox.set_value",
+            "login",
+            "ToDo",
+            "5",
+            "",
+        ]),
         any::<bool>(),
     )
 }
@@ -361,7 +408,7 @@ impl Generated {
     /// key spelled plainly (an escaped key is still a key, but the check below reads plainly).
     fn harmless(&self) -> bool {
         self.pairs.iter().all(|(_, k, v, escaped)| {
-            !matches!(*k, "cmd" | "sid" | "run_method")
+            !matches!(*k, "cmd" | "sid" | "run_method" | "debug")
                 && !escaped
                 && (*k != "doctype" || *v == "ToDo")
         })

@@ -12,6 +12,7 @@
 //! `validate`, and `yaml_lines` (key paths to line numbers).
 
 mod expand;
+pub mod grants;
 mod load;
 mod types;
 mod validate;

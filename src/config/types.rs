@@ -1112,9 +1112,12 @@ pub struct AllowConfig {
     /// `write` (create + update + delete) or `all`.
     #[serde(default)]
     pub resources: IndexMap<String, Vec<String>>,
-    /// Whitelisted methods by exact dotted name, or `prefix.*`. `login` is never allowed.
+    /// Whitelisted functions: a catalogued function by any of its dotted names (its arguments
+    /// are judged by the catalog), `prefix.*` over a namespace the catalog does not cover, or
+    /// an app's own method `{ name, args: { arg: kind } }` / `{ name, judged_by_its_own_code:
+    /// true }`. `login` and the catalog's always-refused functions are never allowed.
     #[serde(default)]
-    pub methods: Vec<String>,
+    pub methods: Vec<MethodRule>,
     /// File upload and download. Default `false`.
     #[serde(default)]
     pub files: bool,
@@ -1129,6 +1132,41 @@ pub struct AllowConfig {
     /// such arguments read other tables.
     #[serde(default = "defaults::yes")]
     pub check_query_arguments: bool,
+}
+
+/// One `allow.methods` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MethodRule {
+    /// A catalogued function's dotted name, or `prefix.*`.
+    Name(String),
+    /// A method outside the catalog, with what it may receive.
+    App(AppMethodRule),
+}
+
+/// A method of the operator's own app, outside the catalog.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppMethodRule {
+    /// Its dotted name.
+    pub name: String,
+    /// Argument name to kind (`doctype:read`, `docname`, `fields`, `filters`, `doc:create`,
+    /// `scalar`, `text`, ...): any other argument is refused.
+    #[serde(default)]
+    pub args: Option<IndexMap<String, String>>,
+    /// Grant it whatever it receives: its own code judges its arguments.
+    #[serde(default)]
+    pub judged_by_its_own_code: bool,
+}
+
+impl MethodRule {
+    /// The name (or `prefix.*`) the rule is about.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Name(name) => name,
+            Self::App(app) => &app.name,
+        }
+    }
 }
 
 /// The admin token; never printed.

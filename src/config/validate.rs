@@ -712,16 +712,12 @@ fn allow_problems(at: &str, allow: &AllowConfig) -> Vec<(String, String)> {
             }
         }
     }
+    // What each rule grants is decided where rules compile (`stack::access_rules`, through
+    // `AccessRules::allow_method`), so `check` and start-up refuse the same rules.
+    let mut rules = crate::frappe::AccessRules::default();
     for (j, method) in allow.methods.iter().enumerate() {
-        let wildcard_ok = match method.find('*') {
-            None => true,
-            Some(pos) => pos == method.len() - 1 && method.ends_with(".*") && method.len() > 2,
-        };
-        if method.is_empty() || !wildcard_ok {
-            problems.push((
-                format!("{at}.allow.methods[{j}]"),
-                format!("'{method}' is not a method name or 'prefix.*'"),
-            ));
+        if let Err(e) = crate::stack::allow_method_rule(&mut rules, method) {
+            problems.push((format!("{at}.allow.methods[{j}]"), e));
         }
     }
     problems

@@ -188,7 +188,11 @@ impl AccessRules {
     /// argument each receives, and a resource list's query arguments.
     pub fn check(&self, request: &FrappeRequest) -> Result<(), Denied> {
         self.check_kind(&request.kind)?;
-        if request.embedded_methods.iter().any(|m| m.as_str() == "login") {
+        if request
+            .embedded_methods
+            .iter()
+            .any(|m| m.as_str() == "login")
+        {
             return Err(Denied::Login);
         }
         let judge = Judge::new(self, request.form_incomplete);
@@ -202,7 +206,14 @@ impl AccessRules {
                 Some(upload) => judge.granted_function(upload, &request.form),
                 None => Err(Denied::Files),
             },
-            // A resource list is `frappe.client.get_list` (`api/v1.py` `document_list`).
+            // A document list is `frappe.client.get_list(doctype, **form_dict)` (`api/v1.py`,
+            // `api/v2.py` `document_list`), its doctype the path's (judged above).
+            RequestKind::Resource { .. } if request.lists => {
+                match call::resolve("frappe.client.get_list") {
+                    Some(get_list) => judge.granted_function(get_list, &request.form),
+                    None => Err(Denied::Other),
+                }
+            }
             _ if self.unchecked_query_arguments => Ok(()),
             _ => {
                 let readable = |doctype: &str| self.may_read(doctype);

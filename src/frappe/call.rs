@@ -120,8 +120,10 @@ impl<'r, C: Capabilities> Judge<'r, C> {
 
     /// Judges the arguments of catalogued function `f`, granted by another rule than a method
     /// rule (`upload_file` by `files`).
+    /// The rule that grants it grants what it does to its fixed doctypes (`files` is the File
+    /// capability) and names its doctype (a list's path); its arguments are judged as always.
     pub fn granted_function(&self, f: &Function, form: &FormDict) -> Result<(), Denied> {
-        self.function(f, form, 0)
+        self.arguments(f, form, 0)
     }
 
     fn call_at(&self, name: &str, form: &FormDict, depth: u8) -> Result<(), Denied> {
@@ -149,6 +151,12 @@ impl<'r, C: Capabilities> Judge<'r, C> {
                 self.caps.resource(doctype, op)?;
             }
         }
+        self.arguments(f, form, depth)?;
+        self.required_doctypes(f, form)
+    }
+
+    /// Each argument `f` receives, by its kind.
+    fn arguments(&self, f: &Function, form: &FormDict, depth: u8) -> Result<(), Denied> {
         for entry in form.entries() {
             let name = entry.name();
             if not_an_argument(entry) {
@@ -168,7 +176,7 @@ impl<'r, C: Capabilities> Judge<'r, C> {
                 }
             }
         }
-        self.required_doctypes(f, form)
+        Ok(())
     }
 
     /// A function that acts on a doctype its arguments must name: when the request names
@@ -186,7 +194,10 @@ impl<'r, C: Capabilities> Judge<'r, C> {
                 arg.kind,
                 ArgKind::Doctype(_) | ArgKind::Doc(_) | ArgKind::Docs(_)
             );
-            if names_doctype && required(&arg.name) && form.values_named(&arg.name).next().is_none()
+            // Only a carrier Frappe reads can supply it (a query under a JSON body cannot).
+            if names_doctype
+                && required(&arg.name)
+                && form.read_by_frappe_named(&arg.name).next().is_none()
             {
                 return Err(Denied::DoctypeUnknown(f.name.clone()));
             }
@@ -381,7 +392,11 @@ fn is_draft(docstatus: Option<&PyJson>) -> bool {
 
 /// The last member named `key`: the one a Python dict keeps.
 fn last<'a>(members: &'a [python_json::Member], key: &str) -> Option<&'a PyJson> {
-    members.iter().rev().find(|m| m.key == key).map(|m| &m.value)
+    members
+        .iter()
+        .rev()
+        .find(|m| m.key == key)
+        .map(|m| &m.value)
 }
 
 /// A `doc` argument as Frappe reads it: a JSON string is parsed (`frappe.parse_json`), a JSON
@@ -404,6 +419,10 @@ fn pass_on(
     target: Option<&Function>,
 ) -> Option<FormDict> {
     let mut passed = FormDict::default();
+    // A function that reads `form_dict` itself sees the whole request whatever it is passed.
+    if target.is_some_and(|t| t.reads_form_dict) {
+        passed = form.clone();
+    }
     for (i, argument) in calls.positional.iter().enumerate() {
         let param = target?.params.get(i)?;
         for value in form.values_named(argument) {

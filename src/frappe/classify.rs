@@ -145,6 +145,10 @@ pub struct FrappeRequest {
     /// More of `form` is still to come (multipart fields after a file part): what only a later
     /// field could supply, a generic method's doctype, is not missing yet.
     pub form_incomplete: bool,
+    /// The path is a document list (`/api/resource/<doctype>`, `/api/v2/document/<doctype>`
+    /// read): `api/v1.py` / `api/v2.py` `document_list` runs `frappe.client.get_list(doctype,
+    /// **form_dict)`, so its arguments are judged as that function's.
+    pub lists: bool,
 }
 
 impl FrappeRequest {
@@ -173,6 +177,18 @@ impl FrappeRequest {
             .filter(|v| !stands_for_path.is_some_and(|s| std::ptr::eq(s, *v)))
             .map(|c| method_kind(&c.text()))
             .collect();
+        let lists = matches!(
+            (api, &kind, segments.as_slice()),
+            (
+                Some(_),
+                RequestKind::Resource {
+                    name: None,
+                    operation: Operation::Read,
+                    ..
+                },
+                ["api", "resource" | "v1", ..] | ["api", "v2", "document", _],
+            )
+        );
         let embedded_methods = embedded
             .into_iter()
             .map(|k| match k {
@@ -187,6 +203,7 @@ impl FrappeRequest {
             embedded_methods,
             form: form.clone(),
             form_incomplete: false,
+            lists,
         }
     }
 }

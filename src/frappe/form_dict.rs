@@ -294,6 +294,17 @@ impl FormDict {
             .map(|e| &e.value)
     }
 
+    /// The values of the argument `name` that Frappe will read.
+    pub fn read_by_frappe_named<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a FormValue> {
+        self.entries[self.shadowed..]
+            .iter()
+            .filter(move |e| e.name() == name)
+            .map(|e| &e.value)
+    }
+
     /// Every value of the argument `name`.
     pub fn values_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a FormValue> {
         self.entries

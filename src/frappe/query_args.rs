@@ -163,7 +163,11 @@ fn pluck(value: &FormValue) -> Result<(), String> {
     };
     let mut c = Cursor::new(text);
     match c.name() {
-        Some(name) if c.rest().is_empty() && !NILADIC.contains(&name.to_ascii_lowercase().as_str()) => Ok(()),
+        Some(name)
+            if c.rest().is_empty() && !NILADIC.contains(&name.to_ascii_lowercase().as_str()) =>
+        {
+            Ok(())
+        }
         _ if text.is_empty() => Ok(()),
         _ => Err(format!("'{text}' is not a plain column name")),
     }

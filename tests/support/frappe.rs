@@ -709,6 +709,25 @@ impl FrappeUpstream {
         if let Some(rest) = path.strip_prefix("/api/v2/document/ToDo") {
             return self.todo(method, rest.trim_start_matches('/'), body, &user, true);
         }
+        let rpc = path
+            .strip_prefix("/api/method/")
+            .or_else(|| path.strip_prefix("/api/v2/method/"));
+        if let Some(function) = rpc.and_then(erpgate::frappe::call::resolve) {
+            // `handler.py` `execute_cmd`: the name (any alias) resolves to the function object,
+            // `frappe.call(fn, **form_dict)` passes what `get_newargs` keeps. The catalog holds
+            // those facts as generated from Frappe's source; this answers with what the
+            // function would have received.
+            let form = form_dict(&query, headers, body);
+            let takes_all = function.kwargs.is_some() || function.reads_form_dict;
+            let args: serde_json::Map<String, Value> = form
+                .into_iter()
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "ignore_permissions" | "flags")
+                        && (takes_all || function.params.iter().any(|p| p.name == *k))
+                })
+                .collect();
+            return ok(json!({"message": {"function": function.name, "args": args}}));
+        }
         if let Some(name) = path.strip_prefix("/api/method/") {
             return frappe_error(
                 StatusCode::EXPECTATION_FAILED,
@@ -854,6 +873,40 @@ where
             let _ = connection.await;
         }
     }
+}
+
+/// `frappe/app.py` `make_form_dict`: a JSON object body alone, else the query overlaid with
+/// the form (urlencoded or multipart); `_` is popped. Later repeats win, as in a dict.
+fn form_dict(
+    query: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> serde_json::Map<String, Value> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mut form = serde_json::Map::new();
+    if !body.is_empty() && content_type.starts_with("application/json") {
+        if let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) {
+            form = object;
+        }
+    } else {
+        for (k, v) in query {
+            form.insert(k.clone(), json!(v));
+        }
+        if content_type.starts_with("application/x-www-form-urlencoded") {
+            for (k, v) in form_urlencoded::parse(body) {
+                form.insert(k.into_owned(), json!(v));
+            }
+        } else if let Some(boundary) = content_type.split("boundary=").nth(1) {
+            for (k, v) in super::werkzeug::multipart_fields(body, boundary) {
+                form.insert(k, json!(v));
+            }
+        }
+    }
+    form.remove("_");
+    form
 }
 
 fn with_cookies(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {

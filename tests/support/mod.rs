@@ -374,3 +374,16 @@ pub async fn assert_nothing_buffered(gw: &Gateway) {
     wait_for_buffered(gw, "memory", 0.0).await;
     wait_for_buffered(gw, "disk", 0.0).await;
 }
+
+/// Each path, read with `credential`, is not refused by the access rules.
+pub async fn assert_none_refused(gw: &Gateway, paths: &[&str], credential: Credential) {
+    for path in paths {
+        let reply = get(&gw.url(path), credential).await;
+        assert_ne!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            reply.text()
+        );
+    }
+}

@@ -125,12 +125,7 @@ impl ArgKind {
 
     /// The spelling reviews and rules use.
     pub fn spelling(&self) -> String {
-        let ops = |ops: &[Operation]| {
-            ops.iter()
-                .map(|o| o.as_str())
-                .collect::<Vec<_>>()
-                .join("+")
-        };
+        let ops = |ops: &[Operation]| ops.iter().map(|o| o.as_str()).collect::<Vec<_>>().join("+");
         match self {
             Self::Doctype(o) => format!("doctype:{}", ops(o)),
             Self::Doc(o) => format!("doc:{}", ops(o)),
@@ -160,7 +155,9 @@ impl CallsWith {
         for (i, item) in items.iter().enumerate() {
             if item == "**" {
                 if i + 1 != items.len() {
-                    return Err(UnknownKind(format!("calls_with: '**' must come last in {items:?}")));
+                    return Err(UnknownKind(format!(
+                        "calls_with: '**' must come last in {items:?}"
+                    )));
                 }
                 out.rest = true;
             } else if let Some((keyword, arg)) = item.split_once('=') {

@@ -29,9 +29,18 @@ const FUNCTIONS: &str = include_str!("functions.jsonl");
 
 /// The reviewed files, by name.
 const REVIEWS: &[(&str, &str)] = &[
-    ("frappe_client.yaml", include_str!("reviewed/frappe_client.yaml")),
-    ("frappe_desk.yaml", include_str!("reviewed/frappe_desk.yaml")),
-    ("frappe_model.yaml", include_str!("reviewed/frappe_model.yaml")),
+    (
+        "frappe_client.yaml",
+        include_str!("reviewed/frappe_client.yaml"),
+    ),
+    (
+        "frappe_desk.yaml",
+        include_str!("reviewed/frappe_desk.yaml"),
+    ),
+    (
+        "frappe_model.yaml",
+        include_str!("reviewed/frappe_model.yaml"),
+    ),
     ("erpnext.yaml", include_str!("reviewed/erpnext.yaml")),
 ];
 
@@ -59,6 +68,9 @@ pub struct Function {
     pub aliases: Vec<String>,
     /// What each argument carries, when reviewed.
     pub review: Option<Review>,
+    /// It reads `frappe.form_dict` itself (found in its source by `generate.py`): every
+    /// argument of the request reaches it, whatever its signature.
+    pub reads_form_dict: bool,
 }
 
 /// A parameter as `inspect.signature` lists it.
@@ -93,8 +105,6 @@ pub struct Review {
     pub extra: Option<ArgKind>,
     /// Each argument's kind and the line that shows it.
     pub args: Vec<ReviewedArg>,
-    /// It reads `frappe.form_dict` itself: every argument of the request reaches it.
-    pub reads_form_dict: bool,
 }
 
 /// One reviewed argument.
@@ -132,7 +142,7 @@ impl Function {
             if let Some(arg) = review.args.iter().find(|a| a.name == name) {
                 return Reach::Passed(&arg.kind);
             }
-            let passed = self.kwargs.is_some() || review.reads_form_dict;
+            let passed = self.kwargs.is_some() || self.reads_form_dict;
             return match (&review.extra, passed) {
                 (_, false) => Reach::Dropped,
                 (Some(kind), true) => Reach::Passed(kind),
@@ -146,7 +156,7 @@ impl Function {
                 kind => Reach::Passed(kind),
             };
         }
-        if self.kwargs.is_some() {
+        if self.kwargs.is_some() || self.reads_form_dict {
             Reach::Unjudged
         } else {
             Reach::Dropped
@@ -256,7 +266,10 @@ impl Catalog {
                 continue;
             }
             if let Some(old) = value.get("override").and_then(|s| s.as_str()) {
-                let new = value.get("with").and_then(|s| s.as_str()).unwrap_or_default();
+                let new = value
+                    .get("with")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or_default();
                 catalog.overrides.push((old.to_owned(), new.to_owned()));
                 continue;
             }
@@ -272,15 +285,8 @@ impl Catalog {
                 }
             }
             catalog.functions.push(Function {
-                review: f.reads_form_dict.then(|| Review {
-                    source: String::new(),
-                    does: String::new(),
-                    doctypes: Vec::new(),
-                    refused: None,
-                    extra: None,
-                    args: Vec::new(),
-                    reads_form_dict: true,
-                }),
+                review: None,
+                reads_form_dict: f.reads_form_dict,
                 name: f.name,
                 app: f.app,
                 source: format!("{}:{}", f.file, f.line),
@@ -291,15 +297,13 @@ impl Catalog {
                 aliases: f.aliases,
             });
         }
-        // A function that reads form_dict itself but nobody reviewed: every argument is
-        // unreviewed. The placeholder review above says so; real reviews replace it.
         for (file, text) in reviews {
             let reviews: IndexMap<String, ReviewYaml> = serde_yaml::from_str(text)
                 .map_err(|e| CatalogError(format!("reviewed/{file}: {e}")))?;
             for (name, review) in reviews {
-                catalog.add_review(&name, review).map_err(|e| {
-                    CatalogError(format!("reviewed/{file}: {name}: {}", e.0))
-                })?;
+                catalog
+                    .add_review(&name, review)
+                    .map_err(|e| CatalogError(format!("reviewed/{file}: {name}: {}", e.0)))?;
             }
         }
         Ok(catalog)
@@ -313,19 +317,27 @@ impl Catalog {
             .ok_or_else(|| err("not a whitelisted function in the catalog".into()))?;
         let function = &mut self.functions[index];
         if function.name != name {
-            return Err(err(format!("review it under its defining name {}", function.name)));
+            return Err(err(format!(
+                "review it under its defining name {}",
+                function.name
+            )));
         }
-        if function.review.as_ref().is_some_and(|r| !r.source.is_empty()) {
+        if function.review.is_some() {
             return Err(err("reviewed twice".into()));
         }
-        let reads_form_dict = function.review.as_ref().is_some_and(|r| r.reads_form_dict)
-            || review
-                .args
-                .keys()
-                .any(|a| !function.params.iter().any(|p| p.name == *a));
+        // A review that names arguments outside the signature says the function reads them
+        // from `form_dict` itself.
+        function.reads_form_dict |= review
+            .args
+            .keys()
+            .any(|a| !function.params.iter().any(|p| p.name == *a));
+        let reads_form_dict = function.reads_form_dict;
         for param in &function.params {
             if !review.args.contains_key(&param.name) {
-                return Err(err(format!("parameter {} has no reviewed kind", param.name)));
+                return Err(err(format!(
+                    "parameter {} has no reviewed kind",
+                    param.name
+                )));
             }
         }
         let mut args = Vec::new();
@@ -366,7 +378,6 @@ impl Catalog {
             refused: review.refused,
             extra,
             args,
-            reads_form_dict,
         });
         Ok(())
     }
@@ -387,11 +398,12 @@ impl Catalog {
         &self.functions
     }
 
-    /// Whether `name` lies in a namespace the catalog covers (`frappe.`, `erpnext.`, a bare
-    /// `frappe.handler` name): there, what the catalog does not list is no function at all.
-    pub fn covers(&self, name: &str) -> bool {
-        let app = name.split('.').next().unwrap_or(name);
-        !name.contains('.') || self.functions.iter().any(|f| f.app == app)
+    /// Whether the dotted namespace `prefix` (`frappe`, `frappe.desk`, `myapp.api`) lies in an
+    /// app the catalog covers: there, a `prefix.*` rule would grant catalogued functions
+    /// wholesale, so rules must name them.
+    pub fn covers(&self, prefix: &str) -> bool {
+        let app = prefix.split('.').next().unwrap_or(prefix);
+        self.functions.iter().any(|f| f.app == app)
     }
 }
 
