@@ -433,3 +433,44 @@ fn rules_that_cannot_say_what_they_grant_are_refused_at_load() {
         assert!(loaded.is_ok(), "{methods}: {:?}", loaded.err().map(|e| e.to_string()));
     }
 }
+
+#[tokio::test]
+async fn creating_a_document_that_submits_needs_update_too() {
+    let up = upstream().await;
+    let gw = Gateway::start(&with_rules(&up, "ToDo: [read, create]", "[]")).await;
+    // `insert` submits a document whose docstatus is 1: an update of the doctype.
+    for (path, body) in [
+        (
+            "/api/resource/ToDo",
+            json!({"description": "x", "docstatus": 1}),
+        ),
+        (
+            "/api/v2/document/ToDo",
+            json!({"description": "x", "docstatus": "1"}),
+        ),
+        (
+            "/api/resource/ToDo",
+            json!({"data": json!({"description": "x", "docstatus": 1}).to_string()}),
+        ),
+    ] {
+        let reply = send_json(Method::POST, &gw.url(path), TODO_READER, &body.to_string()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path} {body}: {}",
+            reply.text()
+        );
+        assert!(reply.text().contains("update ToDo"), "{}", reply.text());
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+    let draft = json!({"description": "x", "docstatus": 0}).to_string();
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        TODO_READER,
+        &draft,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(up.count(), 1);
+}

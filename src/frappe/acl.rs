@@ -201,6 +201,15 @@ impl AccessRules {
         }
         match &request.kind {
             RequestKind::Method(_) => Ok(()),
+            // A document created with `docstatus` 1 is submitted by its insert (2 cancels):
+            // an update, which `create` alone does not grant.
+            RequestKind::Resource {
+                doctype,
+                operation: Operation::Create,
+                ..
+            } if call::submits_on_create(&request.form) => {
+                self.resource(doctype, Operation::Update)
+            }
             // `upload_file` is granted by `files`; what it receives is judged like any call.
             RequestKind::FileUpload => match call::resolve("frappe.handler.upload_file") {
                 Some(upload) => judge.granted_function(upload, &request.form),

@@ -379,6 +379,22 @@ fn not_an_argument(entry: &super::form_dict::FormEntry) -> bool {
     matches!(entry.key, FormKey::Cmd | FormKey::Sid) || entry.name() == "_"
 }
 
+/// Whether a document-create request carries a `docstatus` that is not a draft, wherever
+/// Frappe reads the new document from: `form_dict` itself (`api/v2.py` `create_doc`; `api/v1.py`
+/// `get_request_form_data` falls back to it) or its `data` argument, a JSON document (v1).
+/// A `data` that is not a JSON object counts as not a draft: erpgate cannot tell.
+pub fn submits_on_create(form: &FormDict) -> bool {
+    let top = form.values_named("docstatus").any(|v| match json_of(v) {
+        Some(docstatus) => !is_draft(Some(&docstatus)),
+        None => true,
+    });
+    let in_data = form.values_named("data").any(|data| match json_of(data) {
+        Some(PyJson::Object(members)) => !is_draft(last(&members, "docstatus")),
+        _ => true,
+    });
+    top || in_data
+}
+
 /// Whether a `docstatus` member leaves a document a draft: absent, `null`, or 0 (any spelling
 /// of the number zero; anything else, a string included, is read as not a draft).
 fn is_draft(docstatus: Option<&PyJson>) -> bool {

@@ -231,7 +231,8 @@ struct ArgYaml {
 
 impl Catalog {
     /// The compiled-in catalog. Its data is checked by this module's tests; should it ever
-    /// not load, erpgate stops at start-up (`stack::build` calls this first), never mid-request.
+    /// not load, erpgate stops while loading its config (every method rule is compiled against
+    /// it there), never mid-request.
     pub fn get() -> &'static Catalog {
         static CATALOG: OnceLock<Catalog> = OnceLock::new();
         CATALOG.get_or_init(|| match Self::load(FUNCTIONS, REVIEWS) {
