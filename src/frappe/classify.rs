@@ -154,7 +154,12 @@ pub struct FrappeRequest {
 impl FrappeRequest {
     /// Classifies a request from its method, canonical path and the `form_dict` it carries.
     pub fn classify(method: &Method, path: &CanonicalPath, form: &FormDict) -> Self {
-        let keys = form;
+        Self::classify_owned(method, path, form.clone())
+    }
+
+    /// [`Self::classify`], keeping `form` without a copy (the request path's own).
+    pub fn classify_owned(method: &Method, path: &CanonicalPath, form: FormDict) -> Self {
+        let keys = &form;
         let segments: Vec<&str> = path.segments().iter().map(String::as_str).collect();
         let (api, kind) = match segments.as_slice() {
             ["api", "v2", rest @ ..] => (Some(ApiVersion::V2), classify_v2(method, rest, keys)),
@@ -201,7 +206,7 @@ impl FrappeRequest {
             api,
             kind,
             embedded_methods,
-            form: form.clone(),
+            form,
             form_incomplete: false,
             lists,
         }

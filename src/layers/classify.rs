@@ -78,7 +78,7 @@ pub struct Classify<S> {
 }
 
 /// Classifies a request, tags it and attaches the [`FrappeRequest`].
-fn attach(request: &mut Request<Body>, path: &CanonicalPath, form: &FormDict) {
+fn attach(request: &mut Request<Body>, path: &CanonicalPath, form: FormDict) {
     attach_partial(request, path, form, false);
 }
 
@@ -86,10 +86,10 @@ fn attach(request: &mut Request<Body>, path: &CanonicalPath, form: &FormDict) {
 fn attach_partial(
     request: &mut Request<Body>,
     path: &CanonicalPath,
-    form: &FormDict,
+    form: FormDict,
     incomplete: bool,
 ) {
-    let mut classified = FrappeRequest::classify(request.method(), path, form);
+    let mut classified = FrappeRequest::classify_owned(request.method(), path, form);
     classified.form_incomplete = incomplete;
     if let Some(tags) = RequestTags::of(request) {
         let _ = tags.kind.set(classified.kind.label());
@@ -289,7 +289,7 @@ where
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                     headers.insert(header::CONTENT_TYPE, format.content_type());
                     request.extensions_mut().insert(ReplayableBody(bytes));
-                    attach(&mut request, &path, &query);
+                    attach(&mut request, &path, query);
                     let future: BoxResponseFuture = Box::pin(inner.call(request));
                     future.await
                 })))
@@ -340,13 +340,13 @@ where
                     let body = relay.map_ok(Frame::data).map_err(multipart_refusal);
                     let body = Body::new(StreamBody::new(body));
                     let mut request = Request::from_parts(parts, body);
-                    attach_partial(&mut request, &path, &form, incomplete);
+                    attach_partial(&mut request, &path, form, incomplete);
                     let future: BoxResponseFuture = Box::pin(inner.call(request));
                     future.await
                 })))
             }
             _ => {
-                attach(&mut request, &path, &query);
+                attach(&mut request, &path, query);
                 EarlyReturn::inner(Either::Left(self.inner.call(request)))
             }
         }

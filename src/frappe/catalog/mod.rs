@@ -42,6 +42,7 @@ const REVIEWS: &[(&str, &str)] = &[
         include_str!("reviewed/frappe_model.yaml"),
     ),
     ("erpnext.yaml", include_str!("reviewed/erpnext.yaml")),
+    ("erpnext_more.yaml", include_str!("reviewed/erpnext_more.yaml")),
 ];
 
 /// Keyword arguments `get_newargs` removes before any function sees them.
