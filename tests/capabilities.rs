@@ -36,7 +36,11 @@ fn assert_refused(reply: &Reply, needle: &str) {
         reply.text()
     );
     let envelope = reply.json();
-    assert_eq!(envelope["exc_type"], "PermissionError", "{}", reply.text());
+    let exc_type = match envelope.get("errors") {
+        Some(errors) => &errors[0]["type"], // v2
+        None => &envelope["exc_type"],
+    };
+    assert_eq!(exc_type, "PermissionError", "{}", reply.text());
     assert!(
         reply.text().contains(needle),
         "the refusal should name '{needle}': {}",
@@ -241,13 +245,6 @@ async fn documents_are_judged_by_every_doctype_they_name() {
         (
             insert(json!({"doctype": "ToDo", "parenttype": "User", "parent": "a@b.c"})),
             "update User",
-        ),
-        // A child row naming another doctype.
-        (
-            insert(
-                json!({"doctype": "ToDo", "roles": [{"doctype": "Has Role", "role": "System Manager"}]}),
-            ),
-            "create Has Role",
         ),
         // docstatus 1 submits on insert: an update.
         (
@@ -473,4 +470,162 @@ async fn creating_a_document_that_submits_needs_update_too() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn a_doctype_method_route_is_the_controller_modules_function() {
+    let up = upstream().await;
+    // `/api/v2/method/<doctype>/<attr>` runs `<controller module>.<attr>` (`api/v2.py`
+    // `handle_rpc_call`): a function, judged as one, not a document method.
+    let gw = Gateway::start(&with_rules(
+        &up,
+        "\"*\": [doc_method], Sales Order: [read], Sales Invoice: [create]",
+        "[erpnext.selling.doctype.sales_order.sales_order.make_sales_invoice]",
+    ))
+    .await;
+    for path in [
+        "/api/v2/method/User/generate_keys?user=Administrator",
+        "/api/v2/method/System%20Console/execute_code",
+        "/api/v2/method/Sales%20Order/make_purchase_order_for_default_supplier?source_name=SO-1",
+        "/api/v2/method/ToDo/no_such_function",
+    ] {
+        let reply = get(&gw.url(path), TODO_READER).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            reply.text()
+        );
+        assert!(
+            reply.text().contains("not allowed to call"),
+            "{}",
+            reply.text()
+        );
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+    let reply = get(
+        &gw.url("/api/v2/method/Sales%20Order/make_sales_invoice?source_name=SO-1"),
+        TODO_READER,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json()["message"]["function"],
+        "erpnext.selling.doctype.sales_order.sales_order.make_sales_invoice"
+    );
+}
+
+#[tokio::test]
+async fn a_written_document_is_judged_for_the_parent_and_doctype_it_names() {
+    let up = upstream().await;
+    let gw = Gateway::start(&with_rules(
+        &up,
+        "ToDo: [read, create, update], Has Role: [create]",
+        "[]",
+    ))
+    .await;
+    // A row of a child table created on its own is appended to the parent it names, which
+    // Frappe saves (`has_child_permission`): an update of User.
+    let row = json!({"parenttype": "User", "parent": "victim@x", "parentfield": "roles", "role": "System Manager"});
+    let attacks = [
+        (
+            Method::POST,
+            "/api/v2/document/Has%20Role",
+            row.to_string(),
+            "update User",
+        ),
+        (
+            Method::POST,
+            "/api/resource/Has%20Role",
+            row.to_string(),
+            "update User",
+        ),
+        (
+            Method::PUT,
+            "/api/resource/ToDo/t1",
+            json!({"parenttype": "User"}).to_string(),
+            "update User",
+        ),
+        (
+            Method::POST,
+            "/api/resource/ToDo",
+            json!({"doctype": "User", "email": "x@y.z"}).to_string(),
+            "create User",
+        ),
+    ];
+    for (method, path, body, needle) in attacks {
+        let reply = send_json(method, &gw.url(path), TODO_READER, &body).await;
+        assert_refused(&reply, needle);
+    }
+    // A body erpgate does not read is read by Frappe's v1 `get_request_form_data` anyway.
+    let reply = send(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        &[
+            ("authorization", &token(TODO_READER)),
+            ("content-type", "text/plain"),
+        ],
+        json!({"description": "x", "docstatus": 1}).to_string(),
+    )
+    .await;
+    assert_refused(&reply, "must come as JSON");
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+    // Rows of table fields name their table's doctype whatever they say (`_init_child`).
+    let with_rows = json!({"description": "x", "roles": [{"doctype": "Has Role", "role": "x"}]});
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/api/resource/ToDo"),
+        TODO_READER,
+        &with_rows.to_string(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn what_a_route_or_a_default_runs_is_judged_too() {
+    let up = upstream().await;
+    let gw = Gateway::start(&with_rules(
+        &up,
+        "ToDo: [read], Address: [read], Contact: [read], Price List: [read], \
+         POS Profile: [read], Tax Rule: [read], Company: [read]",
+        "[erpnext.accounts.party.get_party_details, \"myapp.*\", \
+         { name: other.api.insert, judged_by_its_own_code: true }]",
+    ))
+    .await;
+    let refused = [
+        // `/api/v2/doctype/<dt>/count` is reportview.get_count over the whole request.
+        ("/api/v2/doctype/ToDo/count?debug=1", "debug"),
+        // `party_type` defaults to Customer: the default is what Frappe reads.
+        (
+            "/api/method/erpnext.accounts.party.get_party_details?party=C-1",
+            "read Customer",
+        ),
+        // An app module may import a catalogued function under its own name.
+        (
+            "/api/method/myapp.api.get_list?doctype=User",
+            "frappe.client.get_list",
+        ),
+        ("/api/method/other.api.insert", "frappe.client.insert"),
+    ];
+    for (path, needle) in refused {
+        let reply = get(&gw.url(path), TODO_READER).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            reply.text()
+        );
+        assert!(reply.text().contains(needle), "{path}: {}", reply.text());
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.received());
+    assert_none_refused(
+        &gw,
+        &[
+            "/api/v2/doctype/ToDo/count",
+            "/api/method/myapp.api.sync_orders_now",
+        ],
+        TODO_READER,
+    )
+    .await;
 }

@@ -201,25 +201,29 @@ impl AccessRules {
         }
         match &request.kind {
             RequestKind::Method(_) => Ok(()),
-            // A document created with `docstatus` 1 is submitted by its insert (2 cancels):
-            // an update, which `create` alone does not grant.
+            // A document body erpgate did not read could say anything (`docstatus`, a parent).
+            RequestKind::Resource {
+                operation: Operation::Create | Operation::Update,
+                ..
+            } if request.unread_body => Err(Denied::UnreadBody),
+            // The document a create or update writes: what it submits, the parent it saves,
+            // the child rows and the doctype it names (`api/v1.py`, `api/v2.py` `create_doc`,
+            // `update_doc`).
             RequestKind::Resource {
                 doctype,
-                operation: Operation::Create,
+                operation: operation @ (Operation::Create | Operation::Update),
                 ..
-            } if call::submits_on_create(&request.form) => {
-                self.resource(doctype, Operation::Update)
-            }
+            } => judge.written_document(doctype, *operation, &request.form),
             // `upload_file` is granted by `files`; what it receives is judged like any call.
             RequestKind::FileUpload => match call::resolve("frappe.handler.upload_file") {
                 Some(upload) => judge.granted_function(upload, &request.form),
                 None => Err(Denied::Files),
             },
-            // A document list is `frappe.client.get_list(doctype, **form_dict)` (`api/v1.py`,
-            // `api/v2.py` `document_list`), its doctype the path's (judged above).
-            RequestKind::Resource { .. } if request.lists => {
-                match call::resolve("frappe.client.get_list") {
-                    Some(get_list) => judge.granted_function(get_list, &request.form),
+            // A list or count runs a function over the request's arguments, its doctype the
+            // path's (judged above).
+            RequestKind::Resource { .. } if request.implied_call.is_some() => {
+                match request.implied_call.and_then(call::resolve) {
+                    Some(function) => judge.granted_function(function, &request.form),
                     None => Err(Denied::Other),
                 }
             }

@@ -62,6 +62,16 @@ pub enum Denied {
     UnknownArgument { function: String, argument: String },
     #[error("method arguments nest deeper than erpgate follows ({0} levels)")]
     TooDeep(u8),
+    #[error(
+        "a document must come as JSON or a form erpgate reads (application/json, \
+         application/x-www-form-urlencoded or multipart/form-data)"
+    )]
+    UnreadBody,
+    #[error(
+        "{name} is granted to its own code, but {function} is a catalogued function under the \
+         same name an app module may have imported: declare its arguments in the rule instead"
+    )]
+    Ambiguous { name: String, function: String },
 }
 
 /// A method the client's rules grant, as they grant it.
@@ -90,6 +100,15 @@ pub trait Capabilities {
 /// catalogued function under any of its aliases; `None` outside the catalog.
 pub fn resolve(name: &str) -> Option<&'static Function> {
     let catalog = Catalog::get();
+    // `/api/v2/method/<doctype>/<attr>` (see [`MethodName::of_controller`]).
+    let expanded;
+    let name = match name.split_once('/') {
+        Some((doctype, attr)) => {
+            expanded = catalog.controller_name(doctype, attr)?;
+            expanded
+        }
+        None => name,
+    };
     let name = catalog
         .overrides
         .iter()
@@ -132,7 +151,16 @@ impl<'r, C: Capabilities> Judge<'r, C> {
         }
         match self.caps.grant(name) {
             None => Err(Denied::Method(name.to_owned())),
-            Some(Grant::OwnCode) => Ok(()),
+            // An app module that imports a catalogued function exposes it under its own name
+            // (`frappe.get_attr` finds it, `is_whitelisted` checks the function object):
+            // such a name cannot be left to "its own code" unjudged.
+            Some(Grant::OwnCode) => match name.rsplit('.').next().and_then(same_named) {
+                Some(function) => Err(Denied::Ambiguous {
+                    name: name.to_owned(),
+                    function: function.to_owned(),
+                }),
+                None => Ok(()),
+            },
             Some(Grant::Declared(args)) => self.declared(name, args, form, depth),
             Some(Grant::Function(function)) => self.function(function, form, depth),
         }
@@ -180,7 +208,8 @@ impl<'r, C: Capabilities> Judge<'r, C> {
     }
 
     /// A function that acts on a doctype its arguments must name: when the request names
-    /// none, the call is refused rather than left to whatever Frappe does without one.
+    /// none, the call is refused rather than left to whatever Frappe does without one; when the
+    /// parameter has a default doctype (`party_type="Customer"`), the default is judged.
     fn required_doctypes(&self, f: &Function, form: &FormDict) -> Result<(), Denied> {
         if self.incomplete {
             return Ok(());
@@ -188,18 +217,85 @@ impl<'r, C: Capabilities> Judge<'r, C> {
         let Some(review) = &f.review else {
             return Ok(());
         };
-        let required = |name: &str| f.params.iter().any(|p| p.name == name && p.required);
         for arg in &review.args {
-            let names_doctype = matches!(
-                arg.kind,
-                ArgKind::Doctype(_) | ArgKind::Doc(_) | ArgKind::Docs(_)
-            );
             // Only a carrier Frappe reads can supply it (a query under a JSON body cannot).
-            if names_doctype
-                && required(&arg.name)
-                && form.read_by_frappe_named(&arg.name).next().is_none()
-            {
-                return Err(Denied::DoctypeUnknown(f.name.clone()));
+            if form.read_by_frappe_named(&arg.name).next().is_some() {
+                continue;
+            }
+            let Some(param) = f.params.iter().find(|p| p.name == arg.name) else {
+                continue;
+            };
+            let default = param.default.as_deref().and_then(python_string);
+            match (&arg.kind, default) {
+                (ArgKind::Doctype(ops), Some(doctype)) => {
+                    for &op in ops {
+                        self.caps.resource(doctype, op)?;
+                    }
+                }
+                (ArgKind::Doctype(_) | ArgKind::Doc(_) | ArgKind::Docs(_), _) if param.required => {
+                    return Err(Denied::DoctypeUnknown(f.name.clone()))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The document a resource create or update writes to `doctype`: the request's arguments
+    /// (`api/v2.py` `create_doc` / `update_doc` take `form_dict`; `api/v1.py`
+    /// `get_request_form_data` takes its `data` argument when there is one). Judged as a
+    /// document of that doctype: a `docstatus` that submits needs update, a `parenttype` is
+    /// the parent saved (a row created on its own, `permissions.py` `has_child_permission`),
+    /// and a `doctype` member other than the path's needs the operation too.
+    pub fn written_document(
+        &self,
+        doctype: &str,
+        operation: Operation,
+        form: &FormDict,
+    ) -> Result<(), Denied> {
+        let refuse = |reason: &str| Denied::Argument {
+            function: format!("the {doctype} document"),
+            argument: "data".into(),
+            reason: reason.to_owned(),
+        };
+        if operation == Operation::Create && submits_on_create(form) {
+            self.caps.resource(doctype, Operation::Update)?;
+        }
+        let mut members: Vec<python_json::Member> = form
+            .entries()
+            .iter()
+            .filter(|e| !not_an_argument(e))
+            .map(|e| python_json::Member {
+                key: e.name().to_owned(),
+                value: match &e.value {
+                    FormValue::Json(v) => v.clone(),
+                    FormValue::Text(t) => PyJson::Str(t.clone()),
+                },
+                span: (0, 0),
+            })
+            .collect();
+        for data in form.values_named("data") {
+            match json_of(data) {
+                Some(PyJson::Object(inner)) => members.extend(inner),
+                // A `data` that is no document: v1 falls back to form_dict, judged above.
+                Some(PyJson::Str(_)) | None => {}
+                Some(_) => return Err(refuse("it must be a JSON document")),
+            }
+        }
+        for member in &members {
+            match (member.key.as_str(), &member.value) {
+                ("doctype", PyJson::Str(named)) if !named.eq_ignore_ascii_case(doctype) => {
+                    self.caps.resource(named, operation)?
+                }
+                ("doctype" | "parenttype", PyJson::Null) | ("doctype", PyJson::Str(_)) => {}
+                ("parenttype", PyJson::Str(parent)) => {
+                    self.caps.resource(parent, Operation::Update)?
+                }
+                ("doctype" | "parenttype", _) => {
+                    return Err(refuse("a doctype or parenttype must be a string"))
+                }
+                // Rows of table fields: their doctype is the table's (`_init_child`).
+                _ => {}
             }
         }
         Ok(())
@@ -295,6 +391,18 @@ impl<'r, C: Capabilities> Judge<'r, C> {
                 if self.caps.grant(target).is_none() {
                     return Err(Denied::Method(target.to_owned()));
                 }
+                // Some callers apply `override_whitelisted_methods` to the name (the mapper),
+                // some do not (`search_widget`): for an overridden name erpgate cannot tell
+                // which function runs.
+                if Catalog::get()
+                    .overrides
+                    .iter()
+                    .any(|(from, _)| from == target)
+                {
+                    return Err(refuse(
+                        "the method it names is overridden by an app's hooks",
+                    ));
+                }
                 let passed = pass_on(calls, caller, form, resolve(target));
                 let passed = passed.ok_or_else(|| {
                     refuse("erpgate cannot tell which arguments the method it names receives")
@@ -348,25 +456,9 @@ impl<'r, C: Capabilities> Judge<'r, C> {
                 Some(PyJson::Str(parent)) => self.caps.resource(parent, Operation::Update)?,
                 Some(_) => return Err(refuse("a parenttype must be a string")),
             }
-            // Child rows: Frappe gives a row its table's doctype (`BaseDocument._init_child`),
-            // but a row that names one must name one the client may write too.
-            for member in members {
-                if let PyJson::Array(rows) = &member.value {
-                    for row in rows {
-                        if let PyJson::Object(row) = row {
-                            match last(row, "doctype") {
-                                None | Some(PyJson::Null) => {}
-                                Some(PyJson::Str(child)) => {
-                                    for &op in ops {
-                                        self.caps.resource(child, op)?;
-                                    }
-                                }
-                                Some(_) => return Err(refuse("a row's doctype must be a string")),
-                            }
-                        }
-                    }
-                }
-            }
+            // Child rows need nothing of their own: Frappe gives a row its table field's
+            // doctype and the document as parent, whatever the row says
+            // (`model/base_document.py` `_init_child`).
         }
         Ok(())
     }
@@ -404,6 +496,33 @@ fn is_draft(docstatus: Option<&PyJson>) -> bool {
         Some(PyJson::Bool(b)) => !b,
         _ => false,
     }
+}
+
+/// The catalogued function reachable under the attribute name `attr`, if any.
+fn same_named(attr: &str) -> Option<&'static str> {
+    let catalog = Catalog::get();
+    if !catalog.has_attr(attr) {
+        return None;
+    }
+    catalog
+        .functions()
+        .iter()
+        .find(|f| {
+            std::iter::once(&f.name)
+                .chain(&f.aliases)
+                .any(|n| n.rsplit('.').next() == Some(attr))
+        })
+        .map(|f| f.name.as_str())
+}
+
+/// A Python string literal's value (`'Customer'`, `"Customer"`), as a parameter default is
+/// written; `None` for anything else (`None`, a number, an expression).
+fn python_string(source: &str) -> Option<&str> {
+    let inner = source
+        .strip_prefix('\'')
+        .and_then(|s| s.strip_suffix('\''))
+        .or_else(|| source.strip_prefix('"').and_then(|s| s.strip_suffix('"')))?;
+    (!inner.contains(['\\', '\'', '"'])).then_some(inner)
 }
 
 /// The last member named `key`: the one a Python dict keeps.

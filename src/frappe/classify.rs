@@ -72,11 +72,19 @@ pub struct MethodName(String);
 impl MethodName {
     /// Canonicalises a method name as Frappe's `handler.get_attr` resolves it.
     pub fn new(raw: &str) -> Self {
-        if raw.contains('.') || raw == "login" {
+        if raw.contains(['.', '/']) || raw == "login" {
             Self(raw.to_owned())
         } else {
             Self(format!("frappe.handler.{raw}"))
         }
+    }
+
+    /// A function of a doctype's controller module, as `/api/v2/method/<doctype>/<attr>` names
+    /// it: `doctype/attr` (a `/` never occurs in a dotted name). `api/v2.py` `handle_rpc_call`
+    /// runs `<controller module>.<attr>` through `frappe.call`: a module-level whitelisted
+    /// function, not a document method; the catalog says which (`call::resolve`).
+    pub fn of_controller(doctype: &str, attr: &str) -> Self {
+        Self(format!("{doctype}/{attr}"))
     }
 
     /// The canonical dotted name.
@@ -145,10 +153,14 @@ pub struct FrappeRequest {
     /// More of `form` is still to come (multipart fields after a file part): what only a later
     /// field could supply, a generic method's doctype, is not missing yet.
     pub form_incomplete: bool,
-    /// The path is a document list (`/api/resource/<doctype>`, `/api/v2/document/<doctype>`
-    /// read): `api/v1.py` / `api/v2.py` `document_list` runs `frappe.client.get_list(doctype,
-    /// **form_dict)`, so its arguments are judged as that function's.
-    pub lists: bool,
+    /// The function a resource path runs with the request's arguments, judged as its call:
+    /// a document list (`api/v1.py` / `api/v2.py` `document_list`) is
+    /// `frappe.client.get_list(doctype, **form_dict)`, `/api/v2/doctype/<doctype>/count` is
+    /// `frappe.desk.reportview.get_count()` over `form_dict` (`api/v2.py` `count`).
+    pub implied_call: Option<&'static str>,
+    /// A body came that erpgate did not read (a Content-Type werkzeug does not parse): Frappe
+    /// can still read it where it reads the raw body (`api/v1.py` `get_request_form_data`).
+    pub unread_body: bool,
 }
 
 impl FrappeRequest {
@@ -182,18 +194,22 @@ impl FrappeRequest {
             .filter(|v| !stands_for_path.is_some_and(|s| std::ptr::eq(s, *v)))
             .map(|c| method_kind(&c.text()))
             .collect();
-        let lists = matches!(
-            (api, &kind, segments.as_slice()),
-            (
-                Some(_),
-                RequestKind::Resource {
-                    name: None,
-                    operation: Operation::Read,
-                    ..
-                },
-                ["api", "resource" | "v1", ..] | ["api", "v2", "document", _],
-            )
+        let read = matches!(
+            &kind,
+            RequestKind::Resource {
+                name: None,
+                operation: Operation::Read,
+                ..
+            }
         );
+        let implied_call = match segments.as_slice() {
+            _ if !read => None,
+            ["api", "v2", "document", _]
+            | ["api", "resource", _]
+            | ["api", "v1", "resource", _] => Some("frappe.client.get_list"),
+            ["api", "v2", "doctype", _, "count"] => Some("frappe.desk.reportview.get_count"),
+            _ => None,
+        };
         let embedded_methods = embedded
             .into_iter()
             .map(|k| match k {
@@ -208,7 +224,8 @@ impl FrappeRequest {
             embedded_methods,
             form,
             form_incomplete: false,
-            lists,
+            implied_call,
+            unread_body: false,
         }
     }
 }
@@ -291,8 +308,8 @@ fn classify_v1(method: &Method, rest: &[&str], keys: &FormDict) -> RequestKind {
 fn classify_v2(method: &Method, rest: &[&str], keys: &FormDict) -> RequestKind {
     match rest {
         ["method", name] => method_kind(name),
-        // A doctype controller's whitelisted method.
-        ["method", doctype, _] => resource(doctype, None, Operation::DocMethod),
+        // A function of the doctype's controller module, called like any method.
+        ["method", doctype, attr] => RequestKind::Method(MethodName::of_controller(doctype, attr)),
         ["document", doctype] => {
             let op = match *method {
                 _ if is_read(method) => Operation::Read,
@@ -449,7 +466,7 @@ mod tests {
             (
                 Method::POST,
                 "/api/v2/method/ToDo/do_thing",
-                res("ToDo", None, DocMethod),
+                RequestKind::Method(MethodName::of_controller("ToDo", "do_thing")),
             ),
         ];
         for (method, path, kind) in cases {

@@ -347,6 +347,13 @@ where
             }
             _ => {
                 attach(&mut request, &path, query);
+                if has_body {
+                    // Frappe may still read it (`api/v1.py` `get_request_form_data` parses any
+                    // body as the document): the rules must know erpgate did not.
+                    if let Some(classified) = request.extensions_mut().get_mut::<FrappeRequest>() {
+                        classified.unread_body = true;
+                    }
+                }
                 EarlyReturn::inner(Either::Left(self.inner.call(request)))
             }
         }

@@ -709,10 +709,13 @@ impl FrappeUpstream {
         if let Some(rest) = path.strip_prefix("/api/v2/document/ToDo") {
             return self.todo(method, rest.trim_start_matches('/'), body, &user, true);
         }
+        // `/api/v2/method/<doctype>/<attr>` is the doctype's controller module's `attr`
+        // (`api/v2.py` `handle_rpc_call`); the catalog resolves `doctype/attr` so.
         let rpc = path
             .strip_prefix("/api/method/")
-            .or_else(|| path.strip_prefix("/api/v2/method/"));
-        if let Some(function) = rpc.and_then(erpgate::frappe::call::resolve) {
+            .or_else(|| path.strip_prefix("/api/v2/method/"))
+            .map(|name| percent_encoding::percent_decode_str(name).decode_utf8_lossy());
+        if let Some(function) = rpc.as_deref().and_then(erpgate::frappe::call::resolve) {
             // `handler.py` `execute_cmd`: the name (any alias) resolves to the function object,
             // `frappe.call(fn, **form_dict)` passes what `get_newargs` keeps. The catalog holds
             // those facts as generated from Frappe's source; this answers with what the

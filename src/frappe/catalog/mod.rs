@@ -42,7 +42,10 @@ const REVIEWS: &[(&str, &str)] = &[
         include_str!("reviewed/frappe_model.yaml"),
     ),
     ("erpnext.yaml", include_str!("reviewed/erpnext.yaml")),
-    ("erpnext_more.yaml", include_str!("reviewed/erpnext_more.yaml")),
+    (
+        "erpnext_more.yaml",
+        include_str!("reviewed/erpnext_more.yaml"),
+    ),
 ];
 
 /// Keyword arguments `get_newargs` removes before any function sees them.
@@ -175,6 +178,11 @@ impl Function {
 pub struct Catalog {
     functions: Vec<Function>,
     by_name: HashMap<String, usize>,
+    /// `scrubbed_doctype.attr` → the functions a doctype's controller module exposes under
+    /// `attr` (defined there or imported), for `/api/v2/method/<doctype>/<attr>`.
+    by_controller: HashMap<String, Vec<String>>,
+    /// The last segment of every name that reaches a function (`insert`, `get_list`, ...).
+    attrs: std::collections::HashSet<String>,
     /// `app version (commit, origin)` per app, from the data's header.
     pub sources: Vec<String>,
     /// `override_whitelisted_methods` of the apps: (name called, name run).
@@ -247,6 +255,8 @@ impl Catalog {
         let mut catalog = Catalog {
             functions: Vec::new(),
             by_name: HashMap::new(),
+            by_controller: HashMap::new(),
+            attrs: Default::default(),
             sources: Vec::new(),
             overrides: Vec::new(),
         };
@@ -281,6 +291,22 @@ impl Catalog {
             let f: FunctionLine = serde_json::from_value(value).map_err(|e| at(&e))?;
             let index = catalog.functions.len();
             for name in std::iter::once(&f.name).chain(&f.aliases) {
+                let (module, attr) = name.rsplit_once('.').unwrap_or(("", name));
+                catalog.attrs.insert(attr.to_owned());
+                // `<app>.<module>.doctype.<scrub>.<scrub>`: a doctype's controller module.
+                let mut segments = module.rsplit('.');
+                if let (Some(a), Some(b), Some("doctype")) =
+                    (segments.next(), segments.next(), segments.next())
+                {
+                    if a == b {
+                        let key = format!("{a}.{attr}");
+                        catalog
+                            .by_controller
+                            .entry(key)
+                            .or_default()
+                            .push(name.clone());
+                    }
+                }
                 if let Some(other) = catalog.by_name.insert(name.clone(), index) {
                     let other = &catalog.functions[other].name;
                     return Err(at(&format!("{name} reaches both {other} and {}", f.name)));
@@ -393,6 +419,30 @@ impl Catalog {
             None => return None,
         };
         Some(&self.functions[index])
+    }
+
+    /// The function `/api/v2/method/<doctype>/<attr>` runs: `api/v2.py` `handle_rpc_call`
+    /// expands it to `load_doctype_module(doctype).__name__ + "." + attr`, the doctype's
+    /// controller module `<app>.<module>.doctype.<scrub(doctype)>.<scrub(doctype)>`
+    /// (`modules/utils.py` `get_module_name`, `scrub`: spaces and hyphens to `_`, lower case).
+    /// The dotted name it expands to; `None` when no catalogued controller has it, or more than
+    /// one app could.
+    pub fn controller_name(&self, doctype: &str, attr: &str) -> Option<&str> {
+        let scrubbed = doctype.replace([' ', '-'], "_").to_lowercase();
+        match self
+            .by_controller
+            .get(&format!("{scrubbed}.{attr}"))?
+            .as_slice()
+        {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+
+    /// Whether some catalogued function is reachable under the attribute name `attr`: an
+    /// app's module that imports it exposes it under that name too.
+    pub fn has_attr(&self, attr: &str) -> bool {
+        self.attrs.contains(attr)
     }
 
     /// Every function.

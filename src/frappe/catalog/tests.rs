@@ -59,3 +59,16 @@ fn an_unreviewed_function_infers_only_judged_kinds() {
     );
     assert_eq!(g.reach("other", &mut inferred), Reach::Unjudged);
 }
+
+#[test]
+fn a_doctype_method_route_reaches_its_controller_modules_function() {
+    let catalog = Catalog::get();
+    let keys = catalog.controller_name("User", "generate_keys").unwrap();
+    assert_eq!(keys, "frappe.core.doctype.user.user.generate_keys");
+    let console = catalog
+        .controller_name("System Console", "execute_code")
+        .unwrap();
+    assert!(console.ends_with("system_console.system_console.execute_code"));
+    assert!(catalog.controller_name("ToDo", "no_such_method").is_none());
+    assert!(catalog.has_attr("insert") && !catalog.has_attr("sync_orders_from_shop"));
+}
