@@ -203,3 +203,58 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         "a secret reached the log"
     );
 }
+
+#[test]
+fn check_says_what_each_method_rule_grants_and_refuses_what_cannot_be_judged() {
+    let head = "sites:\n  erp:\n    backends: [http://127.0.0.1:1]\n    site_name: erp.localhost\n    service_accounts:\n      sync: { api_key: k, api_secret: s }\nclients:\n  shop:\n    key_id: ek_shop\n    secret_sha256: \"0000000000000000000000000000000000000000000000000000000000000000\"\n    site: erp\n    service_account: sync\n    allow:\n      methods:\n";
+    let granted = temp_file(
+        "grants.yaml",
+        &format!(
+            "{head}        - frappe.email.inbox.set_value\n        - \"myapp.*\"\n        - {{ name: otherapp.api.sync, args: {{ doctype: \"doctype:read\" }} }}\n"
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["check", granted.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("frappe.email.inbox.set_value (is frappe.client.set_value): reviewed")
+            && text.contains("doctype: doctype:update"),
+        "{text}"
+    );
+    assert!(
+        text.contains("myapp.* grants every method under myapp."),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "otherapp.api.sync (outside the catalog) with arguments doctype: doctype:read"
+        ),
+        "{text}"
+    );
+
+    let refused = temp_file(
+        "refused.yaml",
+        &format!("{head}        - \"frappe.desk.*\"\n        - frappe.client.get_password\n"),
+    );
+    let out = Command::new(BIN)
+        .args(["check", refused.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("clients.shop.allow.methods[0]") && err.contains("catalog covers"),
+        "{err}"
+    );
+    assert!(
+        err.contains("clients.shop.allow.methods[1]") && err.contains("never allowed"),
+        "{err}"
+    );
+}
