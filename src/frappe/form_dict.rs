@@ -232,7 +232,7 @@ pub struct FormEntry {
     /// The key erpgate knows it by ([`FormKey::Other`] for the rest).
     pub key: FormKey,
     /// The name as Frappe reads it (`Other` keys only; known keys are spelled by their key).
-    other_name: Option<Box<str>>,
+    other_name: Option<Cow<'static, str>>,
     /// The value.
     pub value: FormValue,
 }
@@ -261,7 +261,7 @@ impl FormDict {
         let key = FormKey::of_any(name);
         self.entries.push(FormEntry {
             key,
-            other_name: (key == FormKey::Other).then(|| name.into()),
+            other_name: (key == FormKey::Other).then(|| common_name(name)),
             value: value(),
         });
     }
@@ -360,6 +360,34 @@ impl FormDict {
             form.push(&member.key, || FormValue::Json(member.value.clone()));
         }
         Ok((form, members))
+    }
+}
+
+/// Argument names requests carry most, kept without a copy of their own.
+const COMMON_NAMES: &[&str] = &[
+    "limit",
+    "limit_page_length",
+    "limit_start",
+    "page_length",
+    "start",
+    "as_dict",
+    "name",
+    "docname",
+    "txt",
+    "value",
+    "searchfield",
+    "reference_doctype",
+    "data",
+    "docstatus",
+    "debug",
+    "pluck",
+    "_",
+];
+
+fn common_name(name: &str) -> Cow<'static, str> {
+    match COMMON_NAMES.iter().find(|n| **n == name) {
+        Some(n) => Cow::Borrowed(n),
+        None => Cow::Owned(name.to_owned()),
     }
 }
 
