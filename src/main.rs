@@ -38,6 +38,11 @@ enum Command {
     Check {
         /// The configuration file.
         file: PathBuf,
+        /// Only the file: skip the checks that need this machine to be the one erpgate runs
+        /// on (that the spool and event-store directories can be written). For validating a
+        /// config meant for another machine or a container.
+        #[arg(long)]
+        config_only: bool,
     },
     /// Make a new client credential: a key id, a secret for the client, and the
     /// `secret_sha256` to put in the config (the secret itself is never stored).
@@ -59,28 +64,39 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config } => run(config),
         Command::Health { admin } => health(admin),
-        Command::Check { file } => match Config::load(&file) {
-            Ok(loaded) => {
-                println!(
-                    "{}: OK ({} sites, {} routes, {} clients)",
-                    file.display(),
-                    loaded.config.sites.len(),
-                    loaded.config.routes.len(),
-                    loaded.config.clients.len()
-                );
-                for line in erpgate::config::grants::describe(&loaded.config) {
-                    println!("  {line}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Check { file, config_only } => check(&file, config_only),
         Command::Keygen { prefix } => {
             keygen(&prefix);
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `erpgate check`: the file, what each method rule grants, and (unless `config_only`) the
+/// directories erpgate writes on this machine.
+fn check(file: &Path, config_only: bool) -> ExitCode {
+    let loaded = if config_only {
+        Config::load(file)
+    } else {
+        Config::load_and_probe(file)
+    };
+    match loaded {
+        Ok(loaded) => {
+            println!(
+                "{}: OK ({} sites, {} routes, {} clients)",
+                file.display(),
+                loaded.config.sites.len(),
+                loaded.config.routes.len(),
+                loaded.config.clients.len()
+            );
+            for line in erpgate::config::grants::describe(&loaded.config) {
+                println!("  {line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -126,7 +142,7 @@ fn health(admin: std::net::SocketAddr) -> ExitCode {
 fn run(path: PathBuf) -> ExitCode {
     // Taken before the load: a change made while starting is then seen as a change.
     let loaded_digest = file_digest(&path);
-    let loaded = match Config::load(&path) {
+    let loaded = match Config::load_and_probe(&path) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");

@@ -160,7 +160,7 @@ impl RunningGateway {
     /// Reads `path` and reloads; a config that does not load or build is logged, counted, and
     /// leaves the old one serving. True when the new one is in force.
     pub async fn reload_file(&self, path: &std::path::Path) -> bool {
-        match crate::config::Config::load(path) {
+        match crate::config::Config::load_and_probe(path) {
             Ok(loaded) => match self.reload(loaded).await {
                 Ok(()) => true,
                 Err(e) => {

@@ -258,3 +258,49 @@ fn check_says_what_each_method_rule_grants_and_refuses_what_cannot_be_judged() {
         "{err}"
     );
 }
+
+#[test]
+fn a_directory_erpgate_cannot_write_fails_check_and_start_not_the_first_large_body() {
+    // A path under a regular file can never be a directory, whoever runs the test.
+    let blocker = temp_file("not-a-directory", "x");
+    let spool = format!("{}/spool", blocker.display());
+    std::env::set_var("ERPGATE_TEST_BLOCKED", &spool);
+    let config = temp_file(
+        "unwritable.yaml",
+        // An address this machine cannot bind: should the probe ever pass, `run` still ends.
+        "listen: 192.0.2.1:9\nadmin_listen: 192.0.2.1:10\nbuffering: { directory: \"${ERPGATE_TEST_BLOCKED}\" }\nsites:\n  erp:\n    backends: [http://127.0.0.1:1]\n    site_name: erp.localhost\n    service_accounts:\n      sync: { api_key: k, api_secret: s }\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", config.to_str().unwrap()])
+        .env("ERPGATE_TEST_BLOCKED", &spool)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("buffering.directory")
+            && err.contains(&spool)
+            && err.contains("cannot be written"),
+        "{err}"
+    );
+    // Only the file, for a config meant for another machine.
+    let out = Command::new(BIN)
+        .args(["check", "--config-only", config.to_str().unwrap()])
+        .env("ERPGATE_TEST_BLOCKED", &spool)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Start-up refuses it too, at once.
+    let out = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("ERPGATE_TEST_BLOCKED", &spool)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("buffering.directory"), "{err}");
+}

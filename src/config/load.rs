@@ -77,6 +77,37 @@ impl Config {
         Self::from_yaml(&text, &name)
     }
 
+    /// [`Self::load`], then checks that every directory erpgate writes can be written *here*
+    /// (see [`Config::writable_directories`]): start-up and `erpgate check` fail on a spool or
+    /// event-store directory that cannot be written, instead of the first large body failing.
+    pub fn load_and_probe(path: &Path) -> Result<LoadedConfig, ConfigError> {
+        let loaded = Self::load(path)?;
+        let problems: Vec<Problem> = loaded
+            .config
+            .writable_directories()
+            .into_iter()
+            .filter_map(|(key, directory)| {
+                probe_directory(&directory).err().map(|e| Problem {
+                    path: key.to_owned(),
+                    line: None,
+                    message: format!(
+                        "{} cannot be written: {e} (erpgate creates a probe file there and \
+                         removes it; mount a writable volume at this directory)",
+                        directory.display()
+                    ),
+                })
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(ConfigError {
+                source_name: path.display().to_string(),
+                problems,
+            })
+        }
+    }
+
     /// Parses and validates YAML text; `source_name` names it in errors.
     pub fn from_yaml(text: &str, source_name: &str) -> Result<LoadedConfig, ConfigError> {
         let fail = |problems| ConfigError {
@@ -107,4 +138,38 @@ impl Config {
         loaded.hash = hex::encode(&digest[..8]);
         Ok(loaded)
     }
+}
+
+impl Config {
+    /// Every directory erpgate writes, with the key that names it: the buffering spool
+    /// (`buffering.directory`, else the system's temporary directory) and the embedded event
+    /// store (`events.directory`, when events are kept without Redis).
+    pub fn writable_directories(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        let mut out = vec![(
+            "buffering.directory",
+            self.buffering
+                .directory
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
+        )];
+        if let Some(events) = &self.events {
+            if let (None, Some(directory)) = (&self.shared_state, &events.directory) {
+                out.push(("events.directory", directory.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// Creates `directory` if need be, then a probe file in it, and removes the file: what the
+/// spool and the event store will do.
+pub fn probe_directory(directory: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(directory)?;
+    let probe = directory.join(format!(
+        ".erpgate-probe-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::write(&probe, b"probe")?;
+    std::fs::remove_file(&probe)
 }

@@ -956,3 +956,64 @@ fn a_buffering_share_outside_0_to_1_or_a_bad_size_is_refused() {
         p[0].message
     );
 }
+
+/// Every setting that names a file, a directory, a URL or an address expands `${ENV}` as the
+/// others do: this walks the config types' source, so a new such setting without expansion
+/// fails here (a `Backend` expands in its own `Deserialize`).
+#[test]
+fn every_path_and_url_setting_expands_env() {
+    let source = include_str!("types.rs");
+    let lines: Vec<&str> = source.lines().collect();
+    let mut unexpanded = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let line = line.trim();
+        let Some(field) = line.strip_prefix("pub ") else {
+            continue;
+        };
+        let Some((name, ty)) = field.split_once(": ") else {
+            continue;
+        };
+        let path_like = ty.contains("PathBuf")
+            || ty.contains("SocketAddr")
+            || ty.contains("RedisUrl")
+            || name.ends_with("_file")
+            || name.ends_with("directory")
+            || name == "url"
+            || name == "endpoint"
+            || name == "public_url";
+        if !path_like || ty.contains("Backend") || ty.trim_end_matches(',').ends_with(" {") {
+            continue;
+        }
+        // The attribute lines above the field (doc comments in between).
+        let attributes: Vec<&str> = lines[..i]
+            .iter()
+            .rev()
+            .map(|l| l.trim())
+            .take_while(|l| {
+                l.starts_with("#[") || l.starts_with("///") || l.ends_with(')') || l.ends_with(',')
+            })
+            .collect();
+        if !attributes.iter().any(|a| a.contains("parse_env")) {
+            unexpanded.push(format!("types.rs:{}: {name}", i + 1));
+        }
+    }
+    assert!(
+        unexpanded.is_empty(),
+        "settings without ${{ENV}}: {unexpanded:?}"
+    );
+
+    std::env::set_var("ERPGATE_TEST_SPOOL", "/tmp/erpgate-test-spool");
+    let yaml = valid().replace(
+        "listen: 127.0.0.1:8080\n",
+        "listen: 127.0.0.1:8080\nbuffering: { directory: \"${ERPGATE_TEST_SPOOL}/buffers\" }\nevents: { directory: \"${ERPGATE_TEST_SPOOL}/events\" }\n",
+    );
+    let config: Config = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(
+        config.buffering.directory.as_deref(),
+        Some(std::path::Path::new("/tmp/erpgate-test-spool/buffers"))
+    );
+    assert_eq!(
+        config.events.as_ref().and_then(|e| e.directory.as_deref()),
+        Some(std::path::Path::new("/tmp/erpgate-test-spool/events"))
+    );
+}

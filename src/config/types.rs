@@ -271,8 +271,10 @@ pub enum CompressionLevel {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first.
+    #[serde(deserialize_with = "parse_env")]
     pub cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(deserialize_with = "parse_env")]
     pub key_file: PathBuf,
 }
 
@@ -411,7 +413,7 @@ pub struct BufferingConfig {
     pub memory: ByteSize,
     /// Where temporary files go (unlinked as soon as they are made). Default: the system's
     /// temporary directory.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_env_opt")]
     pub directory: Option<std::path::PathBuf>,
     /// Longest pause between two reads of a client's body (nginx's `client_body_timeout`);
     /// longer gets 408, never counted against the site. It bounds every read of a request
@@ -492,7 +494,7 @@ pub struct SiteConfig {
     pub timeouts: Timeouts,
     /// PEM file of extra CA certificates trusted for `https://` backends, besides the system
     /// roots.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_env_opt")]
     pub ca_file: Option<PathBuf>,
     /// The protocol spoken to the backends. Default `http1`. `http2` needs a backend that
     /// speaks it: for `https://` its ALPN must offer `h2` (e.g. an nginx in front of gunicorn
@@ -555,7 +557,7 @@ pub struct WebhookConfig {
     #[serde(default, deserialize_with = "parse_env_opt")]
     pub secret: Option<EnvString>,
     /// A file holding the secret; trailing newline ignored.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_env_opt")]
     pub secret_file: Option<PathBuf>,
 }
 
@@ -767,7 +769,7 @@ pub struct RedisConfig {
     #[serde(default, deserialize_with = "parse_env_opt")]
     pub password: Option<EnvString>,
     /// A file holding the password (a Kubernetes Secret mount); trailing newline ignored.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_env_opt")]
     pub password_file: Option<PathBuf>,
     /// Put before every key and channel name, so one Redis serves several deployments (or a
     /// bench) safely. Default `erpgate:`.
@@ -875,7 +877,7 @@ pub struct ServiceAccountConfig {
     #[serde(default, deserialize_with = "parse_env_opt")]
     pub api_secret: Option<EnvString>,
     /// A file holding the API secret (a Kubernetes Secret mount); trailing newline ignored.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_env_opt")]
     pub api_secret_file: Option<PathBuf>,
 }
 
@@ -1000,7 +1002,7 @@ pub struct SubscriptionConfig {
     #[serde(default, deserialize_with = "parse_env_opt")]
     pub secret: Option<EnvString>,
     /// A file holding the secret; trailing newline ignored.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_env_opt")]
     pub secret_file: Option<PathBuf>,
     /// Time the subscriber has to answer one delivery. Default `10s`.
     #[serde(
@@ -1030,7 +1032,7 @@ impl fmt::Debug for SubscriptionConfig {
 pub struct EventsConfig {
     /// Directory of the embedded event store (crash-safe, one file), used when no
     /// `shared_state` is configured (with it, events live in Redis Streams). Required then.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parse_env_opt")]
     pub directory: Option<PathBuf>,
     /// How long a delivery is retried before it goes to the dead letters. Default `24h`.
     #[serde(
