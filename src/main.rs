@@ -75,14 +75,18 @@ fn main() -> ExitCode {
 /// `erpgate check`: the file, what each method rule grants, and (unless `config_only`) the
 /// directories erpgate writes on this machine.
 fn check(file: &Path, config_only: bool) -> ExitCode {
+    use std::io::Write;
     let loaded = if config_only {
         Config::load(file)
     } else {
-        Config::load_and_probe(file)
+        Config::load_and_probe_leaving_nothing(file)
     };
     match loaded {
         Ok(loaded) => {
-            println!(
+            // Written, not printed: `erpgate check ... | head` must not panic on a closed pipe.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
                 "{}: OK ({} sites, {} routes, {} clients)",
                 file.display(),
                 loaded.config.sites.len(),
@@ -90,7 +94,7 @@ fn check(file: &Path, config_only: bool) -> ExitCode {
                 loaded.config.clients.len()
             );
             for line in erpgate::config::grants::describe(&loaded.config) {
-                println!("  {line}");
+                let _ = writeln!(out, "  {line}");
             }
             ExitCode::SUCCESS
         }

@@ -66,6 +66,9 @@ pub struct Metrics {
     pub compression_bytes: IntCounterVec,
     /// `erpgate_connections_refused_total`: public connections closed at once, over the cap.
     pub connections_refused: IntCounter,
+    /// `erpgate_unparseable_requests_total`: requests the HTTP parser refused before any layer
+    /// saw them (answered 400 by the server).
+    pub unparseable_requests: IntCounter,
     /// `erpgate_open_connections`: public connections open now.
     pub open_connections: IntGauge,
     /// `erpgate_idempotency_evictions_total{client}`: kept outcomes pushed out by the client's
@@ -370,6 +373,12 @@ impl Metrics {
             "erpgate_connections_refused_total",
             "Public connections closed at once because the connection cap was reached.",
         )?;
+        let unparseable_requests = IntCounter::new(
+            "erpgate_unparseable_requests_total",
+            "Requests the HTTP parser refused before erpgate saw them (a request target or \
+             header with bytes HTTP does not allow, such as a raw '\"' or space: clients must \
+             percent-encode them); the server answered 400 and closed the connection.",
+        )?;
         let open_connections =
             IntGauge::new("erpgate_open_connections", "Public connections open now.")?;
         let idempotency_evictions = IntCounterVec::new(
@@ -408,6 +417,7 @@ impl Metrics {
             Box::new(cache_entries.clone()),
             Box::new(idempotency_evictions.clone()),
             Box::new(connections_refused.clone()),
+            Box::new(unparseable_requests.clone()),
             Box::new(open_connections.clone()),
         ] {
             registry.register(collector)?;
@@ -467,6 +477,7 @@ impl Metrics {
             cache_invalidations,
             idempotency_evictions,
             connections_refused,
+            unparseable_requests,
             open_connections,
             cache_evictions,
             cache_bytes,

@@ -351,7 +351,12 @@ impl Drop for RequestInFlight {
 }
 
 /// Drives a connection until it ends or its deadlines say to close it.
-async fn with_deadlines<F>(connection: F, activity: Arc<Activity>, head: Duration, idle: Duration)
+async fn with_deadlines<F>(
+    connection: F,
+    activity: Arc<Activity>,
+    head: Duration,
+    idle: Duration,
+) -> Option<BoxError>
 where
     F: std::future::Future<Output = Result<(), BoxError>>,
 {
@@ -359,14 +364,11 @@ where
     loop {
         let Some(left) = activity.time_left(head, idle) else {
             // Dropping the connection closes its socket.
-            return;
+            return None;
         };
         tokio::select! {
             result = &mut connection => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
+                return result.err();
             }
             _ = tokio::time::sleep(left) => {}
             _ = activity.changed.notified() => {}
@@ -385,6 +387,7 @@ struct ConnectionBudget {
     started: std::time::Instant,
     refused_metric: prometheus::IntCounter,
     open_metric: prometheus::IntGauge,
+    unparseable: prometheus::IntCounter,
 }
 
 /// A held connection slot; freed on drop.
@@ -415,6 +418,7 @@ impl ConnectionBudget {
             started: std::time::Instant::now(),
             refused_metric: metrics.connections_refused.clone(),
             open_metric: metrics.open_connections.clone(),
+            unparseable: metrics.unparseable_requests.clone(),
         })
     }
 
@@ -511,6 +515,31 @@ fn connection_service(
     })
 }
 
+/// How a public connection ended: a request the HTTP parser refused (hyper answered 400 with
+/// no body and closed; no layer saw it) is logged with the peer and counted, since a client
+/// sending a raw `"` or space in a URL otherwise fails with nothing to show for it.
+fn connection_ended(
+    peer: SocketAddr,
+    error: Option<BoxError>,
+    unparseable: &prometheus::IntCounter,
+) {
+    let Some(error) = error else { return };
+    let parse = std::iter::successors(Some(&*error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+    });
+    if parse {
+        unparseable.inc();
+        tracing::warn!(%peer, error = %error, "request refused by the HTTP parser (400): \
+            clients must percent-encode '\"', spaces, '<', '>', '{{', '}}', '|', '\\', '^', '`' in URLs");
+    } else {
+        tracing::debug!(%peer, error = %error, "connection ended with an error");
+    }
+}
+
 fn log_end(peer: SocketAddr, result: Result<(), BoxError>) {
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -572,20 +601,24 @@ async fn serve_public(
                         // copy of the connection's state (5.4 KiB per idle connection unboxed,
                         // 2.1 KiB boxed, measured with `size_of_val`).
                         let connection = Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()));
+                        let unparseable = budget.unparseable.clone();
                         tokio::spawn(async move {
-                            with_deadlines(connection, activity, head, idle).await;
+                            let error = with_deadlines(connection, activity, head, idle).await;
+                            connection_ended(peer, error, &unparseable);
                             drop(slot);
                         });
                     }
                     Some(acceptor) => {
                         let builder = builder.clone();
+                        let unparseable = budget.unparseable.clone();
                         tokio::spawn(async move {
                             // The handshake is bounded like a header read.
                             let handshake = tokio::time::timeout(head, acceptor.accept(stream));
                             match handshake.await {
                                 Ok(Ok(stream)) => {
                                     let connection = Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()));
-                                    with_deadlines(connection, activity, head, idle).await;
+                                    let error = with_deadlines(connection, activity, head, idle).await;
+                                    connection_ended(peer, error, &unparseable);
                                 }
                                 Ok(Err(e)) => log_end(peer, Err(e.into())),
                                 Err(_) => log_end(peer, Err("TLS handshake timed out".into())),
@@ -681,7 +714,7 @@ async fn serve_admin(listener: TcpListener, admin: Admin) {
                 .header_read_timeout(head)
                 .serve_connection(TokioIo::new(stream), service);
             let connection = async move { connection.await.map_err(BoxError::from) };
-            with_deadlines(connection, activity, head, Duration::from_secs(60)).await;
+            let _ = with_deadlines(connection, activity, head, Duration::from_secs(60)).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }

@@ -294,6 +294,19 @@ fn a_directory_erpgate_cannot_write_fails_check_and_start_not_the_first_large_bo
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A directory that does not exist yet but can be made passes, and check leaves nothing.
+    let fresh = std::env::temp_dir().join(format!("erpgate-fresh-{}/a/b", std::process::id()));
+    let out = Command::new(BIN)
+        .args(["check", config.to_str().unwrap()])
+        .env("ERPGATE_TEST_BLOCKED", &fresh)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!fresh.parent().unwrap().parent().unwrap().exists());
     // Start-up refuses it too, at once.
     let out = Command::new(BIN)
         .args(["run", "--config", config.to_str().unwrap()])

@@ -517,3 +517,40 @@ async fn a_stalled_log_pipe_never_holds_a_request_and_dropped_lines_are_counted(
     let _ = child.wait();
     drop(stdout);
 }
+
+#[tokio::test]
+async fn a_request_target_the_parser_refuses_is_counted_and_logged_not_silent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let gw = Gateway::start(&base_config(&up)).await;
+    // What `curl -g '.../api/resource/ToDo?fields=["name"]'` sends: a raw `"` in the target.
+    let mut stream = tokio::net::TcpStream::connect(gw.running.listen_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /api/resource/ToDo?fields=[\"name\"] HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The connection task records the refusal as it ends.
+    let mut counted = 0.0;
+    for _ in 0..50 {
+        counted = metric_value(
+            &gw.metrics().await,
+            "erpgate_unparseable_requests_total",
+            &[],
+        );
+        if counted == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 1.0);
+    assert_eq!(up.count(), 0);
+    // Percent-encoded, the same request is served.
+    let reply = get(&gw.url("/api/resource/ToDo?fields=%5B%22name%22%5D"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}

@@ -81,21 +81,32 @@ impl Config {
     /// (see [`Config::writable_directories`]): start-up and `erpgate check` fail on a spool or
     /// event-store directory that cannot be written, instead of the first large body failing.
     pub fn load_and_probe(path: &Path) -> Result<LoadedConfig, ConfigError> {
+        Self::load_probing(path, true)
+    }
+
+    /// [`Self::load_and_probe`] that leaves no directory it created (for `erpgate check`).
+    pub fn load_and_probe_leaving_nothing(path: &Path) -> Result<LoadedConfig, ConfigError> {
+        Self::load_probing(path, false)
+    }
+
+    fn load_probing(path: &Path, keep_created: bool) -> Result<LoadedConfig, ConfigError> {
         let loaded = Self::load(path)?;
         let problems: Vec<Problem> = loaded
             .config
             .writable_directories()
             .into_iter()
             .filter_map(|(key, directory)| {
-                probe_directory(&directory).err().map(|e| Problem {
-                    path: key.to_owned(),
-                    line: None,
-                    message: format!(
-                        "{} cannot be written: {e} (erpgate creates a probe file there and \
+                probe_directory(&directory, keep_created)
+                    .err()
+                    .map(|e| Problem {
+                        path: key.to_owned(),
+                        line: None,
+                        message: format!(
+                            "{} cannot be written: {e} (erpgate creates a probe file there and \
                          removes it; mount a writable volume at this directory)",
-                        directory.display()
-                    ),
-                })
+                            directory.display()
+                        ),
+                    })
             })
             .collect();
         if problems.is_empty() {
@@ -162,14 +173,25 @@ impl Config {
 }
 
 /// Creates `directory` if need be, then a probe file in it, and removes the file: what the
-/// spool and the event store will do.
-pub fn probe_directory(directory: &Path) -> std::io::Result<()> {
+/// spool and the event store will do. With `keep_created` false (`erpgate check`), the
+/// directories it had to create are removed again, so a check leaves nothing behind.
+pub fn probe_directory(directory: &Path, keep_created: bool) -> std::io::Result<()> {
+    let missing: Vec<&Path> = directory
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     std::fs::create_dir_all(directory)?;
     let probe = directory.join(format!(
         ".erpgate-probe-{}-{:x}",
         std::process::id(),
         rand::random::<u64>()
     ));
-    std::fs::write(&probe, b"probe")?;
-    std::fs::remove_file(&probe)
+    let written = std::fs::write(&probe, b"probe").and_then(|()| std::fs::remove_file(&probe));
+    if !keep_created {
+        // Deepest first; only directories this probe made, and only if still empty.
+        for created in &missing {
+            let _ = std::fs::remove_dir(created);
+        }
+    }
+    written
 }
