@@ -5,6 +5,7 @@
 //! ERPNext secret ever leaves the gateway. The Tower stack is assembled in [`stack`].
 
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod forwarding;

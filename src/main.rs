@@ -43,6 +43,10 @@ enum Command {
         /// config meant for another machine or a container.
         #[arg(long)]
         config_only: bool,
+        /// Also ask each site, as each service account, whether it is reachable, answers for
+        /// the configured site name, accepts the credentials, and with which roles.
+        #[arg(long)]
+        sites: bool,
     },
     /// Make a new client credential: a key id, a secret for the client, and the
     /// `secret_sha256` to put in the config (the secret itself is never stored).
@@ -64,7 +68,11 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config } => run(config),
         Command::Health { admin } => health(admin),
-        Command::Check { file, config_only } => check(&file, config_only),
+        Command::Check {
+            file,
+            config_only,
+            sites,
+        } => check(&file, config_only, sites),
         Command::Keygen { prefix } => {
             keygen(&prefix);
             ExitCode::SUCCESS
@@ -74,7 +82,7 @@ fn main() -> ExitCode {
 
 /// `erpgate check`: the file, what each method rule grants, and (unless `config_only`) the
 /// directories erpgate writes on this machine.
-fn check(file: &Path, config_only: bool) -> ExitCode {
+fn check(file: &Path, config_only: bool, sites: bool) -> ExitCode {
     use std::io::Write;
     let loaded = if config_only {
         Config::load(file)
@@ -96,7 +104,29 @@ fn check(file: &Path, config_only: bool) -> ExitCode {
             for line in erpgate::config::grants::describe(&loaded.config) {
                 let _ = writeln!(out, "  {line}");
             }
-            ExitCode::SUCCESS
+            if !sites {
+                return ExitCode::SUCCESS;
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let findings = runtime.block_on(erpgate::doctor::probe_sites(&loaded));
+            for finding in &findings {
+                let mark = if finding.failed { "FAIL" } else { "ok" };
+                let _ = writeln!(out, "{mark}: {}", finding.line);
+            }
+            if findings.iter().any(|f| f.failed) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             eprintln!("{e}");

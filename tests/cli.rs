@@ -317,3 +317,70 @@ fn a_directory_erpgate_cannot_write_fails_check_and_start_not_the_first_large_bo
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("buffering.directory"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_sites_says_in_plain_words_what_a_first_request_would_fail_on() {
+    let up = upstream().await;
+    let config = |site_name: &str, backend: &str, reader_secret: &str| {
+        format!(
+            "sites:\n  erp:\n    backends: [{backend}]\n    site_name: {site_name}\n    service_accounts:\n      sync: {{ api_key: {SYNC_KEY}, api_secret: {SYNC_SECRET} }}\n      reader: {{ api_key: {READER_KEY}, api_secret: {reader_secret} }}\n"
+        )
+    };
+    let run = |name: &'static str, yaml: String| async move {
+        let path = temp_file(name, &yaml);
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["check", "--sites", path.to_str().unwrap()])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let good = run("sites-good.yaml", config(SITE, &up.url(), READER_SECRET)).await;
+    let text = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{text}");
+    assert!(
+        text.contains("signed in as reader@example.com; roles: Sales User"),
+        "{text}"
+    );
+    // The all-powerful account is named as such.
+    assert!(
+        text.contains("signed in as sync@example.com") && text.contains("WARNING"),
+        "{text}"
+    );
+
+    let wrong_site = run(
+        "sites-wrong-name.yaml",
+        config("erp.example.com", &up.url(), READER_SECRET),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&wrong_site.stdout);
+    assert_eq!(wrong_site.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("has no site named 'erp.example.com'")
+            && text.contains("sites.erp.site_name"),
+        "{text}"
+    );
+
+    let wrong_secret = run("sites-wrong-secret.yaml", config(SITE, &up.url(), "nope")).await;
+    let text = String::from_utf8_lossy(&wrong_secret.stdout);
+    assert_eq!(wrong_secret.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("sites.erp.service_accounts.reader") && text.contains("refused the API key"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ok: sites.erp.service_accounts.sync"),
+        "{text}"
+    );
+
+    let dead = run(
+        "sites-dead.yaml",
+        config(SITE, "http://127.0.0.1:1", READER_SECRET),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&dead.stdout);
+    assert_eq!(dead.status.code(), Some(1), "{text}");
+    assert!(text.contains("cannot reach the site"), "{text}");
+}

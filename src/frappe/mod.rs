@@ -13,6 +13,7 @@ pub mod headers;
 pub mod multipart;
 pub mod oauth;
 pub mod path;
+pub mod probe;
 pub mod python_json;
 pub mod query_args;
 pub mod webhook;

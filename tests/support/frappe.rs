@@ -648,6 +648,14 @@ impl FrappeUpstream {
         if path == "/api/method/frappe.auth.get_logged_user" {
             return ok(json!({"message": user}));
         }
+        if path == "/api/method/frappe.core.doctype.user.user.get_roles" {
+            // `get_roles()`: the session user's roles; the sync account is all-powerful here.
+            let roles = match user.as_str() {
+                "sync@example.com" => json!(["System Manager", "All", "Guest"]),
+                _ => json!(["Sales User", "All", "Guest"]),
+            };
+            return ok(json!({"message": roles}));
+        }
         if path == "/api/method/upload_file" || path == "/api/v2/method/upload_file" {
             return ok(json!({"message": {"size": len, "user": user}}));
         }
