@@ -646,3 +646,134 @@ async fn a_gateway_starts_and_serves_with_redis_absent() {
     redis.restart();
     wait_for(&gw, "erpgate_redis_up", 1.0).await;
 }
+
+#[tokio::test]
+async fn a_redis_restart_between_requests_is_logged_counted_and_served_through() {
+    let mut redis = Redis::start();
+    let up = upstream().await;
+    let config = shared_config(&up, &redis, "").replace(
+        "log: { format: pretty, level: warn }",
+        "log: { format: json, level: info }",
+    );
+    let gateway = GatewayProcess::start(&scratch_file("redis-restart.yaml", &config));
+    let base = format!("http://{}", gateway.listen);
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let mut logs = gateway.startup_logs.clone();
+    // A healthy connection is news at `info`, not `warn`.
+    let connected = next_log_where(&gateway, &mut logs, |l| {
+        l["message"] == "shared state: connected to Redis"
+    });
+    assert_eq!(connected["level"], "INFO");
+    assert!(connected["run_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    let reachable = next_log_where(&gateway, &mut logs, |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("shared state: Redis reachable"))
+    });
+    assert_eq!(reachable["level"], "INFO");
+    wait_for_metric(&metrics_url, "erpgate_redis_up", 1.0).await;
+    assert_eq!(
+        metric_value(
+            &fetch_text(&metrics_url).await,
+            "erpgate_redis_restarts_total",
+            &[]
+        ),
+        0.0
+    );
+
+    let auth = token(FULL);
+    let todo = format!("{base}/api/resource/ToDo");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("idempotency-key", "before-the-restart"),
+    ];
+    let keyed = || {
+        send(
+            Method::POST,
+            &todo,
+            &headers,
+            r#"{"description": "order 7"}"#.to_owned(),
+        )
+    };
+    assert_eq!(keyed().await.status, StatusCode::OK);
+    let replayed = keyed().await;
+    assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    assert_eq!(posts_to(&up, "/api/resource/ToDo"), 1);
+
+    // Redis restarts (killed, started again empty on the same port) between two requests.
+    redis.kill();
+    redis.restart();
+    assert_eq!(get(&todo, FULL).await.status, StatusCode::OK);
+
+    wait_for_metric(&metrics_url, "erpgate_redis_restarts_total", 1.0).await;
+    let restarted = next_log_where(&gateway, &mut logs, |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("shared state: Redis restarted"))
+    });
+    assert_eq!(restarted["level"], "WARN");
+    assert_ne!(restarted["run_id"], connected["run_id"]);
+    assert_eq!(restarted["previous_run_id"], connected["run_id"]);
+    for lost in ["quota", "Idempotency-Key", "events"] {
+        assert!(
+            restarted["message"].as_str().unwrap().contains(lost),
+            "the warning names what was lost ({lost}): {restarted}"
+        );
+    }
+    wait_for_metric(&metrics_url, "erpgate_redis_up", 1.0).await;
+    assert_eq!(get(&todo, FULL).await.status, StatusCode::OK);
+    // The restart cost the key's record: the same write runs again, as the warning said.
+    let again = keyed().await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.header("idempotent-replayed"), None);
+    assert_eq!(posts_to(&up, "/api/resource/ToDo"), 2);
+    // And the record is shared again: a repeat now is a replay.
+    assert_eq!(keyed().await.header("idempotent-replayed"), Some("true"));
+    assert_eq!(posts_to(&up, "/api/resource/ToDo"), 2);
+    // Reconnecting to the same server is no restart.
+    assert_eq!(
+        metric_value(
+            &fetch_text(&metrics_url).await,
+            "erpgate_redis_restarts_total",
+            &[]
+        ),
+        1.0
+    );
+}
+
+/// The first line of `seen` (taken out of it) or else the next of `gateway`'s log lines that
+/// `wanted` picks; lines read meanwhile are kept in `seen`.
+fn next_log_where(
+    gateway: &GatewayProcess,
+    seen: &mut Vec<serde_json::Value>,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    if let Some(at) = seen.iter().position(&wanted) {
+        return seen.remove(at);
+    }
+    loop {
+        let line = gateway.next_log();
+        if wanted(&line) {
+            return line;
+        }
+        seen.push(line);
+    }
+}
+
+async fn fetch_text(url: &str) -> String {
+    send(Method::GET, url, &[], bytes::Bytes::new())
+        .await
+        .text()
+}
+
+/// Waits (at most 10 s) for a metric at the admin `url` to reach `value`.
+async fn wait_for_metric(url: &str, metric: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(&fetch_text(url).await, metric, &[]) != value {
+        assert!(Instant::now() < deadline, "{metric} never became {value}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
