@@ -1,5 +1,6 @@
 //! The `erpgate` command: run, check, keygen.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -199,8 +200,11 @@ fn run(path: PathBuf) -> ExitCode {
             std::io::stdout(),
         ));
     erpgate::metrics::count_dropped_log_lines(writer.error_counter());
+    // Colour codes only for a person at a terminal: piped into a file or a log collector
+    // they are noise in every line (the JSON format never writes any).
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_writer(writer);
     match loaded.config.log.format {
         LogFormat::Json => subscriber

@@ -209,6 +209,8 @@ pub struct RedisMetrics {
     pub fallbacks: IntCounterVec,
     /// Pub/sub messages, by direction (`sent`, `received`).
     pub pubsub_messages: IntCounterVec,
+    /// Times the Redis server was found to have restarted (its `run_id` changed).
+    pub restarts: IntCounter,
 }
 
 impl RedisMetrics {
@@ -249,12 +251,18 @@ impl RedisMetrics {
             ),
             &["direction"],
         )?;
+        let restarts = IntCounter::new(
+            "erpgate_redis_restarts_total",
+            "Times the shared-state Redis was found restarted (a new run_id): what it did not \
+             persist (quota windows, Idempotency-Key records, events) was lost.",
+        )?;
         for collector in [
             Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(command_duration.clone()),
             Box::new(errors.clone()),
             Box::new(fallbacks.clone()),
             Box::new(pubsub_messages.clone()),
+            Box::new(restarts.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -264,6 +272,7 @@ impl RedisMetrics {
             errors,
             fallbacks,
             pubsub_messages,
+            restarts,
         })
     }
 }

@@ -384,3 +384,69 @@ async fn check_sites_says_in_plain_words_what_a_first_request_would_fail_on() {
     assert_eq!(dead.status.code(), Some(1), "{text}");
     assert!(text.contains("cannot reach the site"), "{text}");
 }
+
+/// The `pretty` log format piped into a file or a collector (stdout not a terminal) is plain
+/// text: no ANSI colour codes in any line, the access line included.
+#[tokio::test]
+async fn pretty_logs_written_to_a_pipe_have_no_colour_codes() {
+    use std::io::BufRead as _;
+    let up = upstream().await;
+    let config = base_config(&up).replace(
+        "log: { format: pretty, level: warn }",
+        "log: { format: pretty, level: info }",
+    );
+    assert!(config.contains("format: pretty, level: info"));
+    let path = temp_file("pretty.yaml", &config);
+    /// Killed when the test ends, passed or not.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["run", "--config", path.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let next_line_with = |text: &str| loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no log line within 20s");
+        assert!(
+            !line.contains("\x1b["),
+            "colour codes in a piped log: {line:?}"
+        );
+        if line.contains(text) {
+            return line;
+        }
+    };
+    let listening = next_line_with("erpgate listening");
+    let listen = listening
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("listen_addr="))
+        .unwrap_or_else(|| panic!("no listen_addr in {listening:?}"))
+        .to_owned();
+    let reply = get(
+        &format!("http://{listen}/api/method/frappe.auth.get_logged_user"),
+        FULL,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let access = next_line_with("erpgate::access");
+    assert!(access.contains("status=200"), "{access}");
+}

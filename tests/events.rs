@@ -1466,3 +1466,66 @@ async fn the_purge_only_url_purges_the_cache_but_relays_no_event() {
     assert!(sub.received().is_empty());
     assert_eq!(feed_names(&bare, FULL).await, Vec::<String>::new());
 }
+
+/// Webhook access lines name the site whose intake URL was called, once it is a configured
+/// site: the doctype intake (events), the purge-only one (cache), and a refused signature
+/// alike; a site no config names stays `none` (a URL is request text, never a name).
+#[tokio::test]
+async fn webhook_access_lines_name_the_site() {
+    let up = upstream().await;
+    let url = format!("http://127.0.0.1:{}/hook", free_port());
+    let yaml = one_subscription(&up, "access-site", &url, "[ToDo]", 1).replace(
+        "log: { format: pretty, level: warn }",
+        "log: { format: json, level: info }",
+    ) + "cache:\n  rules:\n    - { doctype: ToDo, ttl: 60s }\n";
+    let path = scratch_file(&format!("events-access-{}.yaml", rand_suffix()), &yaml);
+    let gateway = GatewayProcess::start(&path);
+    let base = format!("http://{}", gateway.listen);
+    accepted(&base, "ToDo", "T1", "on_update").await;
+    let purge = signed_webhook(
+        &base,
+        "/_erpgate/webhooks/frappe/erp",
+        &frappe_body("ToDo", "T1", "on_update"),
+    )
+    .await;
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    let forged = send(
+        Method::POST,
+        &format!("{base}{}", intake("erp", "ToDo")),
+        &[("x-frappe-webhook-signature", "Zm9yZ2Vk")],
+        frappe_body("ToDo", "T2", "on_update"),
+    )
+    .await;
+    assert_eq!(forged.status, 401);
+    let unknown = signed_webhook(&base, &intake("elsewhere", "ToDo"), "{}").await;
+    assert_eq!(unknown.status, 404);
+
+    let mut access = Vec::new();
+    while access.len() < 4 {
+        let line = gateway.next_log();
+        if line["target"] == "erpgate::access" {
+            access.push(line);
+        }
+    }
+    let seen: Vec<(&str, &str, u64)> = access
+        .iter()
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap(),
+                l["site"].as_str().unwrap(),
+                l["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/_erpgate/webhooks/frappe/erp/ToDo", "erp", 200),
+            ("/_erpgate/webhooks/frappe/erp", "erp", 200),
+            ("/_erpgate/webhooks/frappe/erp/ToDo", "erp", 401),
+            ("/_erpgate/webhooks/frappe/elsewhere/ToDo", "none", 404),
+        ]
+    );
+    // Nothing of it reached the site.
+    assert_eq!(up.count(), 0);
+}

@@ -182,7 +182,7 @@ async fn failed_attempts_are_limited_per_address_and_per_key_id_never_locking_ou
     );
     assert_eq!(up.count(), 2);
 
-    // Brute force on one key id is throttled on that key id, from any address...
+    // Brute force on one key id is throttled on that key id, from any address.
     let wrong = format!("token {}:guess", FULL.0);
     for _ in 0..3 {
         assert_eq!(
@@ -205,11 +205,6 @@ async fn failed_attempts_are_limited_per_address_and_per_key_id_never_locking_ou
         send_from("127.0.0.3", &url, &wrong).await,
         StatusCode::TOO_MANY_REQUESTS
     );
-    // ...where its secret is not even checked, so a guesser learns nothing.
-    assert_eq!(
-        send_from("127.0.0.3", &url, &token(FULL)).await,
-        StatusCode::TOO_MANY_REQUESTS
-    );
     // Other keys from the guesser's address are not affected.
     assert_eq!(
         send_from("127.0.0.2", &url, &token(TODO_READER)).await,
@@ -225,12 +220,68 @@ async fn failed_attempts_are_limited_per_address_and_per_key_id_never_locking_ou
         ),
         3.0
     );
-    assert!(
+    assert_eq!(
         metric_value(
             &metrics,
             "erpgate_auth_failures_total",
             &[("reason", "throttled")]
-        ) >= 4.0
+        ),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn wrong_secrets_sent_for_a_key_id_never_lock_its_owner_out() {
+    let up = upstream().await;
+    let config = base_config(&up).replace(
+        "limits:",
+        "auth_failures: { per_minute: 1, burst: 3 }\nlimits:",
+    );
+    let gw = Gateway::start(&config).await;
+    let url = gw.url("/api/method/frappe.auth.get_logged_user");
+    // Key ids are not secret: anyone can send wrong secrets for one, far past its quota.
+    let wrong = format!("token {}:not-the-secret", FULL.0);
+    let mut refused = Vec::new();
+    for _ in 0..15 {
+        refused.push(send_from("127.0.0.4", &url, &wrong).await);
+    }
+    assert_eq!(refused[..3], [StatusCode::UNAUTHORIZED; 3]);
+    assert_eq!(refused[3..], [StatusCode::TOO_MANY_REQUESTS; 12]);
+    // A failing attempt from elsewhere is slowed by the key id's quota...
+    assert_eq!(
+        send_from("127.0.0.5", &url, &wrong).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // ...but the key's owner, from another address and from the guesser's own, is served.
+    assert_eq!(
+        send_from("127.0.0.5", &url, &token(FULL)).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send_from("127.0.0.4", &url, &token(FULL)).await,
+        StatusCode::OK
+    );
+    // Exactly those two reached Frappe, as the client's service account.
+    let seen = up.received();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(
+            request.path_and_query,
+            "/api/method/frappe.auth.get_logged_user"
+        );
+        assert_eq!(
+            request.headers["authorization"],
+            format!("token {SYNC_KEY}:{SYNC_SECRET}").as_str()
+        );
+    }
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "erpgate_auth_failures_total",
+            &[("reason", "throttled")]
+        ),
+        13.0
     );
 }
 

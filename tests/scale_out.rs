@@ -193,7 +193,7 @@ async fn with_quota_batch_replicas_lease_requests_and_the_quota_still_holds() {
 }
 
 #[tokio::test]
-async fn a_brute_forced_key_id_is_locked_on_every_replica() {
+async fn a_brute_forced_key_id_is_slowed_on_every_replica_and_its_owner_is_not() {
     let redis = Redis::start();
     let up = upstream().await;
     let yaml = shared_config(&up, &redis, "auth_failures: { per_minute: 1, burst: 3 }");
@@ -214,14 +214,19 @@ async fn a_brute_forced_key_id_is_locked_on_every_replica() {
             StatusCode::TOO_MANY_REQUESTS
         ]
     );
-    // The replica that found the key over its quota told the other: the right secret is
-    // refused there too, unchecked, without a failure of its own first.
+    // Further wrong secrets get 429 on both replicas...
     tokio::time::sleep(Duration::from_millis(200)).await;
     for gw in [&a, &b] {
-        let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+        let reply = get(&gw.url("/api/resource/ToDo"), wrong).await;
         assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
     }
     assert_eq!(up.count(), 0);
+    // ...while the key's right secret passes on both: key ids are not secret, so a block on
+    // one must not lock its owner out.
+    for gw in [&a, &b] {
+        let reply = get(&gw.url("/api/resource/ToDo"), FULL).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
     // The address is over its shared quota too, yet another client's valid credential from it
     // passes on both replicas: a block never refuses a credential that checks out.
     for gw in [&a, &b] {
@@ -230,8 +235,8 @@ async fn a_brute_forced_key_id_is_locked_on_every_replica() {
     }
     assert_eq!(
         up.count(),
-        2,
-        "only the two valid requests reached the site"
+        4,
+        "only the four valid requests reached the site"
     );
 }
 
@@ -640,4 +645,135 @@ async fn a_gateway_starts_and_serves_with_redis_absent() {
     assert_eq!(up.count(), 1);
     redis.restart();
     wait_for(&gw, "erpgate_redis_up", 1.0).await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_between_requests_is_logged_counted_and_served_through() {
+    let mut redis = Redis::start();
+    let up = upstream().await;
+    let config = shared_config(&up, &redis, "").replace(
+        "log: { format: pretty, level: warn }",
+        "log: { format: json, level: info }",
+    );
+    let gateway = GatewayProcess::start(&scratch_file("redis-restart.yaml", &config));
+    let base = format!("http://{}", gateway.listen);
+    let metrics_url = format!("http://{}/metrics", gateway.admin);
+    let mut logs = gateway.startup_logs.clone();
+    // A healthy connection is news at `info`, not `warn`.
+    let connected = next_log_where(&gateway, &mut logs, |l| {
+        l["message"] == "shared state: connected to Redis"
+    });
+    assert_eq!(connected["level"], "INFO");
+    assert!(connected["run_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    let reachable = next_log_where(&gateway, &mut logs, |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("shared state: Redis reachable"))
+    });
+    assert_eq!(reachable["level"], "INFO");
+    wait_for_metric(&metrics_url, "erpgate_redis_up", 1.0).await;
+    assert_eq!(
+        metric_value(
+            &fetch_text(&metrics_url).await,
+            "erpgate_redis_restarts_total",
+            &[]
+        ),
+        0.0
+    );
+
+    let auth = token(FULL);
+    let todo = format!("{base}/api/resource/ToDo");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("idempotency-key", "before-the-restart"),
+    ];
+    let keyed = || {
+        send(
+            Method::POST,
+            &todo,
+            &headers,
+            r#"{"description": "order 7"}"#.to_owned(),
+        )
+    };
+    assert_eq!(keyed().await.status, StatusCode::OK);
+    let replayed = keyed().await;
+    assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    assert_eq!(posts_to(&up, "/api/resource/ToDo"), 1);
+
+    // Redis restarts (killed, started again empty on the same port) between two requests.
+    redis.kill();
+    redis.restart();
+    assert_eq!(get(&todo, FULL).await.status, StatusCode::OK);
+
+    wait_for_metric(&metrics_url, "erpgate_redis_restarts_total", 1.0).await;
+    let restarted = next_log_where(&gateway, &mut logs, |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("shared state: Redis restarted"))
+    });
+    assert_eq!(restarted["level"], "WARN");
+    assert_ne!(restarted["run_id"], connected["run_id"]);
+    assert_eq!(restarted["previous_run_id"], connected["run_id"]);
+    for lost in ["quota", "Idempotency-Key", "events"] {
+        assert!(
+            restarted["message"].as_str().unwrap().contains(lost),
+            "the warning names what was lost ({lost}): {restarted}"
+        );
+    }
+    wait_for_metric(&metrics_url, "erpgate_redis_up", 1.0).await;
+    assert_eq!(get(&todo, FULL).await.status, StatusCode::OK);
+    // The restart cost the key's record: the same write runs again, as the warning said.
+    let again = keyed().await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.header("idempotent-replayed"), None);
+    assert_eq!(posts_to(&up, "/api/resource/ToDo"), 2);
+    // And the record is shared again: a repeat now is a replay.
+    assert_eq!(keyed().await.header("idempotent-replayed"), Some("true"));
+    assert_eq!(posts_to(&up, "/api/resource/ToDo"), 2);
+    // Reconnecting to the same server is no restart.
+    assert_eq!(
+        metric_value(
+            &fetch_text(&metrics_url).await,
+            "erpgate_redis_restarts_total",
+            &[]
+        ),
+        1.0
+    );
+}
+
+/// The first line of `seen` (taken out of it) or else the next of `gateway`'s log lines that
+/// `wanted` picks; lines read meanwhile are kept in `seen`.
+fn next_log_where(
+    gateway: &GatewayProcess,
+    seen: &mut Vec<serde_json::Value>,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    if let Some(at) = seen.iter().position(&wanted) {
+        return seen.remove(at);
+    }
+    loop {
+        let line = gateway.next_log();
+        if wanted(&line) {
+            return line;
+        }
+        seen.push(line);
+    }
+}
+
+async fn fetch_text(url: &str) -> String {
+    send(Method::GET, url, &[], bytes::Bytes::new())
+        .await
+        .text()
+}
+
+/// Waits (at most 10 s) for a metric at the admin `url` to reach `value`.
+async fn wait_for_metric(url: &str, metric: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(&fetch_text(url).await, metric, &[]) != value {
+        assert!(Instant::now() < deadline, "{metric} never became {value}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

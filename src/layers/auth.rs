@@ -4,13 +4,14 @@
 //! Secrets are stored only as SHA-256 and compared in constant time; an unknown key id costs the
 //! same hash and comparison as a wrong secret. Failed attempts are rate limited with GCRA quotas
 //! (governor) per source address (IPv6 per /64, which one host holds) *and* per key id tried
-//! (unknown ids share one bucket). A valid credential is never refused for failures others made
-//! from its address — a NAT or an ingress that hides client addresses cannot lock real
-//! integrations out — while failures from an address over its quota get 429. A key id over its
-//! quota gets 429 without its secret being checked, from any address, so a guesser spreading
-//! over addresses learns nothing either (its real owner waits out the quota with it: the price
-//! of stopping brute force). The client's `Authorization` header is removed here, so no inner
-//! layer sees the client's secret.
+//! (unknown ids share one bucket). Both are consulted only once a credential has failed: a
+//! correct secret is always accepted, whatever others did from its address or with its key id.
+//! Key ids are not secret, so a limit that refused the right secret too would let anyone lock a
+//! client out by sending wrong ones; and it would buy nothing, since keygen secrets are 256-bit
+//! and no quota is what stops them being guessed. A failing attempt from an address or on a key
+//! id over its quota gets 429 instead of 401, which slows guessing and failing clients alike.
+//! The client's `Authorization` header is removed here, so no inner layer sees the client's
+//! secret.
 //!
 //! A request with two `Host`, `Content-Length`, `Authorization` or `Content-Type` headers is a
 //! 400 here, before anything reads one of them: gunicorn would keep another than an HTTP
@@ -312,14 +313,10 @@ pub struct Auth<S> {
     layer: AuthLayer,
 }
 
-/// Why a credential was not accepted.
+/// Why a credential was not accepted: missing, malformed, unknown or wrong (the `reason` label
+/// of the failure metric).
 #[derive(Debug, Clone, Copy)]
-enum Refusal {
-    /// Missing, malformed, unknown or wrong: the `reason` label of the failure metric.
-    Failed(&'static str),
-    /// The key id is over its failure quota: refused for this long, secret unchecked.
-    KeyIdThrottled(Duration),
-}
+struct Refusal(&'static str);
 
 /// Hash compared against when the key id is unknown, so both failures cost the same.
 const DECOY_HASH: [u8; 32] = [0x5a; 32];
@@ -334,10 +331,10 @@ impl AuthLayer {
         let credential = match parse_credential(request.headers().get(header::AUTHORIZATION)) {
             Ok(credential) => credential,
             Err(crate::frappe::auth_header::CredentialError::Missing) => {
-                return (Err(Refusal::Failed("missing")), None)
+                return (Err(Refusal("missing")), None)
             }
             Err(crate::frappe::auth_header::CredentialError::Malformed) => {
-                return (Err(Refusal::Failed("malformed")), None)
+                return (Err(Refusal("malformed")), None)
             }
         };
         let client = self.clients.by_key_id.get(&credential.key_id);
@@ -345,18 +342,15 @@ impl AuthLayer {
             Some(c) => FailureKey::KeyId(c.name.clone()),
             None => FailureKey::UnknownKeyIds,
         };
-        // A key id under brute force is refused without its secret being checked, so the
-        // guesser learns nothing, whichever address the guesses come from.
-        if let Some(retry_after) = self.failures.blocked_for(&bucket) {
-            return (Err(Refusal::KeyIdThrottled(retry_after)), Some(bucket));
-        }
+        // The secret is checked before any failure quota is looked at: a key id over its quota
+        // must not refuse the secret that matches (see the module docs).
         let expected = client.map_or(&DECOY_HASH, |c| &c.secret_sha256);
         let presented: [u8; 32] = Sha256::digest(credential.secret.as_bytes()).into();
         let matches: bool = presented.ct_eq(expected).into();
         let result = match client {
             Some(client) if matches => Ok(client.clone()),
-            Some(_) => Err(Refusal::Failed("wrong_secret")),
-            None => Err(Refusal::Failed("unknown_key")),
+            Some(_) => Err(Refusal("wrong_secret")),
+            None => Err(Refusal("unknown_key")),
         };
         (result, Some(bucket))
     }
@@ -406,7 +400,8 @@ where
         }
         let (result, key_bucket) = self.layer.authenticate(&request);
         match result {
-            // A valid credential is never refused for what others did from its address.
+            // A valid credential is never refused for what others did from its address or with
+            // its key id.
             Ok(client) => {
                 if let Some(tags) = RequestTags::of(&request) {
                     let _ = tags.client.set(client.name.clone());
@@ -415,10 +410,7 @@ where
                 request.extensions_mut().insert(client);
                 Either::Left(EarlyReturn::inner(self.inner.call(request)))
             }
-            Err(Refusal::KeyIdThrottled(retry_after)) => Either::Left(EarlyReturn::error(
-                self.layer.refusal("throttled", Some(retry_after)),
-            )),
-            Err(Refusal::Failed(reason)) => {
+            Err(Refusal(reason)) => {
                 tracing::info!(%ip, reason, "authentication failed");
                 match self.layer.shared.clone().filter(|s| s.is_up()) {
                     None => {
@@ -504,14 +496,17 @@ impl AuthLayer {
         }
     }
 
-    /// Counts a failure against its address (unless already blocked) and key id here; how long
-    /// they are now blocked, if they are.
+    /// Counts a failure against its address and key id here (each unless already blocked); how
+    /// long they are now blocked, if they are.
     fn count_locally(&self, address: FailureKey, key: Option<FailureKey>) -> Option<Duration> {
         let limiter = &self.failures;
-        let by_address = limiter
-            .blocked_for(&address)
-            .or_else(|| limiter.record_failure(address));
-        let by_key = key.and_then(|k| limiter.record_failure(k));
+        let count = |bucket: FailureKey| {
+            limiter
+                .blocked_for(&bucket)
+                .or_else(|| limiter.record_failure(bucket))
+        };
+        let by_address = count(address);
+        let by_key = key.and_then(count);
         by_address.max(by_key)
     }
 
@@ -524,12 +519,14 @@ impl AuthLayer {
         key: Option<FailureKey>,
     ) -> Option<Duration> {
         let limiter = &self.failures;
-        let already = limiter.blocked_for(&address);
+        let mut already = None;
         let mut buckets: Vec<FailureKey> = Vec::with_capacity(2);
-        if already.is_none() {
-            buckets.push(address.clone());
+        for bucket in std::iter::once(address.clone()).chain(key.clone()) {
+            match limiter.blocked_for(&bucket) {
+                Some(wait) => already = already.max(Some(wait)),
+                None => buckets.push(bucket),
+            }
         }
-        buckets.extend(key.clone());
         if buckets.is_empty() {
             return already;
         }

@@ -53,6 +53,7 @@ use crate::forwarding::TrustedProxies;
 use crate::frappe::webhook::{bound_target, target, SignatureCheck, SIGNATURE_HEADER};
 use crate::layers::cache::Cache;
 use crate::layers::BoxResponseFuture;
+use crate::tags::RequestTags;
 use crate::{full_body, Body, BoxError};
 
 /// The reserved path prefix.
@@ -202,6 +203,13 @@ impl WebhookLayer {
         intake: Intake,
         request: Request<Body>,
     ) -> Result<Response<Body>, BoxError> {
+        // The access line and metrics name the site, when it is a configured one (a name from
+        // the URL alone is request text, never a label).
+        if let (Some(tags), Some((name, _))) =
+            (RequestTags::of(&request), self.secrets.get_key_value(&site))
+        {
+            let _ = tags.site.set(Arc::from(name.as_str()));
+        }
         if request.method() != Method::POST {
             return Err(GatewayError::BadRequest("webhooks are POST requests".into()).into());
         }

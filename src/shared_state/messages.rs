@@ -145,8 +145,11 @@ pub(super) async fn subscribe(state: Weak<SharedState>) {
         listeners(&shared, |l| l.on_missed());
         shared.subscribed.store(true, Ordering::Release);
         let lost = shared.lost.clone();
-        drop(shared);
         tracing::info!("shared state: subscribed to other replicas' invalidations");
+        // A subscription lost while no command failed may mean a Redis that restarted between
+        // two requests: look at which server answers now.
+        shared.check_server().await;
+        drop(shared);
         let mut stream = pubsub.into_on_message();
         loop {
             // Only the weak reference is held while waiting, so a reload can drop the state.

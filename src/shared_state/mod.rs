@@ -9,6 +9,12 @@
 //! shared mode comes back by itself. What each decision does while Redis is down is the caller's
 //! (quotas: the local limiter; keyed writes: 503 or unprotected; cache: bypass).
 //!
+//! A Redis that restarts comes back empty unless it persists its data: quota windows start
+//! over, and `Idempotency-Key` records and events stored there are gone. Nothing in the
+//! commands' answers says so, so on every connect and reconnect the server's `run_id` (a new
+//! one per start) is read and compared with the last one seen: a change is logged at `warn`
+//! with what was lost and counted in `erpgate_redis_restarts_total`.
+//!
 //! A serving worker runs its commands on a multiplexed connection of its own, opened on its
 //! own event loop, so a command never crosses to another thread's connection task (the shared
 //! connection manager serves until it is open, and everything off the workers). Each time
@@ -79,6 +85,8 @@ pub struct SharedState {
     outbox_overflowed: AtomicBool,
     listeners: ArcSwap<Vec<Weak<dyn Listener>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The Redis server's `run_id` when last read: another one means it restarted meanwhile.
+    run_id: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for SharedState {
@@ -155,6 +163,7 @@ impl SharedState {
             outbox_overflowed: AtomicBool::new(false),
             listeners: ArcSwap::from_pointee(Vec::new()),
             tasks: Mutex::new(Vec::new()),
+            run_id: Mutex::new(None),
         });
         let weak = Arc::downgrade(&state);
         let tasks = vec![
@@ -334,7 +343,57 @@ impl SharedState {
         if !self.up.swap(true, Ordering::AcqRel) {
             self.generation.fetch_add(1, Ordering::AcqRel);
             self.metrics.up.set(1);
-            tracing::warn!("shared state: Redis reachable; quotas and records are shared again");
+            // Healthy is not news: `warn` is kept for what an operator must act on.
+            tracing::info!("shared state: Redis reachable; quotas and records are shared");
+        }
+    }
+
+    /// Notes which Redis server answered `INFO` (its `run_id`, and whether it keeps an
+    /// append-only file): another `run_id` than the last one seen is a restart.
+    fn note_server(&self, info: &redis::InfoDict) {
+        let Some(run_id) = info.get::<String>("run_id") else {
+            return;
+        };
+        let append_only = info.get::<i64>("aof_enabled") == Some(1);
+        let Ok(mut last) = self.run_id.lock() else {
+            return;
+        };
+        match last.as_deref() {
+            Some(known) if known == run_id => {}
+            Some(known) => {
+                self.metrics.restarts.inc();
+                tracing::warn!(
+                    previous_run_id = known,
+                    run_id = %run_id,
+                    append_only,
+                    "shared state: Redis restarted; what it did not persist is gone: quota \
+                     windows and auth-failure counts start over, Idempotency-Key records are \
+                     lost (a repeated keyed write runs again), and so are the events stored in \
+                     Redis (feed and pending deliveries)"
+                );
+                *last = Some(run_id);
+            }
+            None => {
+                tracing::info!(run_id = %run_id, append_only, "shared state: connected to Redis");
+                *last = Some(run_id);
+            }
+        }
+    }
+
+    /// Reads `INFO` on the connection commands use, while Redis is up: the subscription was
+    /// (re)made, and the server behind it may be another since the last read. Through
+    /// [`Self::run`], so a dead connection marks Redis down, and the probe reads it once Redis
+    /// is back.
+    pub(crate) async fn check_server(&self) {
+        let info = self
+            .run("info", |mut connection| async move {
+                redis::cmd("INFO")
+                    .query_async::<redis::InfoDict>(&mut connection)
+                    .await
+            })
+            .await;
+        if let Ok(info) = info {
+            self.note_server(&info);
         }
     }
 
@@ -423,6 +482,19 @@ async fn probe(state: Weak<SharedState>) {
                 let command = redis::cmd("PING");
                 let ping = command.query_async::<String>(&mut connection);
                 if let Ok(Ok(_)) = tokio::time::timeout(shared.command_timeout, ping).await {
+                    // Read before requests use it again, so a restart is reported before its
+                    // effects show. A server that refuses INFO (an ACL without @dangerous) is
+                    // used all the same: only its restarts go unnoticed.
+                    let info = redis::cmd("INFO");
+                    let info = info.query_async::<redis::InfoDict>(&mut connection);
+                    match tokio::time::timeout(shared.command_timeout, info).await {
+                        Ok(Ok(info)) => shared.note_server(&info),
+                        Ok(Err(e)) => tracing::info!(
+                            error = %e,
+                            "shared state: Redis refused INFO; its restarts cannot be noticed"
+                        ),
+                        Err(_) => {}
+                    }
                     shared.mark_up();
                 }
             }

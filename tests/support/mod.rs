@@ -290,6 +290,8 @@ pub async fn keyed_post(
 pub struct GatewayProcess {
     pub child: std::process::Child,
     logs: std::sync::mpsc::Receiver<String>,
+    /// The lines written before it said where it listens, parsed.
+    pub startup_logs: Vec<serde_json::Value>,
     pub listen: String,
     pub admin: String,
 }
@@ -317,6 +319,7 @@ impl GatewayProcess {
         let mut process = Self {
             child,
             logs,
+            startup_logs: Vec::new(),
             listen: String::new(),
             admin: String::new(),
         };
@@ -327,6 +330,7 @@ impl GatewayProcess {
                 process.admin = log["admin_addr"].as_str().unwrap().to_owned();
                 return process;
             }
+            process.startup_logs.push(log);
         }
     }
 
