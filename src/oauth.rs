@@ -311,7 +311,7 @@ impl OAuthApps {
         let fallback = self.only_site.as_deref().unwrap_or("");
         self.router
             .route(host, &mut path, fallback)
-            .map(|(site, _)| site)
+            .map(|routed| routed.site)
     }
 
     /// Asks `site` about `token`.
@@ -336,7 +336,10 @@ impl OAuthApps {
         // upstream through its breaker (not through the request path, whose layers sit above).
         let call = site.through_breaker(|| {
             let site = site.clone();
-            async move { site.upstream.send(request).await }
+            async move {
+                let timeout = site.upstream.request_timeout();
+                site.upstream.send(request, timeout).await
+            }
         });
         let outcome = match tokio::time::timeout(site.total_timeout, call).await {
             Ok(Ok(response)) if response.status().is_success() => {

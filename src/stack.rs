@@ -5,7 +5,7 @@
 //! client ─► sensitive headers ─► request id ─► observe ─► [server span] ─► [CORS]
 //!        ─► compression ─► catch panic ─► error edge ─► body limit ─► webhooks (cache purge,
 //!           [event relay] intake) ─► [public routes] ─► authenticate (gateway keys, OAuth
-//!           access tokens) ─► [event feed] ─► route ─► classify ─► rate limit ─► concurrency ─► authorize ─► cache
+//!           access tokens) ─► [event feed] ─► route ─► classify ─► method route ─► rate limit ─► concurrency ─► authorize ─► cache
 //!        ─► idempotency ─► buffer ─► deadline ─► retry ─► circuit breaker ─► credential swap
 //!        ─► [attempt span] ─► forward (pooled client) ─► site
 //! ```
@@ -24,7 +24,7 @@ use crate::events::{EventRelay, Subscriber};
 use crate::forwarding::TrustedProxies;
 use crate::frappe::acl::parse_operations;
 use crate::frappe::auth_header::token_header;
-use crate::frappe::{AccessRules, CanonicalPath, MethodName};
+use crate::frappe::{AccessRules, CanonicalPath, MethodName, MethodSet};
 use crate::layers::attempt_span::AttemptSpanLayer;
 use crate::layers::auth::{AuthFailureLimiter, AuthLayer, Client, ClientTable};
 use crate::layers::authorize::AuthorizeLayer;
@@ -44,6 +44,7 @@ use crate::layers::error_response::ErrorResponseLayer;
 use crate::layers::event_feed::EventFeedLayer;
 use crate::layers::forward::Forward;
 use crate::layers::idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, SharedStore};
+use crate::layers::method_route::MethodRouteLayer;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::public_routes::{PublicRoutes, PublicRoutesLayer};
 use crate::layers::rate_limit::{ClientQuotas, QuotaPolicy, RateLimitLayer};
@@ -54,7 +55,7 @@ use crate::layers::server_span::ServerSpanLayer;
 use crate::layers::webhook::WebhookLayer;
 use crate::metrics::Metrics;
 use crate::oauth::{App, OAuthApps};
-use crate::routing::{Route, Router};
+use crate::routing::{Route, RouteTimeouts, Router};
 use crate::shared_state::{Listener, SharedState};
 use crate::site::breaker::{Breaker, BreakerSettings};
 use crate::site::{identity_of, RetrySettings, ServiceAccount, Site};
@@ -399,6 +400,9 @@ where
         // What the request does to Frappe: the limits, rules and retries below all ask.
         // Holds JSON and urlencoded bodies in memory: on the buffer layer's budget.
         .layer(ClassifyLayer::new(reader.clone()))
+        // Routes with `methods` are decided on what the request runs, before anything below
+        // reads its site, account, timeouts or retries.
+        .layer(MethodRouteLayer::new(router.clone()))
         // Per-client quotas need the kind (writes have their own); before the rules, so probing
         // them costs quota too.
         .layer(RateLimitLayer::new(
@@ -704,11 +708,35 @@ fn build_router(loaded: &LoadedConfig, metrics: &Metrics) -> Result<Router, Buil
             ),
             None => None,
         };
+        let site_timeouts = &config.sites[&route.site].timeouts;
+        // Retries are off on a route with its own timeouts unless it sets them: what needs a
+        // long timeout is rarely safe or cheap to run twice.
+        let timeouts = (route.timeouts.is_some() || route.retry.is_some()).then(|| {
+            let own = route.timeouts.as_ref();
+            let total = own.and_then(|t| t.total).unwrap_or(site_timeouts.total);
+            RouteTimeouts {
+                // The site's, but never past the route's own total.
+                request: own
+                    .and_then(|t| t.request)
+                    .unwrap_or(site_timeouts.request.min(total)),
+                total,
+                max_retries: match (&route.retry, own) {
+                    (Some(retry), _) => retry.max_retries,
+                    (None, Some(_)) => 0,
+                    (None, None) => site.retry.max_retries,
+                },
+            }
+        });
         routes.push(Route {
             host: route.host.as_ref().map(|h| h.to_ascii_lowercase()),
             path_prefix,
             strip_prefix: route.strip_prefix,
             streaming: route.streaming,
+            methods: route
+                .methods
+                .as_ref()
+                .map(|names| MethodSet::new(names.iter().map(String::as_str))),
+            timeouts,
             site,
         });
     }

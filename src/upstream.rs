@@ -428,8 +428,13 @@ impl Upstream {
             .unwrap_or(start % n)
     }
 
-    /// Sends a request (its URI holding only path and query) to a backend.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+    /// Sends a request (its URI holding only path and query) to a backend, each attempt
+    /// bounded by `request_timeout` (the route's `timeouts.request`, else the site's).
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        request_timeout: Duration,
+    ) -> Result<Response<Body>, BoxError> {
         let (mut parts, body) = request.into_parts();
         let replay = match parts.extensions.get::<ReplayableBody>() {
             Some(ReplayableBody(bytes)) => Some(bytes.clone()),
@@ -487,7 +492,7 @@ impl Upstream {
             };
             let started = Instant::now();
             let result = tokio::time::timeout(
-                self.request_timeout,
+                request_timeout,
                 self.exchange(worker, index, request, sent.as_ref()),
             )
             .await;
@@ -518,14 +523,14 @@ impl Upstream {
                 }
                 Err(_) if sent.as_ref().is_some_and(|s| !s.load(Ordering::Acquire)) => {
                     return Err(GatewayError::ClientTimeout {
-                        timeout: self.request_timeout,
+                        timeout: request_timeout,
                     }
                     .into())
                 }
                 Err(_) => {
                     return Err(GatewayError::UpstreamTimeout {
                         site: self.site.to_string(),
-                        timeout: self.request_timeout,
+                        timeout: request_timeout,
                     }
                     .into())
                 }

@@ -1316,3 +1316,38 @@ async fn a_request_never_waits_behind_an_upload_still_going_on_an_answered_conne
     assert_eq!(up.connections(), 2);
     drop(parts);
 }
+
+/// A route with `methods` is matched on what classification says the request runs, not on its
+/// raw path: a `cmd` posted to `/` runs the method as much as its `/api/method/` path does.
+#[tokio::test]
+async fn a_method_route_matches_what_the_request_runs_however_it_is_called() {
+    let (erp, staging, config) = two_site_config().await;
+    let config = config.replace(
+        "\nclients:",
+        "\n  - { methods: [frappe.auth.get_logged_user], site: staging }\nclients:",
+    );
+    let gw = Gateway::start(&config).await;
+
+    let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    assert_eq!(reply.json()["message"], "stg@example.com");
+    // Frappe's app.py runs a `cmd` whatever the path: the method route takes it too.
+    let reply = send_json(
+        Method::POST,
+        &gw.url("/"),
+        FULL,
+        r#"{"cmd": "frappe.auth.get_logged_user"}"#,
+    )
+    .await;
+    assert_ne!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let to_staging: Vec<String> = staging
+        .received()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    assert_eq!(to_staging, ["/api/method/frappe.auth.get_logged_user", "/"]);
+    // Anything else goes where host and path lead.
+    let reply = get(&gw.url("/api/method/ping"), FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(staging.count(), 2);
+    assert_eq!(erp.count(), 1);
+}

@@ -694,3 +694,101 @@ async fn the_concurrency_cap_answers_429_retry_after_1() {
         1.0
     );
 }
+
+/// `config` with `routes` (YAML lines, unindented) added before the clients.
+fn with_routes(yaml: String, routes: &str) -> String {
+    yaml.replace("clients:\n", &format!("routes:\n{routes}clients:\n"))
+}
+
+/// A route's own timeouts replace its site's for what it matches: a report beyond the site's
+/// deadline but within the route's is answered; everything else is still cut at the site's.
+#[tokio::test]
+async fn a_long_route_is_not_cut_at_the_sites_deadline_and_other_requests_still_are() {
+    let up = upstream().await;
+    let yaml = config(
+        &up,
+        "",
+        "timeouts: { connect: 1s, request: 400ms, total: 400ms }",
+        "",
+    );
+    let yaml = with_routes(
+        yaml,
+        "  - methods: [test.slow]\n    site: erp\n    timeouts: { request: 10s, total: 10s }\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+
+    let reply = get_path(&gw, "/api/method/test.slow?ms=1200", FULL).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["message"], "slow done");
+
+    // A request the route does not match, on a stalled site: 504 at the site's deadline, long
+    // before the route's 10 s.
+    up.set_behaviour(Behaviour::Stall);
+    let started = std::time::Instant::now();
+    let reply = get_path(&gw, "/api/method/ping", FULL).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["exc_type"], "UpstreamTimeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not the site's deadline"
+    );
+}
+
+/// A route's timeouts may be shorter than its site's too; a `path_prefix` route is enough for a
+/// method always called by its path.
+#[tokio::test]
+async fn a_route_can_shorten_its_sites_timeouts() {
+    let up = upstream().await;
+    let yaml = config(&up, "", "", "");
+    let yaml = with_routes(
+        yaml,
+        "  - path_prefix: /api/method/test.slow\n    site: erp\n    timeouts: { total: 300ms }\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+    // The site's 3 s request timeout would let this through; the route's 300 ms does not.
+    let reply = get_path(&gw, "/api/method/test.slow?ms=2000", FULL).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(up.count(), 1);
+    let reply = get_path(&gw, "/api/method/ping", FULL).await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+/// A GET timing out is retried on its site; on a route with its own timeouts it is not (a
+/// two-minute report is not run again), unless the route sets its own retries.
+#[tokio::test]
+async fn a_request_on_a_long_route_is_not_retried_after_its_timeout() {
+    let site = "timeouts: { connect: 1s, request: 300ms, total: 5s }\nretry: { max_retries: 3, backoff_base: 10ms, backoff_max: 10ms }\nbreaker: { enabled: false }";
+    let route =
+        "  - methods: [test.slow]\n    site: erp\n    timeouts: { request: 300ms, total: 5s }\n";
+
+    // The site alone retries the timed-out GET.
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up, "", site, "")).await;
+    let reply = get_path(&gw, "/api/method/test.slow?ms=2000", FULL).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(up.count(), 4, "the site's retries");
+
+    // The long route: one attempt reached the site.
+    let up = upstream().await;
+    let gw = Gateway::start(&with_routes(config(&up, "", site, ""), route)).await;
+    let reply = get_path(&gw, "/api/method/test.slow?ms=2000", FULL).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(up.count(), 1, "a long route's request was retried");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "erpgate_retries_total",
+            &[("site", "erp"), ("reason", "timeout")]
+        ),
+        0.0
+    );
+
+    // Unless the route asks for retries.
+    let up = upstream().await;
+    let route = format!("{route}    retry: {{ max_retries: 1 }}\n");
+    let gw = Gateway::start(&with_routes(config(&up, "", site, ""), &route)).await;
+    let reply = get_path(&gw, "/api/method/test.slow?ms=2000", FULL).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(up.count(), 2);
+}

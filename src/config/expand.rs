@@ -71,6 +71,13 @@ pub(crate) fn parse_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration
     })
 }
 
+/// [`parse_duration`] for an optional key.
+pub(crate) fn parse_duration_opt<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    parse_duration(d).map(Some)
+}
+
 /// A secret given inline or as a file (trailing newline ignored), exactly one of them, at `at`;
 /// else the key path and message of the problem.
 pub(crate) fn inline_or_file(

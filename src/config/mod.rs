@@ -27,7 +27,9 @@ use indexmap::IndexMap;
 use serde::{de, Deserialize, Deserializer};
 
 pub use expand::expand_env;
-use expand::{inline_or_file, parse_duration, parse_env, parse_env_map, parse_env_opt};
+use expand::{
+    inline_or_file, parse_duration, parse_duration_opt, parse_env, parse_env_map, parse_env_opt,
+};
 pub use load::{ConfigError, LoadedConfig, Problem, Secret};
 pub use types::*;
 pub use yaml_lines::YamlLines;

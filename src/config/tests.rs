@@ -1017,3 +1017,84 @@ fn every_path_and_url_setting_expands_env() {
         Some(std::path::Path::new("/tmp/erpgate-test-spool/events"))
     );
 }
+
+#[test]
+fn route_timeouts_and_method_matchers_load_and_bad_ones_are_rejected() {
+    let with_route = |route: &str| valid().replace("clients:\n", &format!("{route}clients:\n"));
+    let good = with_route(
+        "  - methods: [frappe.desk.query_report.run]\n    site: erp\n    timeouts: { request: 2m, total: 150s }\n    retry: { max_retries: 1 }\n",
+    );
+    let loaded = Config::from_yaml(&good, "t").unwrap();
+    let route = &loaded.config.routes[2];
+    let timeouts = route.timeouts.as_ref().unwrap();
+    assert_eq!(timeouts.request, Some(Duration::from_secs(120)));
+    assert_eq!(timeouts.total, Some(Duration::from_secs(150)));
+    assert_eq!(route.retry.as_ref().unwrap().max_retries, 1);
+    // A total shorter than the site's request timeout caps it; both given must agree.
+    Config::from_yaml(
+        &with_route("  - { path_prefix: /api/method/x, site: erp, timeouts: { total: 1s } }\n"),
+        "t",
+    )
+    .unwrap();
+
+    let cases = [
+        (
+            with_route("  - { methods: [a.b], site: erp, timeouts: { requests: 1s } }\n"),
+            "routes[2].timeouts",
+            "unknown field `requests`",
+        ),
+        (
+            with_route("  - { methods: [a.b], site: erp, retry: { max_retries: 1, backoff_base: 1s } }\n"),
+            "routes[2].retry",
+            "unknown field `backoff_base`",
+        ),
+        (
+            with_route("  - { methods: [a.b], site: erp, timeouts: { total: soon } }\n"),
+            "routes[2].timeouts",
+            "is not a duration",
+        ),
+        (
+            with_route("  - { methods: [a.b], site: erp, timeouts: { request: 3m, total: 2m } }\n"),
+            "routes[2].timeouts",
+            "longer than total",
+        ),
+        (
+            with_route("  - { methods: [a.b], site: erp, timeouts: { total: 0s } }\n"),
+            "routes[2].timeouts",
+            "more than 0",
+        ),
+        (
+            with_route("  - { methods: [a.b], site: erp, timeouts: { total: 2h } }\n"),
+            "routes[2].timeouts.total",
+            "at most 1h",
+        ),
+        (
+            with_route("  - { methods: [], site: erp }\n"),
+            "routes[2].methods",
+            "at least one method",
+        ),
+        (
+            with_route("  - { methods: [\"a.*\"], site: erp }\n"),
+            "routes[2].methods",
+            "not a method name",
+        ),
+        (
+            with_route("  - { path_prefix: /x, strip_prefix: true, methods: [a.b], site: erp }\n"),
+            "routes[2].strip_prefix",
+            "cannot strip",
+        ),
+        (
+            with_route("  - { methods: [a.b], site: erp }\n  - { path_prefix: /x, strip_prefix: true, site: erp }\n"),
+            "routes[3].strip_prefix",
+            "must come before every route with methods (routes[2]",
+        ),
+    ];
+    for (yaml, path, want) in cases {
+        let p = problems(&yaml);
+        assert!(
+            p.iter()
+                .any(|p| p.path.starts_with(path) && p.message.contains(want)),
+            "{path}: {p:?}"
+        );
+    }
+}

@@ -918,7 +918,7 @@ pub struct Timeouts {
     pub total: Duration,
 }
 
-/// A route: match on `host`, `path_prefix` or both; send to `site`.
+/// A route: match on `host`, `path_prefix`, `methods` or any of them; send to `site`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -936,8 +936,47 @@ pub struct RouteConfig {
     /// as long as it is slow. Default `false`.
     #[serde(default)]
     pub streaming: bool,
+    /// Match only requests that run one of these whitelisted methods, however Frappe is asked
+    /// to run them (`/api/method/<name>`, `/api/v2/method/<name>`, a `cmd` in the query or
+    /// body) and under any name the catalog knows for them. Such a route cannot strip a prefix,
+    /// and no route after it may. Default: any request.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// Timeouts for the requests this route matches, in place of the site's (longer or
+    /// shorter). A route with timeouts is not retried unless it sets `retry`. Default: the
+    /// site's.
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeoutsConfig>,
+    /// Retries for the requests this route matches (which requests are safe to retry, the
+    /// backoff and the budget stay the site's). Default: none on a route with `timeouts`,
+    /// else the site's.
+    #[serde(default)]
+    pub retry: Option<RouteRetryConfig>,
     /// The site to send matching requests to.
     pub site: String,
+}
+
+/// A route's own timeouts; each left out is the site's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeoutsConfig {
+    /// One attempt, from sending the request to the response head (on a streaming route also
+    /// the longest wait for more of the answer's body). At most `total`. Default: the site's
+    /// `timeouts.request`, or `total` if that is shorter.
+    #[serde(default, deserialize_with = "parse_duration_opt")]
+    pub request: Option<Duration>,
+    /// The whole request, retries and backoffs included; then 504. At most `1h`. Default: the
+    /// site's `timeouts.total`.
+    #[serde(default, deserialize_with = "parse_duration_opt")]
+    pub total: Option<Duration>,
+}
+
+/// A route's own retries.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRetryConfig {
+    /// Retries per request; 0 = off.
+    pub max_retries: u32,
 }
 
 /// One client of the gateway.

@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// The longest `routes[].timeouts.total`: a request held open longer than this holds a client's
+/// in-flight slot, an upstream connection and a gunicorn worker for work that belongs in a
+/// background job.
+const MAX_ROUTE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 impl Config {
     /// Checks everything serde cannot, collecting every problem.
     pub fn validate(self, lines: &YamlLines) -> Result<LoadedConfig, Vec<Problem>> {
@@ -266,16 +271,84 @@ impl Config {
             }
         }
 
+        // The first route with `methods`: no route from it on may strip a prefix.
+        let mut method_route = None;
         for (i, route) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
-            if !self.sites.contains_key(&route.site) {
+            let site = self.sites.get(&route.site);
+            if site.is_none() {
                 problem(
                     format!("{at}.site"),
                     format!("no site named '{}'", route.site),
                 );
             }
-            if route.host.is_none() && route.path_prefix.is_none() {
-                problem(at.clone(), "a route needs host, path_prefix or both".into());
+            if route.host.is_none() && route.path_prefix.is_none() && route.methods.is_none() {
+                problem(
+                    at.clone(),
+                    "a route needs host, path_prefix, methods or any of them".into(),
+                );
+            }
+            if let Some(methods) = &route.methods {
+                if methods.is_empty() {
+                    problem(
+                        format!("{at}.methods"),
+                        "list at least one method, or leave methods out".into(),
+                    );
+                }
+                for name in methods {
+                    if name.is_empty() || name.contains('*') || name.contains(char::is_whitespace) {
+                        problem(
+                            format!("{at}.methods"),
+                            format!("'{name}' is not a method name"),
+                        );
+                    }
+                }
+                method_route.get_or_insert(i);
+            }
+            // What a request runs is judged on the path it is forwarded with: a method route
+            // decided after classification must not change that path, and neither may a route
+            // it could fall through to.
+            match method_route {
+                Some(first) if route.strip_prefix && first == i => problem(
+                    format!("{at}.strip_prefix"),
+                    "a route with methods cannot strip its prefix".into(),
+                ),
+                Some(first) if route.strip_prefix => problem(
+                    format!("{at}.strip_prefix"),
+                    format!(
+                        "a route that strips its prefix must come before every route with \
+                         methods (routes[{first}] has methods)"
+                    ),
+                ),
+                _ => {}
+            }
+            if let (Some(own), Some(site)) = (&route.timeouts, site) {
+                let total = own.total.unwrap_or(site.timeouts.total);
+                let request = own.request.unwrap_or(site.timeouts.request.min(total));
+                if request.is_zero() || total.is_zero() {
+                    problem(
+                        format!("{at}.timeouts"),
+                        "timeouts must be more than 0".into(),
+                    );
+                } else if request > total {
+                    problem(
+                        format!("{at}.timeouts"),
+                        format!(
+                            "request ({}) is longer than total ({}): one attempt cannot outlast \
+                             the whole request",
+                            humantime::format_duration(request),
+                            humantime::format_duration(total)
+                        ),
+                    );
+                }
+                if total > MAX_ROUTE_TIMEOUT {
+                    problem(
+                        format!("{at}.timeouts.total"),
+                        "at most 1h: longer work belongs in a background job (Frappe's \
+                         enqueue), not an HTTP request held open"
+                            .into(),
+                    );
+                }
             }
             match &route.path_prefix {
                 Some(prefix) => match CanonicalPath::parse(prefix) {

@@ -256,6 +256,44 @@ impl FrappeRequest {
     }
 }
 
+/// Whitelisted methods named in configuration (a route's `methods`), matched against what a
+/// request makes Frappe run, however it is called: `/api/method/<name>`,
+/// `/api/v2/method/<name>`, a `cmd` in any carrier, or a resource path's implied call (a list
+/// read runs `frappe.client.get_list`). A catalogued function matches under any of its names,
+/// so a route naming one alias is not sidestepped by calling another.
+#[derive(Debug, Clone, Default)]
+pub struct MethodSet {
+    /// Canonical names as configured.
+    names: std::collections::HashSet<String>,
+    /// The catalogued functions they resolve to.
+    functions: Vec<&'static super::catalog::Function>,
+}
+
+impl MethodSet {
+    /// The set of `names` (as Frappe resolves them: `ping` is `frappe.handler.ping`).
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut set = Self::default();
+        for name in names {
+            let name = MethodName::new(name);
+            if let Some(f) = super::call::resolve(name.as_str()) {
+                set.functions.push(f);
+            }
+            set.names.insert(name.0);
+        }
+        set
+    }
+
+    /// Whether `request` makes Frappe run any method of the set.
+    pub fn runs_any(&self, request: &FrappeRequest) -> bool {
+        let named = |name: &str| {
+            self.names.contains(name)
+                || super::call::resolve(name)
+                    .is_some_and(|f| self.functions.iter().any(|g| std::ptr::eq(*g, f)))
+        };
+        request.methods().any(|m| named(m.as_str())) || request.implied_call.is_some_and(named)
+    }
+}
+
 /// The kind of a call to method `raw`.
 pub(crate) fn method_kind(raw: &str) -> RequestKind {
     let name = MethodName::new(raw);
@@ -356,6 +394,59 @@ mod tests {
             name: name.map(Into::into),
             operation,
         }
+    }
+
+    #[test]
+    fn a_method_set_matches_what_a_request_runs_however_it_is_called() {
+        let set = MethodSet::new(["frappe.desk.query_report.run", "ping"]);
+        let runs = |r: FrappeRequest| set.runs_any(&r);
+        assert!(runs(classify(
+            Method::GET,
+            "/api/method/frappe.desk.query_report.run",
+            ""
+        )));
+        assert!(runs(classify(
+            Method::POST,
+            "/api/v2/method/frappe.desk.query_report.run",
+            ""
+        )));
+        // A `cmd` off `/api/` is the request; on `/api/` Frappe may run it instead.
+        assert!(runs(classify(
+            Method::POST,
+            "/",
+            "cmd=frappe.desk.query_report.run"
+        )));
+        assert!(runs(classify(
+            Method::GET,
+            "/api/method/ping",
+            "cmd=frappe.desk.query_report.run"
+        )));
+        // Another name of the same function, and a name without a dot as Frappe resolves it.
+        assert!(runs(classify(
+            Method::GET,
+            "/api/method/frappe.tests.test_query_report.run",
+            ""
+        )));
+        assert!(runs(classify(
+            Method::GET,
+            "/api/method/frappe.handler.ping",
+            ""
+        )));
+        // Not a method of the set, nor a prefix of one.
+        assert!(!runs(classify(
+            Method::GET,
+            "/api/method/frappe.desk.query_report.export_query",
+            ""
+        )));
+        assert!(!runs(classify(
+            Method::GET,
+            "/api/method/frappe.desk.query_report",
+            ""
+        )));
+        assert!(!runs(classify(Method::GET, "/api/resource/Report", "")));
+        // A list read runs get_list.
+        let lists = MethodSet::new(["frappe.client.get_list"]);
+        assert!(lists.runs_any(&classify(Method::GET, "/api/resource/ToDo", "")));
     }
 
     #[test]

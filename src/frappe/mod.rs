@@ -20,5 +20,5 @@ pub mod webhook;
 pub mod writes;
 
 pub use acl::{AccessRules, Denied};
-pub use classify::{ApiVersion, FrappeRequest, MethodName, Operation, RequestKind};
+pub use classify::{ApiVersion, FrappeRequest, MethodName, MethodSet, Operation, RequestKind};
 pub use path::CanonicalPath;

@@ -619,7 +619,7 @@ where
         if streaming || !(buffer_request || settings.responses) {
             return Either::Left(self.inner.call(request));
         }
-        let site_timeout = target.map_or(Duration::from_secs(60), |t| t.site.total_timeout);
+        let site_timeout = target.map_or(Duration::from_secs(60), RouteTarget::total_timeout);
         // Whose share the bodies count against; none (a public route) is the anonymous share.
         let client = request.extensions().get::<Arc<Client>>().cloned();
         // The ready service goes into the future; a fresh clone stays for the next call.

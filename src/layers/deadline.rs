@@ -1,5 +1,5 @@
 //! The overall deadline: the whole exchange with the site, every retry and backoff included,
-//! must produce a response head within the site's `timeouts.total`, else 504
+//! must produce a response head within the route's `timeouts.total` (else the site's), else 504
 //! `UpstreamTimeout`. The attempt in flight is dropped (its connection closed), so nothing is
 //! left running.
 //!
@@ -58,7 +58,7 @@ where
         let limit = request
             .extensions()
             .get::<RouteTarget>()
-            .map(|t| (t.site.name.clone(), t.site.total_timeout));
+            .map(|t| (t.site.name.clone(), t.total_timeout()));
         DeadlineFuture {
             sleep: limit
                 .as_ref()

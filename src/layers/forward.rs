@@ -3,7 +3,7 @@
 //! On a streaming route the answer's body is passed on as it arrives, so nothing above bounds
 //! how long it may take; a site that sends the head and then nothing would hold the client's
 //! connection and an upstream connection for ever. Each wait for the next part of such a body
-//! is bounded by `timeouts.request` (nginx's `proxy_read_timeout`): time the client takes to
+//! is bounded by `timeouts.request`, the route's or else the site's (nginx's `proxy_read_timeout`): time the client takes to
 //! read does not count, only time spent waiting on the site. Buffered answers are read whole
 //! within `timeouts.total` by the buffer layer.
 
@@ -41,11 +41,11 @@ impl Service<Request<Body>> for Forward {
         };
         Box::pin(async move {
             let upstream = &target.site.upstream;
-            let response = upstream.send(request).await?;
+            let timeout = target.request_timeout();
+            let response = upstream.send(request, timeout).await?;
             if !target.streaming {
                 return Ok(response);
             }
-            let timeout = upstream.request_timeout();
             let site = target.site.name.clone();
             Ok(response.map(|body| {
                 Body::new(StallBound {

@@ -19,6 +19,7 @@ pub mod error_response;
 pub mod event_feed;
 pub mod forward;
 pub mod idempotency;
+pub mod method_route;
 pub mod observe;
 pub mod public_routes;
 pub mod rate_limit;

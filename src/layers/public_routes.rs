@@ -139,7 +139,7 @@ impl PublicRoutes {
                 .and_then(|h| h.to_str().ok())
         });
         let fallback = self.only_site.as_deref().unwrap_or("");
-        let (site, _) = self.router.route(host, &mut path, fallback)?;
+        let site = self.router.route(host, &mut path, fallback)?.site;
         let public = self.sites.get(&*site.name)?;
         let listed = match path
             .segments()
@@ -308,6 +308,7 @@ impl Service<Request<Body>> for PublicForward {
                 authorization: http::HeaderValue::from_static(""),
                 identity: [0; 32],
             },
+            timeouts: None,
         });
         let expose = crate::layers::credential_swap::Audience::of(&request);
         // As keyed requests go: the body whole first, then the site's deadline, its breaker.

@@ -11,6 +11,10 @@
 //! Only bodies the gateway already holds (up to `max_body_bytes`) or empty ones can be sent
 //! again; streamed uploads are never retried.
 //!
+//! How many retries: the site's `retry.max_retries`, or its route's own; a route with its own
+//! timeouts has none unless it sets them (a two-minute report cut at its timeout is not run
+//! again).
+//!
 //! Outside the breaker, so every attempt is counted by it and an open breaker ends the retries;
 //! inside the overall deadline, which bounds all attempts together.
 
@@ -152,9 +156,10 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
         request: &mut Request<Body>,
         result: &mut Result<Response<Body>, BoxError>,
     ) -> Option<Self::Future> {
-        let site = &request.extensions().get::<RouteTarget>()?.site;
+        let target = request.extensions().get::<RouteTarget>()?;
+        let (site, max_retries) = (&target.site, target.max_retries());
         let settings = &site.retry;
-        if self.attempts >= settings.max_retries {
+        if self.attempts >= max_retries {
             return None;
         }
         let (reason, retry_after) = retryable(result, self.safe)?;
@@ -178,7 +183,8 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
     }
 
     fn clone_request(&mut self, request: &Request<Body>) -> Option<Request<Body>> {
-        let site = &request.extensions().get::<RouteTarget>()?.site;
+        let target = request.extensions().get::<RouteTarget>()?;
+        let site = &target.site;
         let settings = &site.retry;
         if !self.deposited {
             settings.budget.deposit();
@@ -189,7 +195,8 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for RetryPolicy {
                 &site.read_only_methods,
             );
         }
-        if self.attempts >= settings.max_retries {
+        // A route's own retries (none on a route with its own timeouts) over the site's.
+        if self.attempts >= target.max_retries() {
             return None;
         }
         let body = match request.extensions().get::<ReplayableBody>() {

@@ -5,6 +5,10 @@
 //! *before* classification so that access rules judge the path Frappe will see, not the one
 //! the client typed. A route to a site the client has no service account on stops with 403. An
 //! OAuth app's request is signed with its user's own token, as that user (`oauth::OAuthUser`).
+//!
+//! When routes with `methods` match the host and path, the route is not known until the
+//! request is classified: a [`PendingRoute`] goes on instead of a [`RouteTarget`], and the
+//! method-route layer decides (see `crate::routing`).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +22,7 @@ use crate::frappe::{ApiVersion, CanonicalPath};
 use crate::layers::auth::Client;
 use crate::layers::EarlyReturn;
 use crate::oauth::OAuthUser;
-use crate::routing::Router;
+use crate::routing::{RouteTimeouts, Router};
 use crate::site::{ServiceAccount, Site};
 use crate::tags::RequestTags;
 use crate::{Body, BoxError};
@@ -32,6 +36,64 @@ pub struct RouteTarget {
     pub streaming: bool,
     /// The service account the request is signed as there.
     pub account: ServiceAccount,
+    /// The route's own timeouts and retries; `None`: the site's.
+    pub timeouts: Option<RouteTimeouts>,
+}
+
+impl RouteTarget {
+    /// How long one attempt may wait on the site.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.timeouts
+            .map_or_else(|| self.site.upstream.request_timeout(), |t| t.request)
+    }
+
+    /// The deadline for the whole exchange, retries included.
+    pub fn total_timeout(&self) -> std::time::Duration {
+        self.timeouts.map_or(self.site.total_timeout, |t| t.total)
+    }
+
+    /// Most retries.
+    pub fn max_retries(&self) -> u32 {
+        self.timeouts
+            .map_or(self.site.retry.max_retries, |t| t.max_retries)
+    }
+}
+
+/// Where a request goes when no method route wins: a request extension set by routing when
+/// routes with `methods` matched its host and path, replaced by a [`RouteTarget`] once the
+/// request is classified.
+#[derive(Debug, Clone)]
+pub struct PendingRoute {
+    /// Indices of the candidate method routes, in order.
+    pub candidates: Vec<usize>,
+    /// The site the host and path lead to.
+    pub site: Arc<Site>,
+    /// Its route streams.
+    pub streaming: bool,
+    /// Its route's timeouts.
+    pub timeouts: Option<RouteTimeouts>,
+}
+
+/// The account `request`'s client (or OAuth user) is signed as on `site`; 403 when it has none
+/// there.
+pub(crate) fn account_on(
+    request: &Request<Body>,
+    site: &Arc<Site>,
+) -> Result<ServiceAccount, GatewayError> {
+    let client = request
+        .extensions()
+        .get::<Arc<Client>>()
+        .ok_or(GatewayError::Unauthenticated("no client"))?;
+    match request.extensions().get::<OAuthUser>() {
+        // An OAuth app's user is signed as themselves, on the app's site only.
+        Some(user) if *site.name == *client.site => Ok(user.account(site, &client.name)),
+        Some(_) => Err(GatewayError::SiteNotAllowed(site.name.to_string())),
+        None => client
+            .account_on(&site.name)
+            .and_then(|name| site.accounts.get(name))
+            .cloned()
+            .ok_or_else(|| GatewayError::SiteNotAllowed(site.name.to_string())),
+    }
 }
 
 /// Routes requests.
@@ -64,8 +126,14 @@ pub struct Route<S> {
     router: Arc<Router>,
 }
 
+/// What routing decided: the target, or the method routes still to be tried.
+enum Decision {
+    Target(RouteTarget),
+    Pending(PendingRoute),
+}
+
 impl<S> Route<S> {
-    fn target(&self, request: &mut Request<Body>) -> Result<RouteTarget, GatewayError> {
+    fn target(&self, request: &mut Request<Body>) -> Result<Decision, GatewayError> {
         let mut path = CanonicalPath::parse(request.uri().path())
             .map_err(|e| GatewayError::BadRequest(format!("invalid path: {e}")))?;
         let client = request
@@ -78,19 +146,14 @@ impl<S> Route<S> {
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
         });
-        let (site, streaming) = self
+        let routed = self
             .router
             .route(host, &mut path, &client.site)
             .ok_or_else(|| GatewayError::SiteNotAllowed(client.site.clone()))?;
-        let account = match request.extensions().get::<OAuthUser>() {
-            // An OAuth app's user is signed as themselves, on the app's site only.
-            Some(user) if *site.name == *client.site => user.account(&site, &client.name),
-            Some(_) => return Err(GatewayError::SiteNotAllowed(site.name.to_string())),
-            None => client
-                .account_on(&site.name)
-                .and_then(|name| site.accounts.get(name))
-                .ok_or_else(|| GatewayError::SiteNotAllowed(site.name.to_string()))?
-                .clone(),
+        // With method routes pending, the account is judged on the route that wins.
+        let account = match routed.candidates.is_empty() {
+            true => Some(account_on(request, &routed.site)?),
+            false => None,
         };
 
         // Already canonical (the usual case): the URI stays as it came, nothing to rebuild.
@@ -105,14 +168,25 @@ impl<S> Route<S> {
             *request.uri_mut() = http::Uri::from(path_and_query);
         }
         if let Some(tags) = RequestTags::of(request) {
-            let _ = tags.site.set(site.name.clone());
+            if account.is_some() {
+                let _ = tags.site.set(routed.site.name.clone());
+            }
             let _ = tags.api.set(ApiVersion::of(&path));
         }
         request.extensions_mut().insert(path);
-        Ok(RouteTarget {
-            site,
-            streaming,
-            account,
+        Ok(match account {
+            Some(account) => Decision::Target(RouteTarget {
+                site: routed.site,
+                streaming: routed.streaming,
+                account,
+                timeouts: routed.timeouts,
+            }),
+            None => Decision::Pending(PendingRoute {
+                candidates: routed.candidates,
+                site: routed.site,
+                streaming: routed.streaming,
+                timeouts: routed.timeouts,
+            }),
         })
     }
 }
@@ -131,8 +205,15 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         match self.target(&mut request) {
-            Ok(target) => {
-                request.extensions_mut().insert(target);
+            Ok(decision) => {
+                match decision {
+                    Decision::Target(target) => {
+                        request.extensions_mut().insert(target);
+                    }
+                    Decision::Pending(pending) => {
+                        request.extensions_mut().insert(pending);
+                    }
+                }
                 EarlyReturn::inner(self.inner.call(request))
             }
             Err(e) => EarlyReturn::error(e),
@@ -187,5 +268,6 @@ pub(crate) fn test_target(
             authorization: HeaderValue::from_static("token key:secret"),
             identity: identity_of(&[b"test", b"key"]),
         },
+        timeouts: None,
     }
 }

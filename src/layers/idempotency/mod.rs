@@ -296,7 +296,7 @@ where
             let lease = request
                 .extensions()
                 .get::<RouteTarget>()
-                .map_or(layer.ttl, |t| t.site.total_timeout)
+                .map_or(layer.ttl, RouteTarget::total_timeout)
                 .saturating_add(LEASE_MARGIN);
             let begin = match layer.store.begin(&key, fingerprint, lease).await {
                 Ok(begin) => begin,
