@@ -22,6 +22,8 @@ pub struct AccessRules {
     /// (lower-cased doctype or `*`, allowed operations). Frappe's database matches doctypes
     /// case-insensitively, so the rules do too.
     resources: Vec<(String, HashSet<Operation>)>,
+    /// Each resource rule's doctype as first configured (what Frappe's metadata is asked for).
+    spelled: HashMap<String, String>,
     /// Catalogued functions granted, by defining name.
     functions: HashSet<String>,
     /// Methods outside the catalog with declared arguments.
@@ -93,6 +95,9 @@ impl AccessRules {
         operations: impl IntoIterator<Item = Operation>,
     ) {
         let key = doctype.to_lowercase();
+        self.spelled
+            .entry(key.clone())
+            .or_insert_with(|| doctype.to_owned());
         match self.resources.iter_mut().find(|(d, _)| *d == key) {
             Some((_, ops)) => ops.extend(operations),
             None => self.resources.push((key, operations.into_iter().collect())),
@@ -175,6 +180,31 @@ impl AccessRules {
     /// Whether the rules let this client read `doctype`.
     pub fn may_read(&self, doctype: &str) -> bool {
         self.resource(doctype, Operation::Read).is_ok()
+    }
+
+    /// The doctypes named in resource rules (not `*`), as configured, with the operations
+    /// granted on each (a `*` rule's included), sorted by name.
+    pub fn granted_resources(&self) -> Vec<(&str, Vec<Operation>)> {
+        let mut granted: Vec<(&str, Vec<Operation>)> = self
+            .resources
+            .iter()
+            .filter(|(d, _)| d != "*")
+            .map(|(d, _)| {
+                let ops = [
+                    Operation::Read,
+                    Operation::Create,
+                    Operation::Update,
+                    Operation::Delete,
+                    Operation::DocMethod,
+                ]
+                .into_iter()
+                .filter(|op| self.resource(d, *op).is_ok())
+                .collect();
+                (self.spelled.get(d).map_or(d.as_str(), String::as_str), ops)
+            })
+            .collect();
+        granted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        granted
     }
 
     /// The catalogued functions granted, by defining name, sorted.
