@@ -295,3 +295,55 @@ async fn servers_name_the_configured_public_url() {
     let doc = get(&gw.url(DOC), TODO_READER).await.json();
     assert_eq!(doc["servers"][0]["url"], "https://api.example.com");
 }
+
+/// Runs `script` with `input` on stdin; its stdout, or a panic with its stderr.
+fn python(script: &str, input: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (tests/setup.sh installs what it needs)");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn every_client_s_document_is_valid_openapi_3_1() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(
+        &up,
+        "openapi: { public_url: \"https://api.example.com\" }\n",
+    ))
+    .await;
+    let mut documents = Vec::new();
+    for client in [TODO_READER, WRITER, USER_READER] {
+        let reply = get(&gw.url(DOC), client).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        documents.push(reply.json());
+    }
+    let yaml = get(&gw.url("/_erpgate/openapi.yaml"), WRITER).await;
+    documents.push(serde_yaml::from_slice(&yaml.body).unwrap());
+    // openapi-spec-validator (PyPI), the validator most OpenAPI tooling uses.
+    let script = r#"
+import json, sys
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation.validators import OpenAPIV31SpecValidator
+for line in sys.stdin:
+    validate(json.loads(line), cls=OpenAPIV31SpecValidator)
+    print("valid")
+"#;
+    let lines: String = documents.iter().map(|d| format!("{d}\n")).collect();
+    assert_eq!(
+        python(script, lines.as_bytes()),
+        "valid\n".repeat(documents.len())
+    );
+}
