@@ -347,3 +347,44 @@ for line in sys.stdin:
         "valid\n".repeat(documents.len())
     );
 }
+
+/// Schemathesis (PyPI), driven by a client's document against erpgate in front of the test
+/// upstream: no 5xx from erpgate, and every answer within the documented statuses, content
+/// types and schemas.
+async fn schemathesis(client: Credential) {
+    let up = upstream().await;
+    // Quotas would answer 429s the fuzzer's volume earned; they are tested above.
+    let gw = Gateway::start(&config(&up, "rate_limit: null\n")).await;
+    let doc = get(&gw.url(DOC), client).await;
+    assert_eq!(doc.status, StatusCode::OK, "{}", doc.text());
+    let file = scratch_file(&format!("openapi-{}.json", client.0), &doc.text());
+    let base = gw.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("st")
+            .args(["run", file.to_str().unwrap(), "--url", &base])
+            .args(["-H", &format!("Authorization: {}", token(client))])
+            .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
+            .args(["--mode", "positive", "--max-examples", "5", "--seed", "1"])
+            .args(["--phases", "examples,coverage,fuzzing", "--no-shrink", "--workers", "1"])
+            .output()
+            .expect("schemathesis (tests/setup.sh installs it)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_nothing_outside_a_reader_s_document() {
+    schemathesis(TODO_READER).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_nothing_outside_a_writer_s_document() {
+    schemathesis(WRITER).await;
+}

@@ -10,6 +10,8 @@
 #     to show CORS working, and blocking, in a real browser;
 #   - openapi-spec-validator (PyPI): tests/openapi.rs validates the per-client OpenAPI
 #     documents with it, a standard OpenAPI 3.1 validator independent of erpgate;
+#   - schemathesis (PyPI): tests/openapi.rs runs its property-based API tests, driven by the
+#     per-client OpenAPI documents, against erpgate in front of the test upstream;
 #   - standardwebhooks (PyPI, the Standard Webhooks reference library): tests/events.rs verifies
 #     the relay's delivery signatures with it, an implementation independent of erpgate's.
 # Not installed here: wrk, nginx, haproxy and nginx-extras (Lua) serve only the load comparison,
@@ -42,6 +44,10 @@ fi
 if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
   echo "== installing openapi-spec-validator (PyPI)"
   python3 -m pip install --quiet openapi-spec-validator
+fi
+if ! command -v st >/dev/null || ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
+  echo "== installing schemathesis (PyPI)"
+  python3 -m pip install --quiet schemathesis
 fi
 if ! command -v kubernetes-validate >/dev/null; then
   echo "== installing kubernetes-validate (PyPI)"
