@@ -137,6 +137,18 @@ async fn two_clients_get_documents_that_differ_exactly_by_their_rules() {
     ] {
         assert!(params.contains(&name), "{name} in {params:?}");
     }
+    // A doctype argument offers what the client may read, from its own rules.
+    let doctype_arg = |doc: &Value| {
+        doc["paths"]["/api/method/frappe.client.get_list"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "doctype")
+            .unwrap()["schema"]["enum"]
+            .clone()
+    };
+    assert_eq!(doctype_arg(&reader), serde_json::json!(["ToDo"]));
+    assert_eq!(doctype_arg(&writer), serde_json::json!(["ToDo", "User"]));
     // The writer's create takes the create schema; the reader has no write schema in use.
     assert_eq!(
         writer["paths"]["/api/resource/ToDo"]["post"]["requestBody"]["content"]["application/json"]

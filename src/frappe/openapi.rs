@@ -5,7 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::catalog::Function;
+use super::catalog::{ArgKind, Function, Reach};
 use super::classify::Operation;
 use super::meta::{self, DocTypeMeta};
 
@@ -426,25 +426,58 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
     }
     for function in &inputs.functions {
         let (tag, name) = ("Methods", &function.name);
-        tags.push(json!({"name": name}));
+        // Each parameter as the capability catalog says erpgate judges it: a doctype argument
+        // offers only the doctypes the client may use that way, an argument a restricted client
+        // may never fill is left out, and a function needing one is left out altogether.
         let mut properties = Map::new();
         let mut required = Vec::new();
+        let mut query = Vec::new();
+        let mut callable = true;
         for p in &function.params {
-            let mut schema = json!({});
+            let mut inferred = None;
+            let mut schema = match function.reach(&p.name, &mut inferred) {
+                Reach::Passed(ArgKind::Refused(_) | ArgKind::Unreviewed) | Reach::Unjudged => {
+                    callable &= !p.required;
+                    continue;
+                }
+                Reach::Passed(ArgKind::Doctype(needed)) => {
+                    let names: Vec<&str> = inputs
+                        .doctypes
+                        .iter()
+                        .filter(|d| needed.iter().all(|op| d.operations.contains(op)))
+                        .map(|d| d.meta.name.as_str())
+                        .collect();
+                    if names.is_empty() {
+                        callable &= !p.required;
+                        continue;
+                    }
+                    json!({"type": "string", "enum": names})
+                }
+                Reach::Passed(
+                    ArgKind::Fields | ArgKind::Filters | ArgKind::OrderBy | ArgKind::GroupBy,
+                ) => json!({"type": "string", "description": LIST_GRAMMAR}),
+                _ => json!({"type": "string"}),
+            };
             if let Some(a) = &p.annotation {
-                schema["description"] = json!(format!("Python annotation: {a}"));
+                if schema.get("description").is_none() {
+                    schema["description"] = json!(format!("Python annotation: {a}"));
+                }
             }
             if p.required {
                 required.push(p.name.clone());
             }
+            query.push(
+                json!({"name": p.name, "in": "query", "required": p.required, "schema": schema}),
+            );
             properties.insert(p.name.clone(), schema);
         }
+        if !callable {
+            continue;
+        }
+        if !tags.iter().any(|t| t["name"] == tag) {
+            tags.push(json!({"name": tag}));
+        }
         let body = json!({"type": "object", "properties": properties, "required": required});
-        let query: Vec<Value> = function
-            .params
-            .iter()
-            .map(|p| json!({"name": p.name, "in": "query", "required": p.required, "schema": {"type": "string"}}))
-            .collect();
         for (prefix, key, suffix) in [
             ("/api/method/", "message", ""),
             ("/api/v2/method/", "data", "_v2"),

@@ -746,7 +746,13 @@ impl FrappeUpstream {
                         && (takes_all || function.params.iter().any(|p| p.name == *k))
                 })
                 .collect();
-            return ok(json!({"message": {"function": function.name, "args": args}}));
+            // `api/v2.py` answers in `data` (`v2_method_ping.txt`: `{"data": "pong"}`).
+            let key = if path.starts_with("/api/v2/") {
+                "data"
+            } else {
+                "message"
+            };
+            return ok(json!({key: {"function": function.name, "args": args}}));
         }
         if let Some(name) = path.strip_prefix("/api/method/") {
             return frappe_error(
