@@ -400,3 +400,44 @@ async fn schemathesis_finds_nothing_outside_a_reader_s_document() {
 async fn schemathesis_finds_nothing_outside_a_writer_s_document() {
     schemathesis(WRITER).await;
 }
+
+#[tokio::test]
+async fn an_oauth_app_s_document_is_read_as_its_user() {
+    let up = upstream().await;
+    up.issue_oauth_token(
+        "tok-alice",
+        "mobile-client-id",
+        "alice@example.com",
+        3600,
+        "all",
+    );
+    let gw = Gateway::start(&format!(
+        "{}oauth_apps:\n  mobile:\n    site: erp\n    client_id: mobile-client-id\n    \
+         allow: {{ resources: {{ ToDo: [read, create], User: [read] }} }}\n",
+        config(&up, "")
+    ))
+    .await;
+    let reply = send(
+        Method::GET,
+        &gw.url(DOC),
+        &[("authorization", "Bearer tok-alice")],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // Alice may not read User on the site: the app's document leaves it out.
+    assert!(!reply.text().contains("User"));
+    let mut expected = set(TODO_READS);
+    expected.extend(set(&[
+        "POST /api/resource/ToDo",
+        "POST /api/v2/document/ToDo",
+    ]));
+    assert_eq!(operations(&reply.json()), expected);
+    let asked: Vec<_> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.path_and_query.ends_with("/meta"))
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(asked, vec!["Bearer tok-alice"; 2]);
+}

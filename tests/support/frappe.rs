@@ -948,8 +948,9 @@ fn with_cookies(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
 }
 
 /// `api/v2.py` `get_meta`: the metadata of ToDo, User and its Has Role rows as captured from
-/// Frappe 15 (`meta/`), after `frappe.has_permission(doctype, "read")`: the reader account
-/// (a Sales User) may not read User, whose metadata it is then refused.
+/// Frappe 15 (`meta/`), after `frappe.has_permission(doctype, "read")`: only the sync account
+/// (a System Manager) may read User; the others (Sales Users, OAuth users) are refused its
+/// metadata.
 fn doctype_meta(doctype: &str, user: &str) -> Response<Full<Bytes>> {
     let meta = match doctype {
         "ToDo" => include_str!("meta/todo.json"),
@@ -965,7 +966,7 @@ fn doctype_meta(doctype: &str, user: &str) -> Response<Full<Bytes>> {
             return r;
         }
     };
-    if user == "Guest" || (doctype == "User" && user == "reader@example.com") {
+    if user == "Guest" || (doctype == "User" && user != "sync@example.com") {
         return v2_error(
             StatusCode::FORBIDDEN,
             "PermissionError",
