@@ -608,3 +608,52 @@ fn error_schema() -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str, submittable: bool) -> DocTypeMeta {
+        let body = json!({"data": {"name": name, "is_submittable": submittable as u8, "fields": [
+            {"fieldname": "customer", "fieldtype": "Link", "options": "Customer"},
+            {"fieldname": "company", "fieldtype": "Link", "options": "Company"},
+        ]}});
+        DocTypeMeta::parse(body.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn doc_methods_and_links_follow_the_rules() {
+        let order = meta("Sales Order", true);
+        let customer = meta("Customer", false);
+        let doc = document(&Inputs {
+            client: "c",
+            doctypes: vec![
+                GrantedDoctype {
+                    meta: &order,
+                    operations: vec![Operation::DocMethod],
+                },
+                GrantedDoctype {
+                    meta: &customer,
+                    operations: vec![Operation::Read],
+                },
+            ],
+            children: vec![],
+            functions: vec![],
+            public_url: None,
+        });
+        let paths = doc["paths"].as_object().unwrap();
+        let run = &paths["/api/v2/document/Sales%20Order/{name}/method/{method}"]["post"];
+        assert!(run["summary"]
+            .as_str()
+            .unwrap()
+            .contains("submit and cancel"));
+        // DocMethod alone grants no read or write of Sales Order.
+        assert!(!paths.contains_key("/api/resource/Sales%20Order"));
+        assert!(!paths.contains_key("/api/resource/Sales%20Order/{name}"));
+        // A Link to a readable doctype names it; one to a doctype not granted does not.
+        let props = &doc["components"]["schemas"]["Sales_Order"]["allOf"][1]["properties"];
+        assert_eq!(props["customer"]["x-frappe-link"], "Customer");
+        assert!(props["company"].get("x-frappe-link").is_none());
+        assert!(!doc.to_string().contains("Company"));
+    }
+}
