@@ -75,12 +75,11 @@ impl MetadataCache {
         doctype: &str,
     ) -> Result<Meta, GatewayError> {
         let key = (site.name.clone(), account.identity, doctype.to_lowercase());
-        if let Some(hit) = self.entries.get(&key).await {
-            return Ok(hit);
-        }
-        let meta = read_meta(site, account, doctype).await?;
-        self.entries.insert(key, meta.clone()).await;
-        Ok(meta)
+        // Concurrent misses share one read; a failed read is not kept.
+        self.entries
+            .try_get_with(key, read_meta(site, account, doctype))
+            .await
+            .map_err(|e: Arc<GatewayError>| (*e).clone())
     }
 }
 
