@@ -14,6 +14,7 @@ use support::*;
 
 const DOC: &str = "/_erpgate/openapi.json";
 const WRITER: Credential = ("ek_writer", "writer-client-secret");
+const RUNNER: Credential = ("ek_runner", "runner-client-secret");
 const USER_READER: Credential = ("ek_user_reader", "user-reader-client-secret");
 
 /// The base config plus a ToDo writer (sync account) and a client granted User on the reader
@@ -331,16 +332,25 @@ fn python(script: &str, input: &[u8]) -> String {
 #[tokio::test]
 async fn every_client_s_document_is_valid_openapi_3_1() {
     let up = upstream().await;
-    let gw = Gateway::start(&config(
-        &up,
-        "openapi: { public_url: \"https://api.example.com\" }\n",
-    ))
-    .await;
+    // A client granted every operation, document methods included.
+    let runner = format!(
+        "  runner:\n    key_id: {}\n    secret_sha256: \"{}\"\n    site: erp\n    \
+         service_account: sync\n    allow: {{ resources: {{ ToDo: [all], User: [read] }} }}\n\
+         openapi: {{ public_url: \"https://api.example.com\" }}\n",
+        RUNNER.0,
+        sha256_hex(RUNNER.1)
+    );
+    let gw = Gateway::start(&config(&up, &runner)).await;
     let mut documents = Vec::new();
-    for client in [TODO_READER, WRITER, USER_READER] {
+    for client in [TODO_READER, WRITER, USER_READER, RUNNER] {
         let reply = get(&gw.url(DOC), client).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         documents.push(reply.json());
+        if client == RUNNER {
+            let paths = &documents.last().unwrap()["paths"];
+            assert!(paths["/api/resource/ToDo/{name}"]["post"].is_object());
+            assert!(paths["/api/v2/document/ToDo/{name}/method/{method}"]["post"].is_object());
+        }
     }
     let yaml = get(&gw.url("/_erpgate/openapi.yaml"), WRITER).await;
     documents.push(serde_yaml::from_slice(&yaml.body).unwrap());

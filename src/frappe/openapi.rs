@@ -408,6 +408,16 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
                 format!("/api/v2/document/{seg}/{{name}}/method/{{method}}"),
                 Value::Object(run),
             );
+            // v1: `POST /api/resource/<doctype>/<name>?run_method=<method>` (`api/v1.py`
+            // `execute_doc_method`).
+            let ran = ok_response("What the method returned", envelope("message", json!({})));
+            v1_doc.insert(
+                "post".into(),
+                Value::Object(with_params(
+                    operation(format!("run_method_{comp}"), dt, format!("Run a method of a {dt}"), common_responses(ran)),
+                    &json!([{"name": "run_method", "in": "query", "required": true, "schema": choices}]),
+                )),
+            );
         }
         let doc_params = json!([{"$ref": NAME_PARAM}]);
         let mut insert = |path: String, mut ops: Map<String, Value>, with_name: bool| {
@@ -647,9 +657,17 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("submit and cancel"));
+        let v1 = paths["/api/resource/Sales%20Order/{name}"]
+            .as_object()
+            .unwrap();
+        assert_eq!(v1["post"]["parameters"][1]["name"], "run_method");
         // DocMethod alone grants no read or write of Sales Order.
         assert!(!paths.contains_key("/api/resource/Sales%20Order"));
-        assert!(!paths.contains_key("/api/resource/Sales%20Order/{name}"));
+        assert_eq!(
+            v1.keys().collect::<Vec<_>>(),
+            vec!["post", "parameters"],
+            "only the method call"
+        );
         // A Link to a readable doctype names it; one to a doctype not granted does not.
         let props = &doc["components"]["schemas"]["Sales_Order"]["allOf"][1]["properties"];
         assert_eq!(props["customer"]["x-frappe-link"], "Customer");
