@@ -335,7 +335,9 @@ async fn every_client_s_document_is_valid_openapi_3_1() {
     // A client granted every operation, document methods included.
     let runner = format!(
         "  runner:\n    key_id: {}\n    secret_sha256: \"{}\"\n    site: erp\n    \
-         service_account: sync\n    allow: {{ resources: {{ ToDo: [all], User: [read] }} }}\n\
+         service_account: sync\n    allow:\n      resources: {{ ToDo: [all], User: [read] }}\n      \
+         methods:\n        - {{ name: myapp.api.sync_orders, args: {{ doctype: \"doctype:create\", \
+         payload: \"doc:create\" }} }}\n        - {{ name: myapp.api.ping, judged_by_its_own_code: true }}\n\
          openapi: {{ public_url: \"https://api.example.com\" }}\n",
         RUNNER.0,
         sha256_hex(RUNNER.1)
@@ -350,6 +352,13 @@ async fn every_client_s_document_is_valid_openapi_3_1() {
             let paths = &documents.last().unwrap()["paths"];
             assert!(paths["/api/resource/ToDo/{name}"]["post"].is_object());
             assert!(paths["/api/v2/document/ToDo/{name}/method/{method}"]["post"].is_object());
+            // An app's own methods: declared arguments as judged (a doctype argument offers
+            // what the client may create), or whatever its own code takes.
+            let sync = &paths["/api/method/myapp.api.sync_orders"];
+            let doctype = &sync["post"]["requestBody"]["content"]["application/json"]["schema"]
+                ["properties"]["doctype"];
+            assert_eq!(doctype["enum"], serde_json::json!(["ToDo"]));
+            assert!(paths["/api/v2/method/myapp.api.ping"]["post"].is_object());
         }
     }
     let yaml = get(&gw.url("/_erpgate/openapi.yaml"), WRITER).await;

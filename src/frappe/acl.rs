@@ -16,6 +16,10 @@ use super::query_args;
 
 pub use super::call::Denied;
 
+/// An app method granted by exact name: its declared arguments' kinds, or `None` when it is
+/// left to its own code.
+pub type AppMethod<'a> = (&'a str, Option<&'a [(String, ArgKind)]>);
+
 /// What a restricted client may do.
 #[derive(Debug, Clone, Default)]
 pub struct AccessRules {
@@ -205,6 +209,19 @@ impl AccessRules {
             .collect();
         granted.sort_unstable_by(|a, b| a.0.cmp(b.0));
         granted
+    }
+
+    /// Methods outside the catalog granted by exact name: with their declared arguments, or
+    /// `None` when left to their own code; sorted. (`prefix.*` rules name no method.)
+    pub fn granted_app_methods(&self) -> Vec<AppMethod<'_>> {
+        let mut methods: Vec<AppMethod<'_>> = self
+            .declared
+            .iter()
+            .map(|(name, args)| (name.as_str(), Some(args.as_slice())))
+            .chain(self.own_code.iter().map(|name| (name.as_str(), None)))
+            .collect();
+        methods.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        methods
     }
 
     /// The catalogued functions granted, by defining name, sorted.

@@ -28,6 +28,9 @@ pub struct Inputs<'a> {
     pub children: Vec<&'a DocTypeMeta>,
     /// Catalogued functions granted.
     pub functions: Vec<&'a Function>,
+    /// Methods outside the catalog: with their declared arguments, or `None` (left to their
+    /// own code).
+    pub app_methods: Vec<super::acl::AppMethod<'a>>,
     /// The public URL integrators reach erpgate at, if configured.
     pub public_url: Option<&'a str>,
 }
@@ -445,28 +448,14 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
         let mut callable = true;
         for p in &function.params {
             let mut inferred = None;
-            let mut schema = match function.reach(&p.name, &mut inferred) {
-                Reach::Passed(ArgKind::Refused(_) | ArgKind::Unreviewed) | Reach::Unjudged => {
-                    callable &= !p.required;
-                    continue;
-                }
-                Reach::Passed(ArgKind::Doctype(needed)) => {
-                    let names: Vec<&str> = inputs
-                        .doctypes
-                        .iter()
-                        .filter(|d| needed.iter().all(|op| d.operations.contains(op)))
-                        .map(|d| d.meta.name.as_str())
-                        .collect();
-                    if names.is_empty() {
-                        callable &= !p.required;
-                        continue;
-                    }
-                    json!({"type": "string", "enum": names})
-                }
-                Reach::Passed(
-                    ArgKind::Fields | ArgKind::Filters | ArgKind::OrderBy | ArgKind::GroupBy,
-                ) => json!({"type": "string", "description": LIST_GRAMMAR}),
-                _ => json!({"type": "string"}),
+            let kind = match function.reach(&p.name, &mut inferred) {
+                Reach::Passed(kind) => Some(kind),
+                Reach::Unjudged => None,
+                Reach::Dropped => Some(&ArgKind::Scalar),
+            };
+            let Some(mut schema) = kind.and_then(|k| kind_schema(k, &inputs.doctypes)) else {
+                callable &= !p.required;
+                continue;
             };
             if let Some(a) = &p.annotation {
                 if schema.get("description").is_none() {
@@ -513,6 +502,54 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
             if !ops.is_empty() {
                 paths.insert(format!("{prefix}{name}"), Value::Object(ops));
             }
+        }
+    }
+    // Methods outside the catalog: with their declared arguments, or (left to their own
+    // code) with whatever the caller sends.
+    for (name, args) in &inputs.app_methods {
+        let mut properties = Map::new();
+        let mut query = Vec::new();
+        for (arg, kind) in args.iter().flat_map(|a| a.iter()) {
+            if let Some(schema) = kind_schema(kind, &inputs.doctypes) {
+                query.push(json!({"name": arg, "in": "query", "schema": schema}));
+                properties.insert(arg.clone(), schema);
+            }
+        }
+        let body = match args {
+            Some(_) => json!({"type": "object", "properties": properties}),
+            None => json!({"type": "object", "description": "Judged by the method's own code."}),
+        };
+        if !tags.iter().any(|t| t["name"] == "Methods") {
+            tags.push(json!({"name": "Methods"}));
+        }
+        for (prefix, key, suffix) in [
+            ("/api/method/", "message", ""),
+            ("/api/v2/method/", "data", "_v2"),
+        ] {
+            let ok = || ok_response(&format!("What {name} returned"), envelope(key, json!({})));
+            let id = |verb: &str| format!("{}{suffix}_{verb}", component_name(name));
+            let mut ops = Map::new();
+            let get = operation(
+                id("get"),
+                "Methods",
+                format!("Call {name}"),
+                common_responses(ok()),
+            );
+            ops.insert(
+                "get".into(),
+                Value::Object(with_params(get, &Value::Array(query.clone()))),
+            );
+            let post = operation(
+                id("post"),
+                "Methods",
+                format!("Call {name}"),
+                common_responses(ok()),
+            );
+            ops.insert(
+                "post".into(),
+                Value::Object(with_body(post, body.clone(), true)),
+            );
+            paths.insert(format!("{prefix}{name}"), Value::Object(ops));
         }
     }
     // A Link to a doctype the client may not read is described without its target's name:
@@ -572,6 +609,26 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
             },
         },
     })
+}
+
+/// An argument's schema as erpgate judges its kind; `None`: a restricted client may not fill
+/// it (refused, unreviewed, or a doctype argument no granted doctype satisfies).
+fn kind_schema(kind: &ArgKind, doctypes: &[GrantedDoctype<'_>]) -> Option<Value> {
+    match kind {
+        ArgKind::Refused(_) | ArgKind::Unreviewed => None,
+        ArgKind::Doctype(needed) => {
+            let names: Vec<&str> = doctypes
+                .iter()
+                .filter(|d| needed.iter().all(|op| d.operations.contains(op)))
+                .map(|d| d.meta.name.as_str())
+                .collect();
+            (!names.is_empty()).then(|| json!({"type": "string", "enum": names}))
+        }
+        ArgKind::Fields | ArgKind::Filters | ArgKind::OrderBy | ArgKind::GroupBy => {
+            Some(json!({"type": "string", "description": LIST_GRAMMAR}))
+        }
+        _ => Some(json!({"type": "string"})),
+    }
 }
 
 fn hide_unreadable_links(value: &mut Value, nameable: &[String]) {
@@ -649,6 +706,7 @@ mod tests {
             ],
             children: vec![],
             functions: vec![],
+            app_methods: vec![],
             public_url: None,
         });
         let paths = doc["paths"].as_object().unwrap();

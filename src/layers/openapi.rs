@@ -294,6 +294,7 @@ async fn serve(shared: Arc<Shared>, request: Request<Body>) -> Result<Response<B
             .into_iter()
             .filter_map(|name| catalog.lookup(name))
             .collect(),
+        app_methods: rules.granted_app_methods(),
         public_url: shared.public_url.as_deref(),
     };
     let doc = document(&inputs);
