@@ -392,6 +392,9 @@ async fn schemathesis(client: Credential) {
     let base = gw.base.clone();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("st")
+            // Its own state directory (`.schemathesis/`) goes beside the document, not into
+            // the worktree.
+            .current_dir(file.parent().unwrap())
             .args(["run", file.to_str().unwrap(), "--url", &base])
             .args(["-H", &format!("Authorization: {}", token(client))])
             .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
