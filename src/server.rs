@@ -816,6 +816,19 @@ impl Admin {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "GET /cache/stats, POST /cache/purge\n".into(),
             ),
+            (&Method::POST, "/openapi/purge")
+                if !admin_request_allowed(request, live.admin_token.as_deref()) =>
+            {
+                text(
+                    StatusCode::FORBIDDEN,
+                    "state-changing admin requests need the header X-Erpgate-Admin: 1 (or the admin token as a bearer token, when one is configured)\n".into(),
+                )
+            }
+            (&Method::POST, "/openapi/purge") => {
+                live.openapi_metadata.purge();
+                tracing::info!("openapi metadata purged");
+                text(StatusCode::OK, "purged\n".into())
+            }
             (_, "/events/dead-letters" | "/events/replay") if live.events.is_none() => text(
                 StatusCode::NOT_FOUND,
                 "no event relay is configured\n".into(),

@@ -5,7 +5,7 @@
 //! client ─► sensitive headers ─► request id ─► observe ─► [server span] ─► [CORS]
 //!        ─► compression ─► catch panic ─► error edge ─► body limit ─► webhooks (cache purge,
 //!           [event relay] intake) ─► [public routes] ─► authenticate (gateway keys, OAuth
-//!           access tokens) ─► [event feed] ─► route ─► classify ─► method route ─► rate limit ─► concurrency ─► authorize ─► cache
+//!           access tokens) ─► [event feed] ─► OpenAPI document ─► route ─► classify ─► method route ─► rate limit ─► concurrency ─► authorize ─► cache
 //!        ─► idempotency ─► buffer ─► deadline ─► retry ─► circuit breaker ─► credential swap
 //!        ─► [attempt span] ─► forward (pooled client) ─► site
 //! ```
@@ -46,6 +46,7 @@ use crate::layers::forward::Forward;
 use crate::layers::idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, SharedStore};
 use crate::layers::method_route::MethodRouteLayer;
 use crate::layers::observe::ObserveLayer;
+use crate::layers::openapi::{MetadataCache, OpenApiLayer};
 use crate::layers::public_routes::{PublicRoutes, PublicRoutesLayer};
 use crate::layers::rate_limit::{ClientQuotas, QuotaPolicy, RateLimitLayer};
 use crate::layers::request_id::RequestIdLayer;
@@ -123,6 +124,8 @@ pub struct Gateway {
     pub server: ServerSettings,
     /// The event relay, when configured.
     pub events: Option<Arc<EventRelay>>,
+    /// The sites' DocType metadata the OpenAPI documents are built from.
+    pub openapi_metadata: MetadataCache,
     /// What `POST /cache/purge` on the admin listener requires as a bearer token, if set.
     pub admin_token: Option<String>,
     /// File watching.
@@ -331,6 +334,7 @@ where
         state.set_listeners(listeners);
     }
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+    let openapi_metadata = MetadataCache::new(config.openapi.metadata_ttl);
     let telemetry = build_telemetry(config, metrics, kept.map(|k| &k.telemetry))?;
     let tracer = telemetry.1.as_ref().map(|t| t.spans.clone());
 
@@ -394,6 +398,13 @@ where
         // The pull feed needs the client (its rules filter the events) and is erpgate's own
         // path: before routing, never forwarded.
         .option_layer(events.1.clone().map(EventFeedLayer::new))
+        // The client's OpenAPI document needs the client (its rules are the document) and is
+        // erpgate's own path: before routing, never forwarded.
+        .layer(OpenApiLayer::new(
+            router.clone(),
+            openapi_metadata.clone(),
+            config.openapi.public_url.clone(),
+        ))
         // Before classification: the canonical, prefix-stripped path is what Frappe will see,
         // so it is what the rules must judge.
         .layer(RouteLayer::new(router.clone()))
@@ -459,6 +470,7 @@ where
             http2_keepalive_interval: config.limits.http2_keepalive_interval,
         },
         events: events.1.clone(),
+        openapi_metadata,
         admin_token: config.admin_token.as_ref().map(|t| t.0.clone()),
         reload: config.reload.clone(),
         kept: Kept {

@@ -510,7 +510,7 @@ async fn a_doctype_method_route_is_the_controller_modules_function() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(
-        reply.json()["message"]["function"],
+        reply.json()["data"]["function"],
         "erpnext.selling.doctype.sales_order.sales_order.make_sales_invoice"
     );
 }

@@ -8,6 +8,10 @@
 #     arguments with it (redis-cli comes with it);
 #   - chromium (Debian package `chromium`): tests/browser.rs loads pages in headless Chromium
 #     to show CORS working, and blocking, in a real browser;
+#   - openapi-spec-validator (PyPI): tests/openapi.rs validates the per-client OpenAPI
+#     documents with it, a standard OpenAPI 3.1 validator independent of erpgate;
+#   - schemathesis (PyPI): tests/openapi.rs runs its property-based API tests, driven by the
+#     per-client OpenAPI documents, against erpgate in front of the test upstream;
 #   - standardwebhooks (PyPI, the Standard Webhooks reference library): tests/events.rs verifies
 #     the relay's delivery signatures with it, an implementation independent of erpgate's.
 # Not installed here: wrk, nginx, haproxy and nginx-extras (Lua) serve only the load comparison,
@@ -36,6 +40,14 @@ fi
 if ! python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
   echo "== installing standardwebhooks (PyPI)"
   python3 -m pip install --quiet standardwebhooks
+fi
+if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+  echo "== installing openapi-spec-validator (PyPI)"
+  python3 -m pip install --quiet openapi-spec-validator
+fi
+if ! command -v st >/dev/null || ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
+  echo "== installing schemathesis (PyPI)"
+  python3 -m pip install --quiet schemathesis
 fi
 if ! command -v kubernetes-validate >/dev/null; then
   echo "== installing kubernetes-validate (PyPI)"

@@ -1098,3 +1098,26 @@ fn route_timeouts_and_method_matchers_load_and_bad_ones_are_rejected() {
         );
     }
 }
+
+#[test]
+fn openapi_public_url_is_an_absolute_url_and_the_ttl_positive() {
+    let found = problems(&format!(
+        "{}openapi: {{ public_url: \"api.example.com\", metadata_ttl: 0s }}\n",
+        valid()
+    ));
+    let keys: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
+    assert!(keys.contains(&"openapi.public_url"), "{keys:?}");
+    assert!(keys.contains(&"openapi.metadata_ttl"), "{keys:?}");
+    let loaded = Config::from_yaml(
+        &format!(
+            "{}openapi: {{ public_url: \"https://api.example.com\" }}\n",
+            valid()
+        ),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.config.openapi.public_url.as_deref(),
+        Some("https://api.example.com")
+    );
+}

@@ -109,6 +109,36 @@ pub struct Config {
     /// (README "Events"). Default: none, off.
     #[serde(default)]
     pub events: Option<EventsConfig>,
+    /// The per-client OpenAPI document at `GET /_erpgate/openapi.json` (README "Describe your
+    /// API"). Default: on, no public URL, metadata kept 5m.
+    #[serde(default)]
+    pub openapi: OpenApiConfig,
+}
+
+/// The per-client OpenAPI document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenApiConfig {
+    /// The URL integrators reach erpgate at (`https://api.example.com`): the document's
+    /// `servers`. Default: none (`/`, relative to where the document was fetched).
+    #[serde(default, deserialize_with = "parse_env_opt")]
+    pub public_url: Option<String>,
+    /// How long a site's DocType metadata is kept before it is read again (`POST
+    /// /openapi/purge` on the admin listener forgets it at once). Default `5m`.
+    #[serde(
+        default = "defaults::openapi_metadata_ttl",
+        deserialize_with = "parse_duration"
+    )]
+    pub metadata_ttl: Duration,
+}
+
+impl Default for OpenApiConfig {
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            metadata_ttl: defaults::openapi_metadata_ttl(),
+        }
+    }
 }
 
 impl Config {
@@ -1385,6 +1415,10 @@ mod defaults {
 
     pub fn subscription_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+
+    pub fn openapi_metadata_ttl() -> Duration {
+        Duration::from_secs(300)
     }
 
     pub fn events_retry_for() -> Duration {

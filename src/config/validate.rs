@@ -646,6 +646,25 @@ impl Config {
             }
         }
 
+        if let Some(url) = &self.openapi.public_url {
+            // The documents' servers: what generated clients call, so a usable absolute URL.
+            let usable = url.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            });
+            if !usable {
+                problem(
+                    "openapi.public_url".into(),
+                    "must be an absolute http:// or https:// URL".into(),
+                );
+            }
+        }
+        if self.openapi.metadata_ttl.is_zero() {
+            problem(
+                "openapi.metadata_ttl".into(),
+                "must be more than 0 (metadata is read once per document otherwise)".into(),
+            );
+        }
+
         let mut subscription_secrets = IndexMap::new();
         if let Some(events) = &self.events {
             if events.directory.is_none() && self.shared_state.is_none() {

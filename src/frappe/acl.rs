@@ -16,12 +16,18 @@ use super::query_args;
 
 pub use super::call::Denied;
 
+/// An app method granted by exact name: its declared arguments' kinds, or `None` when it is
+/// left to its own code.
+pub type AppMethod<'a> = (&'a str, Option<&'a [(String, ArgKind)]>);
+
 /// What a restricted client may do.
 #[derive(Debug, Clone, Default)]
 pub struct AccessRules {
     /// (lower-cased doctype or `*`, allowed operations). Frappe's database matches doctypes
     /// case-insensitively, so the rules do too.
     resources: Vec<(String, HashSet<Operation>)>,
+    /// Each resource rule's doctype as first configured (what Frappe's metadata is asked for).
+    spelled: HashMap<String, String>,
     /// Catalogued functions granted, by defining name.
     functions: HashSet<String>,
     /// Methods outside the catalog with declared arguments.
@@ -93,6 +99,9 @@ impl AccessRules {
         operations: impl IntoIterator<Item = Operation>,
     ) {
         let key = doctype.to_lowercase();
+        self.spelled
+            .entry(key.clone())
+            .or_insert_with(|| doctype.to_owned());
         match self.resources.iter_mut().find(|(d, _)| *d == key) {
             Some((_, ops)) => ops.extend(operations),
             None => self.resources.push((key, operations.into_iter().collect())),
@@ -175,6 +184,44 @@ impl AccessRules {
     /// Whether the rules let this client read `doctype`.
     pub fn may_read(&self, doctype: &str) -> bool {
         self.resource(doctype, Operation::Read).is_ok()
+    }
+
+    /// The doctypes named in resource rules (not `*`), as configured, with the operations
+    /// granted on each (a `*` rule's included), sorted by name.
+    pub fn granted_resources(&self) -> Vec<(&str, Vec<Operation>)> {
+        let mut granted: Vec<(&str, Vec<Operation>)> = self
+            .resources
+            .iter()
+            .filter(|(d, _)| d != "*")
+            .map(|(d, _)| {
+                let ops = [
+                    Operation::Read,
+                    Operation::Create,
+                    Operation::Update,
+                    Operation::Delete,
+                    Operation::DocMethod,
+                ]
+                .into_iter()
+                .filter(|op| self.resource(d, *op).is_ok())
+                .collect();
+                (self.spelled.get(d).map_or(d.as_str(), String::as_str), ops)
+            })
+            .collect();
+        granted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        granted
+    }
+
+    /// Methods outside the catalog granted by exact name: with their declared arguments, or
+    /// `None` when left to their own code; sorted. (`prefix.*` rules name no method.)
+    pub fn granted_app_methods(&self) -> Vec<AppMethod<'_>> {
+        let mut methods: Vec<AppMethod<'_>> = self
+            .declared
+            .iter()
+            .map(|(name, args)| (name.as_str(), Some(args.as_slice())))
+            .chain(self.own_code.iter().map(|name| (name.as_str(), None)))
+            .collect();
+        methods.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        methods
     }
 
     /// The catalogued functions granted, by defining name, sorted.

@@ -21,6 +21,7 @@ pub mod forward;
 pub mod idempotency;
 pub mod method_route;
 pub mod observe;
+pub mod openapi;
 pub mod public_routes;
 pub mod rate_limit;
 pub mod request_id;

@@ -609,6 +609,15 @@ impl FrappeUpstream {
             Ok(user) => user,
             Err(()) => return auth_failure(path.starts_with("/api/v2/")),
         };
+        if let Some(doctype) = path
+            .strip_prefix("/api/v2/doctype/")
+            .and_then(|rest| rest.strip_suffix("/meta"))
+        {
+            return doctype_meta(
+                &percent_encoding::percent_decode_str(doctype).decode_utf8_lossy(),
+                &user,
+            );
+        }
         if path == "/api/method/test.slow" {
             let ms: u64 = query.get("ms").and_then(|m| m.parse().ok()).unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -737,7 +746,13 @@ impl FrappeUpstream {
                         && (takes_all || function.params.iter().any(|p| p.name == *k))
                 })
                 .collect();
-            return ok(json!({"message": {"function": function.name, "args": args}}));
+            // `api/v2.py` answers in `data` (`v2_method_ping.txt`: `{"data": "pong"}`).
+            let key = if path.starts_with("/api/v2/") {
+                "data"
+            } else {
+                "message"
+            };
+            return ok(json!({key: {"function": function.name, "args": args}}));
         }
         if let Some(name) = path.strip_prefix("/api/method/") {
             return frappe_error(
@@ -929,6 +944,46 @@ fn with_cookies(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
         r.headers_mut()
             .append("set-cookie", cookie.parse().unwrap());
     }
+    r
+}
+
+/// `api/v2.py` `get_meta`: the metadata of ToDo, User and its Has Role rows as captured from
+/// Frappe 15 (`meta/`), after `frappe.has_permission(doctype, "read")`: only the sync account
+/// (a System Manager) may read User; the others (Sales Users, OAuth users) are refused its
+/// metadata.
+fn doctype_meta(doctype: &str, user: &str) -> Response<Full<Bytes>> {
+    let meta = match doctype {
+        "ToDo" => include_str!("meta/todo.json"),
+        "User" => include_str!("meta/user.json"),
+        "Has Role" => include_str!("meta/has_role.json"),
+        _ => {
+            let mut r = v2_error(
+                StatusCode::NOT_FOUND,
+                "DoesNotExistError",
+                &format!("DocType {doctype} not found"),
+            );
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            return r;
+        }
+    };
+    if user == "Guest" || (doctype == "User" && user != "sync@example.com") {
+        return v2_error(
+            StatusCode::FORBIDDEN,
+            "PermissionError",
+            &format!("No permission for {doctype}"),
+        );
+    }
+    let mut r = Response::new(Full::new(Bytes::from_static(meta.as_bytes())));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+/// A v2 error envelope (`api/v2.py` `handle_exception`'s `errors` list).
+fn v2_error(status: StatusCode, exc_type: &str, message: &str) -> Response<Full<Bytes>> {
+    let mut r = ok(json!({"errors": [{"type": exc_type, "message": message,
+        "exception": format!("frappe.exceptions.{exc_type}: {message}")}]}));
+    *r.status_mut() = status;
     r
 }
 
