@@ -147,7 +147,11 @@ async fn slow_readers_never_hold_the_sites_workers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = upstream().await;
     up.set_sync_workers(2);
-    let gw = Gateway::start(&base_config(&up)).await;
+    // A long attempt timeout: were the workers held, the bystander would wait the readers out
+    // (they read only after it is answered) and hit the bound below, not a 504 that could also
+    // come from a loaded machine.
+    let config = base_config(&up).replace("request: 3s", "request: 60s");
+    let gw = Gateway::start(&config).await;
     let addr = gw.base.trim_start_matches("http://").to_owned();
     // Two clients ask for 24 MB answers and then read nothing for a while.
     let mut readers = Vec::new();
@@ -161,14 +165,21 @@ async fn slow_readers_never_hold_the_sites_workers() {
         readers.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
+    // A bound against a hang, not a benchmark (shared machines are slow at times): held workers
+    // would keep the bystander waiting for as long as the readers do not read, forever.
     let started = Instant::now();
-    let reply = get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        get(&gw.url("/api/method/frappe.auth.get_logged_user"), FULL),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "a bystander waited {:?} behind slow readers",
+            started.elapsed()
+        )
+    });
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(
-        started.elapsed() < Duration::from_millis(2500),
-        "a bystander waited {:?} behind slow readers",
-        started.elapsed()
-    );
     // The slow readers still get everything.
     for mut stream in readers {
         let mut answer = Vec::new();
