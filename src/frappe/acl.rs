@@ -345,6 +345,11 @@ impl Capabilities for AccessRules {
                 .contains(&function.name)
                 .then_some(Grant::Function(function));
         }
+        // A doctype controller's function the catalog does not know: no app rule can name it
+        // (a prefix must not match `doctype/attr`), so it is not granted.
+        if name.contains('/') {
+            return None;
+        }
         if let Some(args) = self.declared.get(name) {
             return Some(Grant::Declared(args));
         }
@@ -537,6 +542,39 @@ mod tests {
         assert!(rules
             .check(&call("frappe.client.insert", "doc", top))
             .is_ok());
+    }
+
+    #[test]
+    fn what_cannot_be_read_or_named_is_refused() {
+        let mut rules = todo_reader();
+        rules.allow_resource("ToDo", parse_operations("write").unwrap());
+        // A v1 create's `data` that CPython could read and erpgate cannot (malformed, too deep).
+        let deep = format!(
+            r#"{{"parenttype": "User", "x": {}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for data in [r#"{"parenttype": "User""#.to_owned(), deep] {
+            let data: String = form_urlencoded::byte_serialize(data.as_bytes()).collect();
+            let create = req(Method::POST, "/api/resource/ToDo", &format!("data={data}"));
+            assert!(matches!(rules.check(&create), Err(Denied::Argument { .. })));
+        }
+        // Plain text is no document (v1 falls back to form_dict): judged as the form.
+        assert!(rules
+            .check(&req(
+                Method::POST,
+                "/api/resource/ToDo",
+                "data=hello&description=x"
+            ))
+            .is_ok());
+        assert!(rules
+            .check(&req(Method::POST, "/api/resource/ToDo", "parenttype=User"))
+            .is_err());
+        // A prefix rule never matches a controller route it cannot resolve.
+        assert_eq!(
+            rules.check(&req(Method::POST, "/api/v2/method/myapp.api/x", "")),
+            Err(Denied::Method("myapp.api/x".into()))
+        );
     }
 
     #[test]

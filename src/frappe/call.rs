@@ -261,41 +261,45 @@ impl<'r, C: Capabilities> Judge<'r, C> {
         if operation == Operation::Create && submits_on_create(form) {
             self.caps.resource(doctype, Operation::Update)?;
         }
-        let mut members: Vec<python_json::Member> = form
-            .entries()
-            .iter()
-            .filter(|e| !not_an_argument(e))
-            .map(|e| python_json::Member {
-                key: e.name().to_owned(),
-                value: match &e.value {
-                    FormValue::Json(v) => v.clone(),
-                    FormValue::Text(t) => PyJson::Str(t.clone()),
-                },
-                span: (0, 0),
-            })
-            .collect();
-        for data in form.values_named("data") {
-            match json_of(data) {
-                Some(PyJson::Object(inner)) => members.extend(inner),
-                // A `data` that is no document: v1 falls back to form_dict, judged above.
-                Some(PyJson::Str(_)) | None => {}
-                Some(_) => return Err(refuse("it must be a JSON document")),
-            }
-        }
-        for member in &members {
-            match (member.key.as_str(), &member.value) {
-                ("doctype", PyJson::Str(named)) if !named.eq_ignore_ascii_case(doctype) => {
-                    self.caps.resource(named, operation)?
+        // The members named `doctype` and `parenttype`, wherever the document comes from; read
+        // in place (a form value as a JSON string), nothing copied.
+        let judge = |key: &str, value: Option<&PyJson>, text: Option<&str>| {
+            let named = text.or_else(|| value.and_then(PyJson::as_str));
+            match (key, named, value) {
+                ("doctype", Some(named), _) if !named.eq_ignore_ascii_case(doctype) => {
+                    self.caps.resource(named, operation)
                 }
-                ("doctype" | "parenttype", PyJson::Null) | ("doctype", PyJson::Str(_)) => {}
-                ("parenttype", PyJson::Str(parent)) => {
-                    self.caps.resource(parent, Operation::Update)?
-                }
-                ("doctype" | "parenttype", _) => {
-                    return Err(refuse("a doctype or parenttype must be a string"))
+                ("parenttype", Some(parent), _) => self.caps.resource(parent, Operation::Update),
+                ("doctype", Some(_), _) | (_, None, Some(PyJson::Null)) => Ok(()),
+                ("doctype" | "parenttype", _, _) => {
+                    Err(refuse("a doctype or parenttype must be a string"))
                 }
                 // Rows of table fields: their doctype is the table's (`_init_child`).
-                _ => {}
+                _ => Ok(()),
+            }
+        };
+        for entry in form.entries() {
+            match &entry.value {
+                FormValue::Text(text) => judge(entry.name(), None, Some(text))?,
+                FormValue::Json(value) => judge(entry.name(), Some(value), None)?,
+            }
+        }
+        for data in form.values_named("data") {
+            match json_of(data) {
+                Some(PyJson::Object(members)) => {
+                    for member in &members {
+                        judge(&member.key, Some(&member.value), None)?;
+                    }
+                }
+                // Not a document: v1 falls back to `form_dict`, judged above.
+                Some(PyJson::Str(_)) => {}
+                // Text Frappe could read as JSON and erpgate cannot (too deep, malformed):
+                // refused, never guessed.
+                None if looks_like_json(data) => {
+                    return Err(refuse("it cannot be read exactly as Frappe would read it"))
+                }
+                None => {}
+                Some(_) => return Err(refuse("it must be a JSON document")),
             }
         }
         Ok(())
@@ -523,6 +527,14 @@ fn python_string(source: &str) -> Option<&str> {
         .and_then(|s| s.strip_suffix('\''))
         .or_else(|| source.strip_prefix('"').and_then(|s| s.strip_suffix('"')))?;
     (!inner.contains(['\\', '\'', '"'])).then_some(inner)
+}
+
+/// Whether a text value opens like JSON (`{`, `[` or `"`): what erpgate cannot parse of such a
+/// value, CPython might.
+fn looks_like_json(value: &FormValue) -> bool {
+    value
+        .as_plain_text()
+        .is_some_and(|t| t.trim_start().starts_with(['{', '[', '"']))
 }
 
 /// The last member named `key`: the one a Python dict keeps.
