@@ -629,3 +629,83 @@ async fn what_a_route_or_a_default_runs_is_judged_too() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_functions_argument_is_judged_in_every_carrier_and_under_every_name() {
+    let up = upstream().await;
+    let gw = Gateway::start(&with_rules(
+        &up,
+        "ToDo: [read, create], Has Role: [create]",
+        "[frappe.desk.reportview.get, frappe.client.insert]",
+    ))
+    .await;
+    let auth = token(TODO_READER);
+    let pluck = enc(SUBQUERY);
+    let multipart = |path: &str, fields: &[(&str, &str)]| {
+        let mut body = String::from(
+            "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nx\r\n",
+        );
+        for (name, value) in fields {
+            body += &format!(
+                "--b\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            );
+        }
+        (path.to_owned(), body + "--b--\r\n")
+    };
+    let form = (
+        "application/x-www-form-urlencoded",
+        "/api/method/frappe.desk.reportview.get".to_owned(),
+        format!("doctype=ToDo&pluck={pluck}"),
+    );
+    // `cmd` off /api/ is the call; in a body on any path it is a call too.
+    let cmd_form = (
+        "application/x-www-form-urlencoded",
+        "/".to_owned(),
+        format!("cmd=frappe.desk.reportview.get&doctype=ToDo&pluck={pluck}"),
+    );
+    let (late_path, late_body) = multipart(
+        "/api/method/frappe.desk.reportview.get",
+        &[("doctype", "ToDo"), ("pluck", SUBQUERY)],
+    );
+    let late = ("multipart/form-data; boundary=b", late_path, late_body);
+    // A `cmd` in a multipart field after the file part, on a path the client may use: the
+    // document it inserts is judged when the body completes (a row saving a User).
+    let row = r#"{"doctype": "Has Role", "parenttype": "User", "parent": "a@b.c", "role": "System Manager"}"#;
+    let (cmd_late_path, cmd_late_body) = multipart(
+        "/api/resource/ToDo",
+        &[("cmd", "frappe.client.insert"), ("doc", row)],
+    );
+    let cmd_late = (
+        "multipart/form-data; boundary=b",
+        cmd_late_path,
+        cmd_late_body,
+    );
+    for (content_type, path, body) in [form, cmd_form, late, cmd_late] {
+        let reply = send(
+            Method::POST,
+            &gw.url(&path),
+            &[("authorization", &auth), ("content-type", content_type)],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path} {body}: {}",
+            reply.text()
+        );
+        assert!(
+            reply.text().contains("pluck") || reply.text().contains("update User"),
+            "{path}: {}",
+            reply.text()
+        );
+    }
+    // Nothing complete reached the site (a multipart body refused late is cut before its end).
+    assert!(
+        up.received()
+            .iter()
+            .all(|r| !r.body.as_deref().is_some_and(|b| b.ends_with(b"--\r\n"))),
+        "{:?}",
+        up.received()
+    );
+}
